@@ -1,0 +1,1 @@
+"""Bandwidth rules shared by the KDE and the torch adapter (placeholder)."""
