@@ -1,0 +1,94 @@
+"""Naming the observation and variable axes of a batched array.
+
+Private helper shared by :func:`anomstats.batched_cov`, :class:`anomstats.RunningMoments` and the
+per-patch Gaussian. An input holds observations along ``obs_axis``, variables along ``var_axis`` and
+any number of *batch* axes everywhere else; each batch item is one independent ``(N, C)`` dataset.
+Only views are made here: moving the two named axes to the end never copies the data.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import numpy as np
+from numpy.exceptions import AxisError
+
+__all__ = ["normalize_axes", "batch_view"]
+
+
+def _as_axis(axis: Any, name: str, ndim: int) -> int:
+    """Return ``axis`` as a non-negative int below ``ndim``, or raise naming ``name``."""
+    try:
+        index = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer axis index, got {axis!r}") from None
+    if not -ndim <= index < ndim:
+        raise AxisError(
+            f"{name}={index} is out of range for an input with {ndim} dimensions "
+            f"(valid values: {-ndim}..{ndim - 1})"
+        )
+    return index % ndim
+
+
+def normalize_axes(ndim: int, obs_axis: Any, var_axis: Any) -> tuple[int, int]:
+    """Validate the two named axes of an ``ndim``-dimensional input and make them non-negative.
+
+    Parameters
+    ----------
+    ndim : int
+        Number of dimensions of the input (at least 2).
+    obs_axis, var_axis : int
+        Axis of the observations and axis of the variables; negative values count from the end.
+
+    Returns
+    -------
+    (int, int)
+        ``(obs_axis, var_axis)`` in ``range(ndim)``.
+
+    Raises
+    ------
+    ValueError
+        If ``ndim < 2`` or both names refer to the same axis.
+    numpy.exceptions.AxisError
+        If an axis is out of range (``AxisError`` is both a ``ValueError`` and an ``IndexError``).
+    TypeError
+        If an axis is not an integer.
+
+    Examples
+    --------
+    >>> normalize_axes(4, 0, -3)
+    (0, 1)
+    >>> normalize_axes(2, 1, -1)
+    Traceback (most recent call last):
+    ...
+    ValueError: obs_axis=1 and var_axis=-1 both refer to axis 1 of a 2-d input; they must name two different axes
+    """
+    if ndim < 2:
+        raise ValueError(
+            f"x must have at least 2 dimensions (one of observations, one of variables), got {ndim}; "
+            "for a single variable add an axis, e.g. x[:, None]"
+        )
+    obs = _as_axis(obs_axis, "obs_axis", ndim)
+    var = _as_axis(var_axis, "var_axis", ndim)
+    if obs == var:
+        raise ValueError(
+            f"obs_axis={obs_axis} and var_axis={var_axis} both refer to axis {obs} of a {ndim}-d "
+            "input; they must name two different axes"
+        )
+    return obs, var
+
+
+def batch_view(x: np.ndarray, obs_axis: Any, var_axis: Any) -> np.ndarray:
+    """Return a view of ``x`` laid out ``(*batch, N, C)``; the batch axes keep their order.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.zeros((5, 3, 4, 2))          # (N, C, H, W)
+    >>> v = batch_view(x, 0, 1)
+    >>> v.shape, np.shares_memory(v, x)
+    ((4, 2, 5, 3), True)
+    """
+    obs, var = normalize_axes(x.ndim, obs_axis, var_axis)
+    return np.moveaxis(x, (obs, var), (-2, -1))

@@ -1,0 +1,129 @@
+"""Cutting work into chunks whose temporaries fit a memory budget.
+
+Private helper. Functions that would otherwise allocate temporaries proportional to the whole
+input (``n * m`` pairs, ``patches * batch`` values, ...) process it in chunks of items; each item
+has a known temporary cost in bytes and a chunk holds as many items as the budget allows (always
+at least one, so a tiny budget slows the work down but never stops it).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Iterator
+from typing import Any
+
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "check_memory_budget",
+    "items_per_chunk",
+    "chunk_slices",
+    "batch_chunks",
+]
+
+#: Default bound, in bytes, on the temporaries of one call (64 MiB).
+DEFAULT_MEMORY_BUDGET: int = 64 * 2**20
+
+
+def check_memory_budget(memory_budget: Any) -> int:
+    """Return ``memory_budget`` as a positive number of bytes, or raise naming the argument.
+
+    Examples
+    --------
+    >>> check_memory_budget(2**20)
+    1048576
+    >>> check_memory_budget(0)
+    Traceback (most recent call last):
+    ...
+    ValueError: memory_budget must be a positive number of bytes, got 0
+    """
+    try:
+        budget = operator.index(memory_budget)
+    except TypeError:
+        raise TypeError(
+            f"memory_budget must be an integer number of bytes, got {memory_budget!r}"
+        ) from None
+    if budget <= 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {budget}")
+    return budget
+
+
+def items_per_chunk(bytes_per_item: int, memory_budget: int) -> int:
+    """How many items of ``bytes_per_item`` fit in ``memory_budget`` (at least 1).
+
+    Examples
+    --------
+    >>> items_per_chunk(1000, 4096), items_per_chunk(10**9, 4096), items_per_chunk(0, 10)
+    (4, 1, 1)
+    """
+    if bytes_per_item <= 0:
+        return 1
+    return max(1, memory_budget // bytes_per_item)
+
+
+def chunk_slices(n_items: int, bytes_per_item: int, memory_budget: int) -> Iterator[slice]:
+    """Yield consecutive slices covering ``range(n_items)``, each within ``memory_budget``.
+
+    Examples
+    --------
+    >>> [(s.start, s.stop) for s in chunk_slices(10, 100, 400)]
+    [(0, 4), (4, 8), (8, 10)]
+    """
+    step = items_per_chunk(bytes_per_item, memory_budget)
+    for start in range(0, n_items, step):
+        yield slice(start, min(start + step, n_items))
+
+
+def batch_chunks(batch_shape: tuple[int, ...], max_items: int) -> Iterator[tuple[tuple[Any, ...], int]]:
+    """Cover a multi-dimensional batch with blocks of at most ``max_items`` items.
+
+    Each block is an index tuple that selects a *contiguous* run of the flattened batch: a few
+    leading integer indices, one slice, and full trailing axes. Indexing a C-contiguous array of
+    shape ``(*batch_shape, ...)`` with it gives a contiguous view, so results can be written in
+    place, and the input is never reshaped (reshaping a strided view would copy all of it).
+
+    Yields
+    ------
+    (index, n_items)
+        The index tuple and the number of batch items it selects.
+
+    Examples
+    --------
+    >>> for index, n in batch_chunks((2, 3), 4):
+    ...     print(index, n)
+    (slice(0, 1, None),) 3
+    (slice(1, 2, None),) 3
+    >>> [n for _, n in batch_chunks((2, 3), 2)]
+    [2, 1, 2, 1]
+    >>> list(batch_chunks((), 5))
+    [((), 1)]
+    """
+    if max_items < 1:
+        raise ValueError(f"max_items must be at least 1, got {max_items}")
+    if any(size == 0 for size in batch_shape):
+        return
+    if not batch_shape:
+        yield (), 1
+        return
+    # Slice along the outermost axis whose trailing block (one index of it) still fits.
+    axis = 0
+    while math.prod(batch_shape[axis + 1 :]) > max_items:
+        axis += 1
+    inner = math.prod(batch_shape[axis + 1 :])
+    step = max(1, max_items // inner)
+    leading = batch_shape[:axis]
+    size = batch_shape[axis]
+    for lead in _ndindex(leading):
+        for start in range(0, size, step):
+            stop = min(start + step, size)
+            yield (*lead, slice(start, stop)), (stop - start) * inner
+
+
+def _ndindex(shape: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
+    """All index tuples of ``shape`` in C order (``()`` once for an empty shape)."""
+    if not shape:
+        yield ()
+        return
+    for head in range(shape[0]):
+        for tail in _ndindex(shape[1:]):
+            yield (head, *tail)

@@ -1,0 +1,302 @@
+"""anomstats.batched_cov against a per-batch-item loop of numpy.cov, plus its chunking helpers."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from numpy.exceptions import AxisError
+
+from anomstats import batched_cov
+from anomstats._budget import batch_chunks, chunk_slices
+from anomstats.batched import gather
+
+RTOL = 1e-10
+
+
+def loop_of_numpy_cov(x, obs_axis=0, var_axis=1, **kwargs):
+    """The reference: numpy.cov on every batch item, stacked as (*batch, C, C)."""
+    view = np.moveaxis(np.asarray(x), (obs_axis, var_axis), (-2, -1))
+    *batch, _, n_var = view.shape
+    dtype = kwargs.get("dtype") or np.result_type(view.dtype, np.float64)
+    out = np.empty((*batch, n_var, n_var), dtype=dtype)
+    for index in np.ndindex(*batch):
+        out[index] = np.cov(view[index], rowvar=False, **kwargs)
+    return out
+
+
+def assert_close(got, ref, rtol=RTOL):
+    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+    np.testing.assert_allclose(got, ref, rtol=rtol, atol=rtol * scale)
+
+
+@st.composite
+def batched_problems(draw):
+    """A small array with two named axes (any sign convention) and estimator options."""
+    ndim = draw(st.integers(2, 4))
+    obs, var = draw(st.permutations(range(ndim)))[:2]
+    shape = [draw(st.integers(1, 4)) for _ in range(ndim)]
+    ddof = draw(st.sampled_from([0, 1, 2]))
+    shape[obs] = draw(st.integers(ddof + 2, 9))  # enough observations for a positive normalisation
+    kind = draw(st.sampled_from(["float64", "float32", "int64"]))
+    offset = draw(st.sampled_from([0.0, 100.0, 1e4]))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    if kind == "int64":
+        x = rng.integers(-50, 50, size=shape) + int(offset)
+    else:
+        x = (rng.normal(size=shape) * rng.uniform(0.1, 10) + offset).astype(kind)
+    # Memory layouts: the kernel picks its copy strategy from the strides.
+    layout = draw(st.sampled_from(["C", "F", "reversed"]))
+    if layout == "F":
+        x = np.asfortranarray(x)
+    elif layout == "reversed":
+        x = np.flip(x, axis=draw(st.integers(0, ndim - 1)))
+    weights = None
+    if draw(st.booleans()):
+        weights = rng.uniform(0.1, 3.0, size=shape[obs])
+        weights[rng.random(shape[obs]) < 0.2] = 0.0  # a few zero weights, as numpy allows
+        weights[0] = 1.0  # and a positive sum
+    # Name each axis by a positive or negative index at random.
+    obs_name = obs - ndim if draw(st.booleans()) else obs
+    var_name = var - ndim if draw(st.booleans()) else var
+    return x, obs, var, obs_name, var_name, ddof, weights
+
+
+@given(batched_problems(), st.sampled_from([None, 1, 5000]))
+def test_matches_loop_of_numpy_cov(problem, budget):
+    x, obs, var, obs_name, var_name, ddof, weights = problem
+    x_before = x.copy()
+    w_before = None if weights is None else weights.copy()
+    kwargs = {} if budget is None else {"memory_budget": budget}
+    got = batched_cov(x, obs_axis=obs_name, var_axis=var_name, ddof=ddof, aweights=weights, **kwargs)
+    ref = loop_of_numpy_cov(x, obs, var, ddof=ddof, aweights=weights)
+    assert got.dtype == np.float64
+    assert got.shape == ref.shape
+    assert_close(got, ref)
+    np.testing.assert_array_equal(x, x_before)
+    if weights is not None:
+        np.testing.assert_array_equal(weights, w_before)
+
+
+@given(st.integers(1, 6), st.integers(1, 5), st.integers(0, 2**32 - 1))
+def test_tiny_budgets_and_thread_counts_give_the_same_result(n_patches, n_var, seed):
+    x = np.random.default_rng(seed).normal(size=(7, n_var, n_patches, 3)) + 100
+    reference = batched_cov(x, workers=1)
+    for budget, workers in [(1, 1), (1, 3), (200, 2), (10**9, 2)]:
+        got = batched_cov(x, memory_budget=budget, workers=workers)
+        assert_close(got, reference, rtol=1e-13)
+
+
+def test_padim_layout_gives_patch_grid_first():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 3, 2, 4)).astype(np.float32)  # (B, C, H, W)
+    c = batched_cov(x)
+    assert c.shape == (2, 4, 3, 3)
+    assert c.dtype == np.float64
+    for h in range(2):
+        for w in range(4):
+            assert_close(c[h, w], np.cov(x[:, :, h, w], rowvar=False))
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_gather_matches_a_plain_copy_for_many_layouts(order):
+    rng = np.random.default_rng(9)
+    x = np.asarray(rng.normal(size=(5, 4, 6, 7)), order=order)
+    for obs, var in [(0, 1), (2, 3), (3, 0), (1, 2)]:
+        view = np.moveaxis(x, (obs, var), (-2, -1))
+        block = view[1:3]
+        p = int(np.prod(block.shape[:-2]))
+        work = np.full((p, *block.shape[-2:]), np.nan)
+        gather(block, work)
+        np.testing.assert_array_equal(work, block.reshape(p, *block.shape[-2:]))
+        spare = np.full((p, block.shape[-2] + 1, block.shape[-1]), np.nan)
+        gather(block, spare[:, :-1])
+        np.testing.assert_array_equal(spare[:, :-1], block.reshape(p, *block.shape[-2:]))
+        assert np.isnan(spare[:, -1]).all()
+
+
+def test_far_from_origin_float64_keeps_its_digits():
+    # Raw sums of products would lose ~16 digits here; centring first keeps them.
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(50, 4, 3)) + 1e8
+    assert_close(batched_cov(x), loop_of_numpy_cov(x), rtol=1e-7)
+    y = rng.normal(size=(50, 4, 3)) + 1e3
+    assert_close(batched_cov(y), loop_of_numpy_cov(y))
+
+
+def test_no_batch_axes_and_single_variable_shapes():
+    x = np.random.default_rng(2).normal(size=(5, 3))
+    assert_close(batched_cov(x), np.cov(x, rowvar=False))
+    single = batched_cov(x[:, :1])
+    assert single.shape == (1, 1)  # numpy would squeeze this to 0-d
+    assert_close(single[0, 0], np.cov(x[:, 0]))
+
+
+def test_empty_batch_and_empty_variables():
+    assert batched_cov(np.zeros((4, 3, 0))).shape == (0, 3, 3)
+    assert batched_cov(np.zeros((4, 0, 2))).shape == (2, 0, 0)
+
+
+def test_non_contiguous_and_fortran_inputs():
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(12, 8, 6))
+    strided = base[::2, ::2, 1:]
+    fortran = np.asfortranarray(base)
+    assert_close(batched_cov(strided, obs_axis=1, var_axis=2), loop_of_numpy_cov(strided, 1, 2))
+    assert_close(batched_cov(fortran, var_axis=-1), loop_of_numpy_cov(fortran, 0, 2))
+
+
+def test_float64_input_no_batch_is_not_modified():
+    # The no-copy trap: a contiguous float64 (N, C) input could be centred in place.
+    x = np.random.default_rng(4).normal(size=(6, 3)) + 5
+    before = x.copy()
+    batched_cov(x)
+    np.testing.assert_array_equal(x, before)
+
+
+def test_dtype_keyword_and_result_dtypes():
+    rng = np.random.default_rng(5)
+    x32 = rng.normal(size=(20, 3, 2)).astype(np.float32)
+    c32 = batched_cov(x32, dtype=np.float32)
+    assert c32.dtype == np.float32
+    np.testing.assert_allclose(c32, loop_of_numpy_cov(x32), rtol=1e-4, atol=1e-5)
+    assert batched_cov(np.arange(12).reshape(4, 3)).dtype == np.float64
+    assert batched_cov(np.ones((4, 3), dtype=bool)).dtype == np.float64
+    assert batched_cov(x32, dtype=np.longdouble).dtype == np.longdouble
+
+
+def test_complex_input_matches_numpy():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(7, 3, 2)) + 1j * rng.normal(size=(7, 3, 2))
+    got = batched_cov(x, aweights=rng.uniform(0.5, 1.5, size=7))
+    assert got.dtype == np.complex128
+    w = rng.uniform(0.5, 1.5, size=7)
+    assert_close(batched_cov(x, aweights=w), loop_of_numpy_cov(x, aweights=w))
+
+
+def test_degrees_of_freedom_warning_and_values_follow_numpy():
+    x = np.random.default_rng(7).normal(size=(2, 3, 2))
+    with pytest.warns(RuntimeWarning, match=r"Degrees of freedom <= 0 for slice"):
+        got = batched_cov(x, ddof=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ref = loop_of_numpy_cov(x, ddof=2)
+    np.testing.assert_array_equal(got, ref)  # the same inf / -inf / nan pattern
+
+
+def test_negative_ddof_is_allowed_like_numpy():
+    x = np.random.default_rng(8).normal(size=(5, 2, 3))
+    assert_close(batched_cov(x, ddof=-1), loop_of_numpy_cov(x, ddof=-1))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"obs_axis": 0, "var_axis": -3}, ValueError, r"obs_axis=0 and var_axis=-3 both refer to axis 0"),
+        ({"obs_axis": 3}, AxisError, r"obs_axis=3 is out of range for an input with 3 dimensions"),
+        ({"var_axis": -4}, AxisError, r"var_axis=-4 is out of range"),
+        ({"obs_axis": 0.5}, TypeError, r"obs_axis must be an integer"),
+        ({"ddof": 1.5}, ValueError, r"ddof must be integer"),
+        ({"aweights": np.ones(3)}, RuntimeError, r"incompatible numbers of samples and aweights: 3 weights for 4"),
+        ({"aweights": np.ones((4, 1))}, RuntimeError, r"cannot handle multidimensional aweights"),
+        ({"aweights": 1.0}, ValueError, r"aweights must be a 1-D array"),
+        ({"aweights": [1, -1, 1, 1]}, ValueError, r"aweights cannot be negative"),
+        ({"aweights": [1, np.nan, 1, 1]}, ValueError, r"aweights must be finite"),
+        ({"aweights": np.zeros(4)}, ZeroDivisionError, r"Weights sum to zero"),
+        ({"dtype": np.int32}, TypeError, r"dtype must be a floating or complex dtype"),
+        ({"memory_budget": 0}, ValueError, r"memory_budget must be a positive number of bytes"),
+        ({"memory_budget": 1.5}, TypeError, r"memory_budget must be an integer"),
+        ({"workers": 0}, ValueError, r"workers must be a positive integer"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, error, match):
+    x = np.zeros((4, 3, 2))
+    with pytest.raises(error, match=match):
+        batched_cov(x, **kwargs)
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match=r"x must have at least 2 dimensions"):
+        batched_cov(np.zeros(5))
+    with pytest.raises(TypeError, match=r"x must hold numbers"):
+        batched_cov(np.array([["a", "b"], ["c", "d"]]))
+    with pytest.raises(TypeError, match=r"imaginary part"):
+        batched_cov(np.ones((3, 2), dtype=complex), dtype=np.float64)
+
+
+def test_axis_error_is_also_a_value_error():
+    with pytest.raises(ValueError):
+        batched_cov(np.zeros((3, 2)), var_axis=2)
+
+
+@given(st.lists(st.integers(0, 4), min_size=0, max_size=4), st.integers(1, 30))
+def test_batch_chunks_cover_every_item_once_in_contiguous_blocks(shape, max_items):
+    shape = tuple(shape)
+    flat = np.arange(math.prod(shape)).reshape(shape + (1,))
+    seen = []
+    for index, n in batch_chunks(shape, max_items):
+        block = flat[index]
+        assert block.size == n
+        assert 1 <= n <= max_items
+        assert block.flags.c_contiguous
+        seen.extend(block.ravel().tolist())
+    expected = list(range(math.prod(shape))) if all(shape) or not shape else []
+    assert seen == expected
+
+
+def test_chunk_slices_respect_the_budget():
+    slices = list(chunk_slices(10, 100, 350))
+    assert [(s.start, s.stop) for s in slices] == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert [(s.start, s.stop) for s in chunk_slices(3, 10**6, 1)] == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_blas_thread_count_is_restored_after_overlapping_calls():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import threading
+
+    def blas_threads():
+        return [info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"]
+
+    before = blas_threads()
+    x = np.random.default_rng(10).normal(size=(12, 4, 30))
+    errors = []
+
+    def hammer():
+        try:
+            for _ in range(10):
+                batched_cov(x, memory_budget=500, workers=2)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert blas_threads() == before
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_temporaries_stay_within_the_memory_budget(workers):
+    import tracemalloc
+
+    x = np.random.default_rng(11).normal(size=(200, 32, 16, 16)).astype(np.float32)
+    full_copy = x.size * 8  # one float64 transposed copy of all of x: 13 MB
+    result_bytes = 16 * 16 * 32 * 32 * 8
+    budget = 2**20
+    batched_cov(x[:, :, :1, :2], workers=workers)  # one-time set-up (BLAS thread control) untraced
+    tracemalloc.start()
+    try:
+        batched_cov(x, memory_budget=budget, workers=workers)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # One chunk's copy, its mean and small bookkeeping on top of the result; far below a full copy.
+    assert peak - result_bytes < budget + 2**17
+    assert peak - result_bytes < full_copy / 8
