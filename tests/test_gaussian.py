@@ -1,0 +1,493 @@
+"""anomstats.MultiVariateGaussian against numpy/scipy/scikit-learn, patch by patch.
+
+References: numpy.cov + ridge + numpy.linalg.inv (anomalib's algorithm), scikit-learn's LedoitWolf / OAS,
+scipy.spatial.distance.mahalanobis and scipy.stats.multivariate_normal. Plus streaming/merging against the
+one-shot fit, exact symmetry, untouched inputs and the error messages.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
+from scipy.stats import multivariate_normal
+
+from anomstats import MultiVariateGaussian
+from anomstats.gaussian import (
+    DEFAULT_RIDGE,
+    NotFittedError,
+    check_fit_shape,
+    check_score_shape,
+    describe_patch,
+)
+
+SPATIAL_SHAPES = [(), (3,), (2, 3)]
+
+
+def make_embedding(seed: int, n: int, c: int, spatial: tuple[int, ...], offset: float = 0.0, dtype=np.float64):
+    """Correlated Gaussian data with a different covariance per patch, shape (n, c, *spatial)."""
+    rng = np.random.default_rng(seed)
+    p = math.prod(spatial)
+    mixing = rng.normal(size=(p, c, c))
+    z = rng.normal(size=(p, n, c))
+    data = np.einsum("pnc,pdc->ndp", z, mixing) + offset + rng.normal(size=(1, c, p))
+    return data.reshape((n, c) + spatial).astype(dtype)
+
+
+def patches(x: np.ndarray) -> np.ndarray:
+    """(N, C, *spatial) -> (P, N, C): per-patch data matrices."""
+    n, c = x.shape[:2]
+    return np.moveaxis(x.reshape(n, c, -1), 2, 0)
+
+
+def assert_close_rel(actual, expected, rtol):
+    """Max abs difference relative to the largest reference magnitude (per whole array)."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape
+    scale = max(np.abs(expected).max(), np.finfo(float).tiny)
+    err = np.abs(actual - expected).max() / scale
+    assert err <= rtol, f"relative error {err:.3g} > {rtol:.1g}"
+
+
+fit_cases = st.tuples(
+    st.integers(0, 2**31 - 1),  # seed
+    st.integers(2, 12),  # n
+    st.integers(1, 5),  # c
+    st.sampled_from(SPATIAL_SHAPES),
+    st.sampled_from([0.0, 100.0]),  # offset
+    st.sampled_from([np.float64, np.float32]),  # input dtype
+)
+
+
+# ---------------------------------------------------------------- one-shot fit vs numpy
+@given(fit_cases)
+def test_fit_matches_numpy_cov_and_inverse_per_patch(case):
+    seed, n, c, spatial, offset, in_dtype = case
+    x = make_embedding(seed, n, c, spatial, offset, in_dtype)
+    mvg = MultiVariateGaussian().fit(x)
+    p = math.prod(spatial)
+    assert mvg.mean.shape == (c, p) and mvg.mean.dtype == np.float64
+    assert mvg.covariance.shape == mvg.precision.shape == mvg.cholesky.shape == (p, c, c)
+    assert mvg.log_det.shape == (p,)
+    assert mvg.n_samples_seen_ == n
+    assert mvg.inv_covariance is mvg.precision
+    for k, data in enumerate(patches(x)):
+        cov = np.atleast_2d(np.cov(data, rowvar=False)) + DEFAULT_RIDGE * np.eye(c)
+        inv = np.linalg.inv(cov)
+        assert_close_rel(mvg.mean[:, k], data.astype(np.float64).mean(axis=0), 1e-14)
+        assert_close_rel(mvg.covariance[k], cov, 1e-12)
+        assert_close_rel(mvg.precision[k], inv, 1e-10)
+        chol = mvg.cholesky[k]
+        assert np.all(np.triu(chol, 1) == 0)
+        assert_close_rel(chol @ chol.T, cov, 1e-13)
+        sign, logdet = np.linalg.slogdet(cov)
+        assert sign == 1 and abs(mvg.log_det[k] - logdet) <= 1e-11 * max(1.0, abs(logdet))
+
+
+@given(fit_cases)
+def test_covariance_and_precision_exactly_symmetric(case):
+    seed, n, c, spatial, offset, in_dtype = case
+    mvg = MultiVariateGaussian().fit(make_embedding(seed, n, c, spatial, offset, in_dtype))
+    assert np.array_equal(mvg.precision, mvg.precision.transpose(0, 2, 1))
+    assert np.array_equal(mvg.covariance, mvg.covariance.transpose(0, 2, 1))
+
+
+def test_default_ridge_is_anomalib_effective_ridge():
+    assert DEFAULT_RIDGE == 0.01 + 1e-5
+    x = make_embedding(0, 4, 6, (2,))  # n <= c: the covariance is singular without the ridge
+    mvg = MultiVariateGaussian().fit(x)
+    for k, data in enumerate(patches(x)):
+        expected = np.cov(data, rowvar=False) + 0.01 * np.eye(6) + 1e-5 * np.eye(6)
+        assert_close_rel(mvg.covariance[k], expected, 1e-13)
+
+
+def test_ridge_zero_and_custom_ridge():
+    x = make_embedding(1, 20, 3, (2, 2))
+    for ridge in (0.0, 0.5):
+        mvg = MultiVariateGaussian(ridge=ridge).fit(x)
+        for k, data in enumerate(patches(x)):
+            assert_close_rel(mvg.covariance[k], np.cov(data, rowvar=False) + ridge * np.eye(3), 1e-13)
+
+
+def test_float32_input_accumulates_in_float64_by_default():
+    x64 = make_embedding(2, 30, 4, (3,), offset=100.0)
+    x32 = x64.astype(np.float32)
+    mvg = MultiVariateGaussian().fit(x32)
+    assert mvg.precision.dtype == np.float64 and mvg.mean.dtype == np.float64
+    # Same result as fitting the float32 values converted exactly to float64.
+    ref = MultiVariateGaussian().fit(x32.astype(np.float64))
+    np.testing.assert_allclose(mvg.precision, ref.precision, rtol=1e-13, atol=0)
+
+
+def test_float32_working_dtype():
+    x = make_embedding(3, 40, 4, (2, 2))
+    mvg32 = MultiVariateGaussian(dtype=np.float32).fit(x)
+    mvg64 = MultiVariateGaussian().fit(x)
+    for name in ("mean", "covariance", "cholesky", "precision"):
+        assert getattr(mvg32, name).dtype == np.float32
+        assert_close_rel(getattr(mvg32, name), getattr(mvg64, name), 1e-4)
+    assert np.array_equal(mvg32.precision, mvg32.precision.transpose(0, 2, 1))
+    assert mvg32.mahalanobis(x[:3]).dtype == np.float32
+
+
+def test_store_covariance_false_keeps_only_scoring_state():
+    x = make_embedding(4, 15, 3, (2, 2))
+    full = MultiVariateGaussian().fit(x)
+    lean = MultiVariateGaussian(store_covariance=False).fit(x)
+    assert np.array_equal(lean.precision, full.precision)
+    assert np.array_equal(lean.log_det, full.log_det)
+    for name in ("covariance", "cholesky"):
+        with pytest.raises(AttributeError, match="store_covariance=True"):
+            getattr(lean, name)
+
+
+@pytest.mark.parametrize("budget, workers", [(1, 1), (1, 2), (10_000, 2), (2**26, 1)])
+def test_chunking_and_threads_do_not_change_results(budget, workers):
+    x = make_embedding(5, 25, 4, (5, 7))
+    ref = MultiVariateGaussian().fit(x)
+    mvg = MultiVariateGaussian(memory_budget=budget, workers=workers).fit(x)
+    for name in ("mean", "covariance", "cholesky", "precision", "log_det"):
+        np.testing.assert_allclose(getattr(mvg, name), getattr(ref, name), rtol=1e-13, atol=0)
+    np.testing.assert_allclose(
+        mvg.mahalanobis(x[:4]), ref.mahalanobis(x[:4]), rtol=1e-12
+    )
+
+
+def test_non_contiguous_and_integer_inputs():
+    x = make_embedding(6, 12, 3, (4, 5))
+    transposed = np.ascontiguousarray(np.swapaxes(x, 2, 3)).swapaxes(2, 3)  # same values, F-like strides
+    assert not transposed.flags.c_contiguous
+    np.testing.assert_array_equal(MultiVariateGaussian().fit(transposed).precision, MultiVariateGaussian().fit(x).precision)
+    ints = np.round(x * 10).astype(np.int32)
+    mvg = MultiVariateGaussian().fit(ints)
+    assert_close_rel(mvg.covariance[0], np.cov(patches(ints)[0], rowvar=False) + DEFAULT_RIDGE * np.eye(3), 1e-13)
+
+
+# ---------------------------------------------------------------- shrinkage vs scikit-learn
+@given(
+    st.integers(0, 2**31 - 1),
+    st.integers(2, 15),
+    st.integers(1, 6),
+    st.sampled_from(["ledoit-wolf", "oas"]),
+    st.sampled_from([0.0, 100.0]),
+)
+def test_shrinkage_matches_sklearn_per_patch(seed, n, c, method, offset):
+    from sklearn.covariance import OAS, LedoitWolf
+
+    x = make_embedding(seed, n, c, (2,), offset)
+    # sklearn's estimate can be singular for tiny n (zero shrinkage): add a ridge there, exactly on top.
+    ridge = 0.0 if n > c + 2 else 0.1
+    mvg = MultiVariateGaussian(ridge=ridge, shrinkage=method).fit(x)
+    for k, data in enumerate(patches(x)):
+        ref = (LedoitWolf() if method == "ledoit-wolf" else OAS()).fit(data)
+        assert abs(mvg.shrinkage_[k] - ref.shrinkage_) <= 1e-9
+        assert_close_rel(mvg.covariance[k], ref.covariance_ + ridge * np.eye(c), 1e-10)
+        assert_close_rel(mvg.mean[:, k], ref.location_, 1e-14)
+
+
+def test_ridge_is_added_on_top_of_shrinkage():
+    from sklearn.covariance import LedoitWolf
+
+    x = make_embedding(7, 10, 4, (3,))
+    mvg = MultiVariateGaussian(shrinkage="ledoit-wolf").fit(x)
+    for k, data in enumerate(patches(x)):
+        expected = LedoitWolf().fit(data).covariance_ + DEFAULT_RIDGE * np.eye(4)
+        assert_close_rel(mvg.covariance[k], expected, 1e-12)
+        assert_close_rel(mvg.precision[k], np.linalg.inv(expected), 1e-10)
+
+
+def test_shrinkage_makes_singular_patches_factorable():
+    x = make_embedding(8, 3, 6, (2,))  # n < c: singular empirical covariance
+    with pytest.raises(np.linalg.LinAlgError):
+        MultiVariateGaussian(ridge=0.0).fit(x)
+    mvg = MultiVariateGaussian(ridge=0.0, shrinkage="oas").fit(x)
+    assert np.all(np.isfinite(mvg.precision))
+
+
+# ---------------------------------------------------------------- streaming and merging
+split_cases = st.tuples(
+    st.integers(0, 2**31 - 1),
+    st.integers(2, 14),
+    st.integers(1, 4),
+    st.sampled_from(SPATIAL_SHAPES),
+    st.sampled_from([None, "ledoit-wolf", "oas"]),
+    st.sampled_from([0.0, 100.0]),
+    st.data(),
+)
+
+
+@given(split_cases)
+def test_any_split_matches_one_shot(case):
+    seed, n, c, spatial, shrinkage, offset, data = case
+    x = make_embedding(seed, n, c, spatial, offset)
+    cuts = sorted(data.draw(st.lists(st.integers(1, n - 1), max_size=4, unique=True)) if n > 1 else [])
+    one_shot = MultiVariateGaussian(shrinkage=shrinkage).fit(x)
+    streamed = MultiVariateGaussian(shrinkage=shrinkage)
+    for part in np.split(x, cuts):
+        streamed.partial_fit(part)
+    assert streamed.n_samples_seen_ == n
+    for name in ("mean", "covariance", "cholesky", "precision", "log_det"):
+        assert_close_rel(getattr(streamed, name), getattr(one_shot, name), 1e-9)
+    # coefficients live in [0, 1]: compare absolutely (one near 0 is pure rounding noise)
+    np.testing.assert_allclose(streamed.shrinkage_, one_shot.shrinkage_, rtol=0, atol=1e-9)
+
+
+@given(split_cases)
+def test_merge_of_parts_matches_one_shot(case):
+    seed, n, c, spatial, shrinkage, offset, data = case
+    x = make_embedding(seed, n, c, spatial, offset)
+    cut = data.draw(st.integers(1, n - 1))
+    left = MultiVariateGaussian(shrinkage=shrinkage).partial_fit(x[:cut])
+    right = MultiVariateGaussian(shrinkage=shrinkage).partial_fit(x[cut:])
+    right_count = right.n_samples_seen_
+    merged = left.merge(right)
+    assert merged is left and right.n_samples_seen_ == right_count
+    one_shot = MultiVariateGaussian(shrinkage=shrinkage).fit(x)
+    for name in ("mean", "covariance", "precision", "log_det"):
+        assert_close_rel(getattr(merged, name), getattr(one_shot, name), 1e-9)
+    np.testing.assert_allclose(merged.shrinkage_, one_shot.shrinkage_, rtol=0, atol=1e-9)
+
+
+def test_partial_fit_refits_lazily_after_each_update():
+    x = make_embedding(9, 30, 3, (2, 2))
+    streamed = MultiVariateGaussian().partial_fit(x[:10])
+    first = streamed.precision.copy()
+    np.testing.assert_allclose(first, MultiVariateGaussian().fit(x[:10]).precision, rtol=1e-10)
+    streamed.partial_fit(x[10:])
+    assert not np.allclose(streamed.precision, first)
+    np.testing.assert_allclose(streamed.precision, MultiVariateGaussian().fit(x).precision, rtol=1e-10)
+
+
+def test_merge_into_empty_model_and_with_empty_model():
+    x = make_embedding(10, 12, 3, (2,))
+    empty = MultiVariateGaussian().merge(MultiVariateGaussian().partial_fit(x))
+    np.testing.assert_allclose(empty.precision, MultiVariateGaussian().fit(x).precision, rtol=1e-10)
+    model = MultiVariateGaussian().partial_fit(x).merge(MultiVariateGaussian())
+    assert model.n_samples_seen_ == 12
+
+
+# ---------------------------------------------------------------- scoring
+@given(fit_cases, st.integers(1, 4))
+def test_mahalanobis_matches_scipy(case, m):
+    seed, n, c, spatial, offset, in_dtype = case
+    x = make_embedding(seed, n, c, spatial, offset, in_dtype)
+    queries = make_embedding(seed + 1, m, c, spatial, offset, in_dtype)
+    mvg = MultiVariateGaussian().fit(x)
+    dist = mvg.mahalanobis(queries)
+    sq = mvg.mahalanobis(queries, squared=True)
+    assert dist.shape == sq.shape == (m,) + spatial and dist.dtype == np.float64
+    flat_d, flat_sq = dist.reshape(m, -1), sq.reshape(m, -1)
+    q = queries.reshape(m, c, -1).astype(np.float64)
+    for k in range(math.prod(spatial)):
+        vi = np.linalg.inv(np.atleast_2d(np.cov(patches(x)[k], rowvar=False)) + DEFAULT_RIDGE * np.eye(c))
+        mu = patches(x)[k].astype(np.float64).mean(axis=0)
+        for i in range(m):
+            expected = scipy_mahalanobis(q[i, :, k], mu, vi)
+            assert abs(flat_d[i, k] - expected) <= 1e-9 * max(1.0, expected)
+            assert abs(flat_sq[i, k] - expected**2) <= 1e-9 * max(1.0, expected**2)
+    assert np.all(sq >= 0)
+
+
+def test_mahalanobis_of_the_mean_is_zero_and_never_negative():
+    x = make_embedding(11, 20, 5, (3, 3), offset=1e3)
+    mvg = MultiVariateGaussian().fit(x)
+    at_mean = mvg.mean.reshape((1, 5, 3, 3))
+    sq = mvg.mahalanobis(at_mean, squared=True)
+    assert np.all(sq >= 0) and np.all(sq < 1e-10)
+
+
+@given(fit_cases, st.integers(1, 3))
+def test_logpdf_matches_scipy_multivariate_normal(case, m):
+    seed, n, c, spatial, offset, in_dtype = case
+    x = make_embedding(seed, n, c, spatial, offset, in_dtype)
+    queries = make_embedding(seed + 2, m, c, spatial, offset)
+    mvg = MultiVariateGaussian().fit(x)
+    logpdf = mvg.logpdf(queries)
+    assert logpdf.shape == (m,) + spatial
+    q = queries.reshape(m, c, -1)
+    for k in range(math.prod(spatial)):
+        ref = multivariate_normal(mvg.mean[:, k], mvg.covariance[k]).logpdf(q[:, :, k])
+        np.testing.assert_allclose(logpdf.reshape(m, -1)[:, k], np.atleast_1d(ref), rtol=1e-10, atol=1e-10)
+
+
+def test_scoring_in_tiny_chunks_matches():
+    x = make_embedding(12, 20, 4, (4, 4))
+    q = make_embedding(13, 7, 4, (4, 4))
+    ref = MultiVariateGaussian().fit(x)
+    tiny = MultiVariateGaussian(memory_budget=1, workers=2).fit(x)
+    np.testing.assert_allclose(tiny.mahalanobis(q), ref.mahalanobis(q), rtol=1e-13)
+    np.testing.assert_allclose(tiny.logpdf(q), ref.logpdf(q), rtol=1e-13)
+
+
+# ---------------------------------------------------------------- inputs never modified
+def test_inputs_never_modified():
+    x = make_embedding(14, 10, 3, (2, 2), offset=5.0)
+    q = make_embedding(15, 4, 3, (2, 2))
+    x_copy, q_copy = x.copy(), q.copy()
+    x.flags.writeable = False  # would raise if anything wrote into it
+    q.flags.writeable = False
+    for shrinkage in (None, "ledoit-wolf", "oas"):
+        mvg = MultiVariateGaussian(shrinkage=shrinkage).fit(x)
+        mvg.mahalanobis(q)
+        mvg.logpdf(q)
+        streamed = MultiVariateGaussian(shrinkage=shrinkage).partial_fit(x[:5])
+        other = MultiVariateGaussian(shrinkage=shrinkage).partial_fit(x[5:])
+        other_precision = other.precision.copy()
+        streamed.merge(other).mahalanobis(q)
+        np.testing.assert_array_equal(other.precision, other_precision)
+    np.testing.assert_array_equal(x, x_copy)
+    np.testing.assert_array_equal(q, q_copy)
+
+
+def test_returned_scores_do_not_alias_the_model():
+    x = make_embedding(16, 10, 2, (2,))
+    mvg = MultiVariateGaussian().fit(x)
+    d = mvg.mahalanobis(x)
+    d[...] = -1
+    assert np.all(mvg.mahalanobis(x) >= 0)
+
+
+# ---------------------------------------------------------------- errors
+def test_fewer_than_two_observations():
+    with pytest.raises(ValueError, match=r"embedding has 1 observation .*at least 2 observations"):
+        MultiVariateGaussian().fit(np.zeros((1, 3, 2, 2)))
+    streamed = MultiVariateGaussian().partial_fit(np.zeros((1, 3, 2, 2)))
+    with pytest.raises(ValueError, match=r"partial_fit has seen 1 observation\(s\); .*at least 2"):
+        streamed.precision
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_name_the_first_bad_patch(bad):
+    x = make_embedding(17, 6, 3, (4, 5))
+    x[2, 1, 1, 3] = bad  # patch 1*5 + 3 = 8
+    x[4, 0, 3, 4] = bad  # a later patch: not the one reported
+    msg = re.escape("non-finite values (NaN or infinity) in patch 8 (position (1, 3) of the 4x5 grid), first at observation 2, feature 1")
+    with pytest.raises(ValueError, match=msg):
+        MultiVariateGaussian(memory_budget=1, workers=2).fit(x)
+    with pytest.raises(ValueError, match=re.escape("batch contains non-finite values (NaN or infinity) in patch 8")):
+        MultiVariateGaussian().partial_fit(x)
+
+
+def test_unfactorable_covariance_names_patch_and_suggests_fixes():
+    x = make_embedding(18, 8, 3, (2, 4))
+    x[:, :, 1, 1] = 7.0  # patch 5 is constant: zero covariance
+    with pytest.raises(np.linalg.LinAlgError) as info:
+        MultiVariateGaussian(ridge=0.0).fit(x)
+    message = str(info.value)
+    assert "patch 5 (position (1, 1) of the 2x4 grid)" in message
+    assert "ridge=0.0" in message and "shrinkage" in message and "increase ridge" in message
+    assert np.all(np.isfinite(MultiVariateGaussian().fit(x).precision))  # the default ridge copes
+
+
+def test_overflowing_covariance_is_an_error_not_nan():
+    x = make_embedding(19, 5, 2, (3,)) * 1e160
+    with pytest.raises(ValueError, match="covariance of patch 0 .*overflowed"):
+        MultiVariateGaussian().fit(x)
+
+
+@pytest.mark.parametrize(
+    "shape, expected",
+    [
+        ((4, 3, 2), "x must have shape (M, 3, 2, 2)"),
+        ((4, 2, 2, 2), "x must have shape (M, 3, 2, 2)"),
+        ((4, 3, 2, 3), "got shape (4, 3, 2, 3)"),
+        ((4, 3, 2, 2, 1), "got shape (4, 3, 2, 2, 1)"),
+    ],
+)
+def test_wrong_scoring_shape_says_what_was_expected(shape, expected):
+    mvg = MultiVariateGaussian().fit(make_embedding(20, 6, 3, (2, 2)))
+    for method in (mvg.mahalanobis, mvg.logpdf):
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            method(np.zeros(shape))
+
+
+def test_non_finite_query_is_an_error():
+    mvg = MultiVariateGaussian().fit(make_embedding(21, 6, 3, (2, 2)))
+    q = np.zeros((3, 3, 2, 2))
+    q[2, 0, 1, 0] = np.nan
+    with pytest.raises(ValueError, match=re.escape("sample 2 at patch 2 (position (1, 0) of the 2x2 grid)")):
+        mvg.mahalanobis(q)
+
+
+def test_argument_validation():
+    with pytest.raises(ValueError, match="ridge must be a finite number >= 0"):
+        MultiVariateGaussian(ridge=-0.1)
+    with pytest.raises(ValueError, match="shrinkage must be None, 'ledoit-wolf' or 'oas'"):
+        MultiVariateGaussian(shrinkage="lw")
+    with pytest.raises(ValueError, match="dtype must be float64 or float32"):
+        MultiVariateGaussian(dtype=np.float16)
+    with pytest.raises(ValueError, match="memory_budget must be a positive"):
+        MultiVariateGaussian(memory_budget=0)
+    with pytest.raises(ValueError, match="workers must be a positive integer or None"):
+        MultiVariateGaussian(workers=0)
+    with pytest.raises(TypeError, match="embedding must hold real numbers"):
+        MultiVariateGaussian().fit(np.zeros((3, 2, 2), dtype=complex))
+    with pytest.raises(ValueError, match=r"at least 2 axes"):
+        MultiVariateGaussian().fit(np.zeros(5))
+
+
+def test_not_fitted_and_state_misuse():
+    mvg = MultiVariateGaussian()
+    with pytest.raises(NotFittedError, match="not fitted yet"):
+        mvg.precision
+    with pytest.raises(NotFittedError):
+        mvg.mahalanobis(np.zeros((1, 2)))
+    x = make_embedding(22, 6, 2, (2,))
+    fitted = MultiVariateGaussian().fit(x)
+    with pytest.raises(ValueError, match="fitted with fit\\(\\), which keeps no running moments"):
+        fitted.partial_fit(x)
+    streamed = MultiVariateGaussian().partial_fit(x)
+    with pytest.raises(ValueError, match=re.escape("batch must have shape (M, 2, 2)")):
+        streamed.partial_fit(np.zeros((3, 2, 3)))
+    with pytest.raises(ValueError, match="different shrinkage"):
+        streamed.merge(MultiVariateGaussian(shrinkage="oas").partial_fit(x))
+    with pytest.raises(ValueError, match="fitted with fit"):
+        streamed.merge(fitted)
+
+
+def test_shape_helpers_raise_the_messages_the_class_uses():
+    with pytest.raises(ValueError) as helper:
+        check_fit_shape((1, 3, 2, 2))
+    with pytest.raises(ValueError) as core:
+        MultiVariateGaussian().fit(np.zeros((1, 3, 2, 2)))
+    assert str(helper.value) == str(core.value)
+    mvg = MultiVariateGaussian().fit(make_embedding(23, 5, 3, (2, 2)))
+    with pytest.raises(ValueError) as helper:
+        check_score_shape((4, 3, 2), 3, (2, 2))
+    with pytest.raises(ValueError) as core:
+        mvg.mahalanobis(np.zeros((4, 3, 2)))
+    assert str(helper.value) == str(core.value)
+    assert check_fit_shape((7, 5, 3, 4)) == (7, 5, (3, 4))
+    assert check_score_shape((2, 5, 3, 4), 5, (3, 4)) == 2
+    assert describe_patch(11, (3, 4)) == "patch 11 (position (2, 3) of the 3x4 grid)"
+
+
+def test_single_patch_without_spatial_axes():
+    x = np.random.default_rng(24).normal(size=(30, 4))
+    mvg = MultiVariateGaussian().fit(x)
+    assert mvg.mean.shape == (4, 1) and mvg.precision.shape == (1, 4, 4)
+    assert mvg.mahalanobis(x[:3]).shape == (3,)
+    np.testing.assert_allclose(mvg.covariance[0], np.cov(x, rowvar=False) + DEFAULT_RIDGE * np.eye(4), rtol=1e-13)
+
+
+# ---------------------------------------------------------------- benchmark smoke test
+def test_benchmark_quick_mode_writes_rows(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import bench_gaussian
+
+    monkeypatch.setattr(bench_gaussian, "RESULTS_PATH", tmp_path / "gaussian.json")
+    summary = bench_gaussian.main(quick=True)
+    rows = json.loads((tmp_path / "gaussian.json").read_text())
+    assert rows == summary["rows"]
+    for row in rows:
+        assert {"suite", "case", "library", "seconds", "ratio"} <= row.keys()
+        assert row.get("max_rel_diff", 0.0) < 1e-10
+    fits = [r for r in rows if r["library"] == "anomstats MultiVariateGaussian"]
+    assert len(fits) == 2 and all(r["precision_symmetric"] for r in fits)
