@@ -2,10 +2,19 @@
 
 The formulas (bandwidth, normalisation, ridge, validation) come from :mod:`anomstats`; this package
 re-implements only the hot kernels as torch operations on the tensors' device.
+
+- :class:`DynamicBufferModule` (alias :data:`DynamicBufferMixin`): buffers that take a checkpoint's shape;
+- :class:`GaussianKDE`: anomalib's KDE buffers, correct for data of any mean, vectorised and traceable;
+- :class:`MultiVariateGaussian`: PaDiM's per-patch Gaussian, batched fit, streaming/distributed fit,
+  Mahalanobis scoring.
 """
 
 import torch  # noqa: F401  (the adapter requires torch; the core never imports it)
 
 from anomstats import __version__
 
-__all__ = ["__version__"]
+from .dynamic_buffer import DynamicBufferMixin, DynamicBufferModule
+from .gaussian import MultiVariateGaussian
+from .kde import GaussianKDE
+
+__all__ = ["__version__", "DynamicBufferModule", "DynamicBufferMixin", "GaussianKDE", "MultiVariateGaussian"]

@@ -1,0 +1,100 @@
+"""Dtype, device and chunking policy shared by the adapter's modules.
+
+One place decides: which dtype a computation runs in, which dtype fitted buffers are stored in, whether the
+code is being traced or exported (then shape-dependent Python branching must be avoided), and how many rows
+fit in a chunk under a memory budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+#: Default budget, in bytes, for the temporaries of one chunk of a hot kernel.
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+#: While tracing/exporting the batch size is symbolic, so chunk sizes are planned for this many rows
+#: (the recorded graph must not depend on the example's batch size).
+TRACE_PLANNING_ROWS = 64
+
+_HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
+def working_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The floating dtype a computation over tensors of ``dtypes`` runs in.
+
+    The promotion of the dtypes, raised to at least float32: half precision (float16, bfloat16) and
+    integer inputs are computed in float32; anything involving float64 is computed in float64.
+    """
+    result = torch.float32
+    for dtype in dtypes:
+        if dtype.is_complex:
+            raise TypeError(f"complex tensors are not supported (got {dtype})")
+        if dtype == torch.float64:
+            result = torch.float64
+    return result
+
+
+def as_float_tensor(value: object, name: str) -> Tensor:
+    """Check that ``value`` is a real tensor; return it unchanged (no copy, never modified)."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}; wrap it with torch.as_tensor")
+    if value.dtype.is_complex:
+        raise TypeError(f"{name} must be real, got dtype {value.dtype}")
+    return value
+
+
+def check_finite(value: Tensor, name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` if ``value`` holds NaN or infinity (skipped while tracing)."""
+    if is_tracing() or not value.is_floating_point():
+        return
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} contains NaN or infinite values; remove or impute them before fitting")
+
+
+def is_tracing() -> bool:
+    """True while torch.jit tracing/scripting, torch.export, torch.compile or ONNX export runs the code.
+
+    Then the modules avoid Python branches on data values and chunk only along axes whose length is fixed
+    by the module's buffers, so the recorded graph stays correct for every batch size.
+    """
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None:
+        if getattr(compiler, "is_exporting", lambda: False)() or getattr(compiler, "is_compiling", lambda: False)():
+            return True
+    onnx = getattr(torch, "onnx", None)
+    return bool(onnx is not None and getattr(onnx, "is_in_onnx_export", lambda: False)())
+
+
+@contextlib.contextmanager
+def static_shapes_while_tracing() -> Iterator[None]:
+    """Silence torch.jit's TracerWarnings about Python ints/bools taken from tensor shapes.
+
+    Use only around code whose Python-side shape values come from axes fixed by the module's buffers
+    (features, patches, training points), never from the batch axis: those values are constants of the
+    model, so recording them as constants is correct.
+    """
+    if not torch.jit.is_tracing():
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        yield
+
+
+def rows_per_chunk(bytes_per_row: int, chunk_bytes: int, total: int) -> int:
+    """How many rows of ``bytes_per_row`` fit in ``chunk_bytes`` (at least 1, at most ``total``)."""
+    return max(1, min(int(total), int(chunk_bytes) // max(1, int(bytes_per_row))))
+
+
+def check_chunk_bytes(chunk_bytes: int) -> int:
+    """Validate a memory budget keyword."""
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be a positive int (bytes), got {chunk_bytes!r}")
+    return chunk_bytes

@@ -1,0 +1,390 @@
+"""Gaussian kernel density estimation as a torch module: a drop-in for anomalib's ``GaussianKDE``.
+
+The bandwidth rule comes from :mod:`anomstats.bandwidth`; the kernel sums run as a few matrix products and
+element-wise passes per chunk on the module's device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from anomstats.bandwidth import scotts_factor, silverman_factor
+
+from ._policy import (
+    DEFAULT_CHUNK_BYTES,
+    TRACE_PLANNING_ROWS,
+    as_float_tensor,
+    check_chunk_bytes,
+    check_finite,
+    is_tracing,
+    rows_per_chunk,
+    static_shapes_while_tracing,
+    working_dtype,
+)
+from .dynamic_buffer import DynamicBufferModule
+
+__all__ = ["GaussianKDE"]
+
+
+#: CPU tiling of the (queries x training points) kernel matrix: 4 MiB tiles stay in cache (about 3x faster
+#: than budget-sized blocks) while keeping the number of separate parallel ops small.
+_CPU_TILE_ROWS = 256
+_CPU_TILE_BYTES = 4 * 2**20
+
+
+def _exp_floor(dtype: torch.dtype) -> float:
+    """Smallest exponent kept: exp() of anything lower would be subnormal.
+
+    Subnormal results make ``exp`` 20-60x slower on x86 CPUs. Raising such exponents to this floor adds
+    at most ``e * tiny`` per training point, i.e. a relative error below ``e * eps / 16`` on every sum
+    that is trusted without the log-sum-exp fallback (and negligible after the max shift in the fallback).
+    """
+    return math.log(torch.finfo(dtype).tiny) + 1.0
+
+
+def _whitening_factor(covariance: Tensor, factor: float) -> Tensor:
+    """Lower-triangular ``L`` with ``L @ L.T == inv(covariance) / factor**2`` (float64).
+
+    This is the lower Cholesky factor of the inverse bandwidth matrix, as anomalib stores it, but obtained
+    without forming an explicit inverse: with ``J`` the exchange matrix and ``J C J = R R^T`` (lower ``R``),
+    ``L = J R^{-T} J``. Only a triangular solve is needed, which is accurate and stable.
+    """
+    d = covariance.shape[0]
+    reversed_factor, info = torch.linalg.cholesky_ex(covariance.flip(0, 1))
+    if int(info) != 0:
+        raise ValueError(
+            "GaussianKDE.fit: the covariance of dataset is singular or not positive definite (a constant "
+            "feature, or features that are linear combinations of others?); drop or combine them, e.g. "
+            "with PCA, before fitting"
+        )
+    eye = torch.eye(d, dtype=covariance.dtype, device=covariance.device)
+    inverse = torch.linalg.solve_triangular(reversed_factor, eye, upper=False)
+    return inverse.mT.flip(0, 1) / factor
+
+
+class GaussianKDE(DynamicBufferModule):
+    """Gaussian kernel density estimate with anomalib's buffers, correct for data of any mean.
+
+    Buffers (anomalib's names and meaning, so checkpoints load both ways with ``strict=True``):
+
+    - ``bw_transform`` (D, D): lower-triangular ``L`` with ``L @ L.T`` the inverse of the bandwidth
+      matrix ``H = factor**2 * cov(dataset)`` (Scott's ``factor = N ** (-1 / (D + 4))`` by default);
+    - ``dataset`` (N, D): the training points in whitened coordinates, ``dataset @ L``;
+    - ``norm`` (0-d): ``prod(diag(L)) * (2*pi) ** (-D / 2)``, i.e. ``1 / sqrt(det(2*pi*H))``.
+
+    The density of a query ``x`` is ``norm * mean_i exp(-||x @ L - dataset_i||**2 / 2)``, exactly
+    anomalib's formula, and the same as :class:`scipy.stats.gaussian_kde` with the same bandwidth.
+
+    Parameters
+    ----------
+    dataset : torch.Tensor, optional
+        Training points (N, D); when given, the module is fitted at construction.
+    bw_method : {"scott", "silverman"} or float, default "scott"
+        Bandwidth factor rule (anomalib uses Scott's), or the factor itself.
+    chunk_bytes : int, default 64 MiB
+        Upper bound on the temporaries of one block of the (queries x training points) kernel matrix.
+        On CPU blocks are further limited to 4 MiB tiles (256 query rows), which stay in cache; on GPU
+        the whole budget is used. While tracing/exporting, the batch axis is not split (the graph must
+        hold for every batch size): training points are blocked for a nominal 64-row batch, so peak
+        temporaries grow with the batch size there.
+
+    Notes
+    -----
+    Deliberate differences from anomalib 2.7's ``GaussianKDE`` (its defects, fixed):
+
+    - **Centring.** anomalib stores the whitened *centred* data but does not centre the queries, so its
+      densities are wrong unless the training mean is ~0. This module stores the whitened *uncentred* data
+      ``X @ L`` (the same buffer, same meaning for the forward pass): its densities are right for any mean,
+      anomalib loading this module's checkpoint computes the right densities too, and this module loading
+      an anomalib checkpoint reproduces anomalib's numbers (right whenever anomalib's are, i.e. for
+      centred training data such as PCA output).
+    - The constructor with a dataset works (anomalib's raises ``KeyError``); inputs are never modified
+      (anomalib's ``cov`` centres its argument in place).
+    - No Python loop over query rows: the kernel sums are chunked matrix products, so ``torch.jit.trace``
+      at one batch size is correct at every batch size (anomalib's trace scores only the first row).
+    - :meth:`log_prob` gives log-densities by log-sum-exp, finite where the density underflows; the
+      density itself is computed as anomalib does and, where the plain sum underflows, as
+      ``exp(log_prob)`` (so it is 0 only where the true density is below the dtype's range).
+    - dtype: computations run in float64 if the module or the input is float64, else in float32
+      (float16/bfloat16 are computed in float32); the result has that dtype. ``fit`` stores its buffers
+      in the same promoted dtype on the dataset's device (as anomalib assigns them).
+    - Clear errors for N <= D, non-finite and singular data (anomalib: a bare Cholesky error).
+    - Device: ``fit`` computes on the dataset's device and stores the buffers there; ``forward`` and
+      ``log_prob`` compute on the buffers' device (queries are moved there) and return results there.
+
+    Accuracy: while the module holds its own fit (buffers set by :meth:`fit`, not assigned by hand), it also keeps (outside the state dict, as non-persistent
+    buffers) the data mean and the centred whitened data, and evaluates with exact centring: float64
+    results agree with :class:`anomstats.GaussianKDE` to ~1e-12 relative for any mean. After
+    ``load_state_dict`` only the stored ``X @ L`` is available; queries and data are then shifted by its
+    centroid, which is exact up to rounding of the stored values: a relative error of about
+    ``eps * |mean| / bandwidth`` times the whitened distance (in float32 that is ~1e-5 for a mean of
+    100 standard deviations; centre such data, or use float64, if that matters).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from anomstats_torch import GaussianKDE
+    >>> g = torch.Generator().manual_seed(0)
+    >>> train = torch.randn(500, 2, generator=g, dtype=torch.float64) + 100.0
+    >>> kde = GaussianKDE(train)
+    >>> kde.dataset.shape, kde.bw_transform.shape, kde.norm.shape
+    (torch.Size([500, 2]), torch.Size([2, 2]), torch.Size([]))
+    >>> queries = torch.tensor([[100.0, 100.0], [110.0, 100.0]], dtype=torch.float64)
+    >>> [f"{v:.4f}" for v in kde(queries).tolist()]
+    ['0.1523', '0.0000']
+    >>> [f"{v:.2f}" for v in kde.log_prob(queries).tolist()]  # finite where the density underflows
+    ['-1.88', '-238.44']
+    """
+
+    bw_transform: Tensor
+    dataset: Tensor
+    norm: Tensor
+
+    def __init__(
+        self,
+        dataset: Tensor | None = None,
+        *,
+        bw_method: str | float = "scott",
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> None:
+        super().__init__()
+        if isinstance(bw_method, str):
+            if bw_method not in ("scott", "silverman"):
+                raise ValueError(f"bw_method must be 'scott', 'silverman' or a positive float, got {bw_method!r}")
+        elif isinstance(bw_method, bool) or not isinstance(bw_method, (int, float)) or not bw_method > 0:
+            raise ValueError(f"bw_method must be 'scott', 'silverman' or a positive float, got {bw_method!r}")
+        self.bw_method = bw_method
+        self.chunk_bytes = check_chunk_bytes(chunk_bytes)
+        self.register_buffer("bw_transform", torch.empty(0))
+        self.register_buffer("dataset", torch.empty(0))
+        self.register_buffer("norm", torch.empty(0))
+        # Not in the state dict (anomalib's keys only): the fit's data mean and centred whitened data, used
+        # while they belong to the current buffers; they make far-from-zero data exact (see Notes).
+        self.register_buffer("_centre", torch.empty(0), persistent=False)
+        self.register_buffer("_centred", torch.empty(0), persistent=False)
+        if dataset is not None:
+            self.fit(dataset)
+
+    # ------------------------------------------------------------------ fitting
+    def _factor(self, n: int, d: int) -> float:
+        if self.bw_method == "scott":
+            return scotts_factor(n, d)
+        if self.bw_method == "silverman":
+            return silverman_factor(n, d)
+        return float(self.bw_method)
+
+    def fit(self, dataset: Tensor) -> None:
+        """Fit the estimate to ``dataset`` (N, D); the input is not modified.
+
+        The covariance, Cholesky factor and whitening are computed in float64 on the dataset's device,
+        then stored in the working dtype (see the class notes).
+
+        Parameters
+        ----------
+        dataset : torch.Tensor
+            Training points, one per row, with more rows than columns.
+
+        Raises
+        ------
+        ValueError
+            If ``dataset`` is not 2-D, has no more rows than columns, holds NaN/inf, or its covariance is
+            singular.
+        """
+        x = as_float_tensor(dataset, "dataset")
+        if x.ndim != 2:
+            raise ValueError(f"dataset must be 2-D (N points, D dimensions), got shape {tuple(x.shape)}")
+        n, d = x.shape
+        if d == 0 or n <= d:
+            raise ValueError(
+                f"GaussianKDE.fit needs more points than dimensions, got N={n} points in D={d} dimensions "
+                "(the covariance would be singular); add points or reduce D, e.g. with PCA"
+            )
+        check_finite(x, "dataset")
+        store_dtype = working_dtype(self.bw_transform.dtype, x.dtype)
+        x64 = x.to(torch.float64)
+        whitening = _whitening_factor(self.cov(x64.mT), self._factor(n, d))
+        log_norm = torch.log(whitening.diagonal()).sum() - 0.5 * d * math.log(2.0 * math.pi)
+        centre = x64.mean(dim=0)
+        self.bw_transform = whitening.to(store_dtype)
+        self.dataset = (x64 @ whitening).to(store_dtype)
+        self.norm = torch.exp(log_norm).to(store_dtype)
+        self._centre = centre.to(store_dtype)
+        self._centred = ((x64 - centre) @ whitening).to(store_dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        # The loaded buffers define the model now; forget the centred copy of an earlier fit.
+        self._centre = torch.empty(0, dtype=self.dataset.dtype, device=self.dataset.device)
+        self._centred = torch.empty(0, dtype=self.dataset.dtype, device=self.dataset.device)
+
+    @staticmethod
+    def cov(tensor: Tensor) -> Tensor:
+        """Unbiased covariance of the rows of ``tensor`` (D variables, N observations), as anomalib's.
+
+        Unlike anomalib's, the input is not centred in place.
+
+        Parameters
+        ----------
+        tensor : torch.Tensor
+            (D, N) observations in columns. Integer input is computed in float32.
+
+        Returns
+        -------
+        torch.Tensor
+            (D, D) covariance, in the input's floating dtype.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from anomstats_torch import GaussianKDE
+        >>> x = torch.tensor([[0.0, 1.0, 2.0], [2.0, 1.0, 0.0]])
+        >>> GaussianKDE.cov(x)
+        tensor([[ 1., -1.],
+                [-1.,  1.]])
+        """
+        x = as_float_tensor(tensor, "tensor")
+        if x.ndim != 2:
+            raise ValueError(f"tensor must be 2-D (D variables, N observations), got shape {tuple(x.shape)}")
+        if x.shape[1] < 2:
+            raise ValueError(f"the covariance needs at least 2 observations (columns), got {x.shape[1]}")
+        if not x.is_floating_point():
+            x = x.to(torch.float32)
+        centred = x - x.mean(dim=1, keepdim=True)
+        return centred @ centred.mT / (x.shape[1] - 1)
+
+    # ------------------------------------------------------------------ evaluation
+    def forward(self, features: Tensor) -> Tensor:
+        """Densities of ``features`` (M, D) → (M,), on the module's device.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from anomstats_torch import GaussianKDE
+        >>> kde = GaussianKDE(torch.tensor([[0.0], [1.0], [2.0], [4.0]], dtype=torch.float64))
+        >>> print(f"{kde(torch.tensor([[1.5]], dtype=torch.float64)).item():.4f}")
+        0.1943
+        """
+        with static_shapes_while_tracing():
+            return self._evaluate(features, log=False)
+
+    def log_prob(self, features: Tensor) -> Tensor:
+        """Log-densities of ``features`` (M, D) → (M,), by log-sum-exp (finite far from the data).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from anomstats_torch import GaussianKDE
+        >>> kde = GaussianKDE(torch.tensor([[0.0], [1.0], [2.0], [4.0]]))
+        >>> print(f"{kde.log_prob(torch.tensor([[500.0]])).item():.1f}")
+        -73432.1
+        """
+        with static_shapes_while_tracing():
+            return self._evaluate(features, log=True)
+
+    def _check_query(self, features: Tensor) -> Tensor:
+        if self.dataset.ndim != 2 or self.dataset.shape[0] == 0:
+            raise RuntimeError("GaussianKDE is not fitted: call fit(dataset) or load a state dict first")
+        f = as_float_tensor(features, "features")
+        d = self.dataset.shape[1]
+        if f.ndim != 2 or f.shape[1] != d:
+            raise ValueError(f"features must have shape (M, {d}) to match the fitted dataset, got {tuple(f.shape)}")
+        return f
+
+    def _evaluate(self, features: Tensor, *, log: bool) -> Tensor:
+        f = self._check_query(features)
+        dtype = working_dtype(self.dataset.dtype, f.dtype)
+        n_train = self.dataset.shape[0]
+        whitening = self.bw_transform.to(dtype)
+        f = f.to(device=whitening.device, dtype=dtype)
+        # Both sides must be centred near the data so that the expanded squared distance
+        # ||y||² + ||t||² - 2 y·t does not cancel catastrophically for data far from the origin.
+        if self._centred.shape == self.dataset.shape:
+            # Own fit: exact centring in data space (as precise as the NumPy core).
+            train = self._centred.to(dtype)
+            queries = (f - self._centre.to(dtype)) @ whitening
+        else:
+            # Loaded buffers: shift by the centroid of the stored whitened data.
+            train = self.dataset.to(dtype)
+            shift = train.mean(dim=0)
+            queries = f @ whitening - shift
+            train = train - shift
+        # Augmented operands: one product gives the kernel exponent -||y - t||² / 2 directly.
+        ones_q = torch.ones_like(queries[:, :1])
+        ones_t = torch.ones_like(train[:, :1])
+        lhs = torch.cat([queries, -0.5 * (queries * queries).sum(1, keepdim=True), ones_q], dim=1)
+        rhs = torch.cat([train, ones_t, -0.5 * (train * train).sum(1, keepdim=True)], dim=1)
+        log_scale = torch.log(self.norm.to(dtype)) - math.log(n_train)
+        if is_tracing():
+            lse = self._logsumexp_rows(lhs, rhs)
+            return lse + log_scale if log else torch.exp(lse + log_scale)
+        return self._evaluate_chunked(lhs, rhs, log_scale, log=log)
+
+    def _train_chunk(self, rows: int, itemsize: int) -> int:
+        """Training points per block, so that a (rows x block) kernel matrix fits the budget."""
+        if is_tracing():
+            rows = TRACE_PLANNING_ROWS  # the batch size is symbolic: plan for a nominal one
+        return rows_per_chunk(rows * itemsize, self.chunk_bytes, self.dataset.shape[0])
+
+    def _logsumexp_rows(self, lhs: Tensor, rhs: Tensor) -> Tensor:
+        """log(sum_j exp(lhs_i · rhs_j)) for every row i, streaming over blocks of training points.
+
+        Only the training axis (fixed by the buffers) is split, so this is safe to trace.
+        """
+        block = self._train_chunk(1 if is_tracing() else lhs.shape[0], lhs.element_size())
+        floor = _exp_floor(lhs.dtype)
+        running_max = torch.full_like(lhs[:, 0], -math.inf)
+        running_sum = torch.zeros_like(lhs[:, 0])
+        for start in range(0, rhs.shape[0], block):
+            exponent = lhs @ rhs[start : start + block].mT
+            new_max = torch.maximum(running_max, exponent.amax(dim=1))
+            exponent = torch.exp((exponent - new_max[:, None]).clamp_(min=floor))
+            running_sum = running_sum * torch.exp(running_max - new_max) + exponent.sum(dim=1)
+            running_max = new_max
+        return running_max + torch.log(running_sum)
+
+    def _evaluate_chunked(self, lhs: Tensor, rhs: Tensor, log_scale: Tensor, *, log: bool) -> Tensor:
+        n_queries, n_train = lhs.shape[0], rhs.shape[0]
+        itemsize = lhs.element_size()
+        out = torch.empty(n_queries, dtype=lhs.dtype, device=lhs.device)
+        if n_queries == 0:
+            return out
+        # Below this, a plain sum of exponentials may have lost terms to underflow: redo those rows with
+        # the max-shifted log-sum-exp (rare: queries far from every training point).
+        finfo = torch.finfo(lhs.dtype)
+        trusted = 16 * n_train * finfo.tiny / finfo.eps
+        floor = _exp_floor(lhs.dtype)
+        if lhs.device.type == "cpu":
+            # Cache-sized tiles, reused: ~3x faster than budget-sized blocks that spill out of cache.
+            query_block = min(n_queries, _CPU_TILE_ROWS)
+            tile_bytes = min(self.chunk_bytes, _CPU_TILE_BYTES)
+        else:
+            query_block = rows_per_chunk(n_train * itemsize, self.chunk_bytes, n_queries)
+            tile_bytes = self.chunk_bytes
+        train_block = rows_per_chunk(query_block * itemsize, tile_bytes, n_train)
+        tile = torch.empty(query_block, train_block, dtype=lhs.dtype, device=lhs.device)
+        for q0 in range(0, n_queries, query_block):
+            q_lhs = lhs[q0 : q0 + query_block]
+            sums = torch.zeros_like(q_lhs[:, 0])
+            for t0 in range(0, n_train, train_block):
+                t_rhs = rhs[t0 : t0 + train_block]
+                block = tile[: q_lhs.shape[0], : t_rhs.shape[0]]
+                torch.mm(q_lhs, t_rhs.mT, out=block)
+                sums += block.clamp_(min=floor).exp_().sum(dim=1)
+            if log:
+                block_out = torch.log(sums) + log_scale
+            else:
+                block_out = sums * torch.exp(log_scale)
+            redo = torch.nonzero(~(sums > trusted)).flatten()
+            if redo.numel():
+                lse = self._logsumexp_rows(q_lhs[redo], rhs) + log_scale
+                block_out[redo] = lse if log else torch.exp(lse)
+            out[q0 : q0 + query_block] = block_out
+        return out
+
+    def extra_repr(self) -> str:
+        if self.dataset.ndim == 2:
+            return f"n_points={self.dataset.shape[0]}, n_features={self.dataset.shape[1]}"
+        return "not fitted"
