@@ -1,0 +1,192 @@
+"""PackedGaussianAccumulator: the memory-lean streaming PaDiM fit against numpy.cov + ridge + inv per patch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from anomstats._packed import PackedGaussianAccumulator, packed_state_bytes
+from anomstats.gaussian import DEFAULT_RIDGE
+
+
+def _embedding(n: int = 40, c: int = 5, h: int = 3, w: int = 2, offset: float = 0.0, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, c, h, w))
+    x[:, 1] += 0.7 * x[:, 0]  # correlated channels, so off-diagonal terms matter
+    return (x + offset).astype(np.float32)
+
+
+def _reference(emb: np.ndarray, ridge: float = DEFAULT_RIDGE) -> tuple[np.ndarray, np.ndarray]:
+    n, c = emb.shape[:2]
+    x = emb.astype(np.float64).reshape(n, c, -1)
+    mean = x.mean(axis=0)
+    prec = np.stack(
+        [np.linalg.inv(np.cov(x[:, :, p], rowvar=False) + ridge * np.eye(c)) for p in range(x.shape[2])]
+    )
+    return mean, prec
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@given(
+    cuts=st.lists(st.integers(min_value=1, max_value=39), max_size=5, unique=True),
+    merge_at=st.integers(min_value=0, max_value=5),
+    budget=st.sampled_from([1, 4096, 2**26]),
+    fold_every=st.sampled_from([1, 7, 64]),
+)
+def test_any_split_equals_one_shot_float64(cuts: list[int], merge_at: int, budget: int, fold_every: int) -> None:
+    emb = _embedding(offset=100.0)  # far from the origin: a raw-sums estimator would lose digits here
+    batches = np.split(emb, sorted(cuts))
+    merge_at = min(merge_at, len(batches))
+    left = PackedGaussianAccumulator(5, 6, memory_budget=budget, fold_every=fold_every)
+    right = PackedGaussianAccumulator(5, 6, memory_budget=budget, fold_every=fold_every)
+    for b in batches[:merge_at]:
+        left.update(b)
+    for b in batches[merge_at:]:
+        right.update(b)
+    left.merge(right)
+    assert left.count == 40
+    mean, prec = left.finalize(out_dtype=np.float64)
+    ref_mean, ref_prec = _reference(emb)
+    assert mean.shape == (5, 6) and prec.shape == (6, 5, 5)
+    assert _rel(mean, ref_mean) < 1e-13
+    assert _rel(prec, ref_prec) < 1e-10
+    np.testing.assert_array_equal(prec, prec.transpose(0, 2, 1))
+
+
+def test_float32_result_is_the_rounded_float64_one_and_in_place_is_identical() -> None:
+    emb = _embedding(n=60, c=7, h=4, w=4, offset=3.0)
+    accs = [PackedGaussianAccumulator(7, 16) for _ in range(3)]
+    for acc in accs:
+        for b in np.split(emb, 4):
+            acc.update(b)
+    _, p64 = accs[0].finalize(out_dtype=np.float64)
+    m32, p32 = accs[1].finalize()
+    m32_in, p32_in = accs[2].finalize(in_place=True)
+    assert p32.dtype == np.float32 and m32.dtype == np.float32
+    np.testing.assert_array_equal(p32, p64.astype(np.float32))
+    np.testing.assert_array_equal(p32_in, p32)
+    np.testing.assert_array_equal(m32_in, m32)
+    np.testing.assert_array_equal(p32_in, p32_in.transpose(0, 2, 1))
+    with pytest.raises(RuntimeError, match="in_place=True"):
+        accs[2].update(emb[:2])
+
+
+def test_float32_accumulation_is_close_and_stores_half() -> None:
+    emb = _embedding(n=50, c=6, h=2, w=2, offset=1.0)
+    acc = PackedGaussianAccumulator(6, 4, dtype=np.float32)
+    for b in np.split(emb, 5):
+        acc.update(b)
+    assert acc.nbytes == packed_state_bytes(6, 4, np.float32) == 4 * 4 * (21 + 6)
+    mean, prec = acc.finalize(out_dtype=np.float64)
+    ref_mean, ref_prec = _reference(emb)
+    assert _rel(prec, ref_prec) < 1e-4
+    assert _rel(mean, ref_mean) < 1e-6
+
+
+def test_state_is_packed() -> None:
+    acc = PackedGaussianAccumulator(550, 3)
+    assert acc.n_tri == 550 * 551 // 2
+    assert acc.nbytes == 3 * (550 * 551 // 2 + 550) * 8
+    # The float64 triangle of a patch is big enough to hold its float32 full precision.
+    assert acc.n_tri * 8 >= 550 * 550 * 4
+
+
+def test_inputs_never_modified_and_mean_layout() -> None:
+    emb = _embedding()
+    before = emb.copy()
+    acc = PackedGaussianAccumulator(5, 6).update(emb)
+    np.testing.assert_array_equal(emb, before)
+    np.testing.assert_allclose(acc.mean, emb.astype(np.float64).reshape(40, 5, 6).mean(axis=0), rtol=1e-13)
+    other = PackedGaussianAccumulator(5, 6).update(emb[:10])
+    snapshot = (other.count, other.mean)
+    acc.merge(other)
+    assert other.count == snapshot[0]
+    np.testing.assert_array_equal(other.mean, snapshot[1])
+
+
+def test_ridge_is_applied() -> None:
+    emb = _embedding()
+    acc = PackedGaussianAccumulator(5, 6).update(emb)
+    _, prec = acc.finalize(ridge=0.5, out_dtype=np.float64)
+    assert _rel(prec, _reference(emb, ridge=0.5)[1]) < 1e-12
+
+
+def test_errors_name_the_problem() -> None:
+    acc = PackedGaussianAccumulator(5, 6)
+    with pytest.raises(ValueError, match=r"batch must have shape \(B, 5, \*spatial\).*got shape \(2, 4, 6\)"):
+        acc.update(np.zeros((2, 4, 6)))
+    with pytest.raises(ValueError, match="prod\\(spatial\\) == 6"):
+        acc.update(np.zeros((2, 5, 7)))
+    bad = _embedding()
+    bad[3, 2, 1, 1] = np.nan  # patch 1*2 + 1 = 3
+    with pytest.raises(ValueError, match="first at patch 3"):
+        acc.update(bad)
+    assert acc.count == 0  # a rejected batch leaves the state untouched
+    acc.update(_embedding(n=1))
+    with pytest.raises(ValueError, match="at least 2 observations"):
+        acc.finalize()
+    acc.update(_embedding(n=3))
+    with pytest.raises(ValueError, match="ridge must be a finite number"):
+        acc.finalize(ridge=-1.0)
+    with pytest.raises(ValueError, match="in_place=True needs float64 accumulation"):
+        acc.finalize(out_dtype=np.float64, in_place=True)
+    # 4 observations of 5 channels: singular without a ridge.
+    with pytest.raises(np.linalg.LinAlgError, match="patch 0 .*larger ridge"):
+        acc.finalize(ridge=0.0)
+    with pytest.raises(ValueError, match="same n_features, n_patches and dtype"):
+        acc.merge(PackedGaussianAccumulator(5, 7))
+    with pytest.raises(TypeError, match="must be a PackedGaussianAccumulator"):
+        acc.merge(object())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="n_features must be a positive integer"):
+        PackedGaussianAccumulator(0, 3)
+    with pytest.raises(TypeError, match="dtype must be numpy.float64 or numpy.float32"):
+        PackedGaussianAccumulator(3, 3, dtype=np.int64)
+
+
+def test_empty_batch_is_a_no_op() -> None:
+    acc = PackedGaussianAccumulator(5, 6).update(np.zeros((0, 5, 3, 2)))
+    assert acc.count == 0
+
+
+def test_failed_in_place_finalize_refuses_further_use() -> None:
+    acc = PackedGaussianAccumulator(5, 6).update(_embedding(n=3))
+    with pytest.raises(np.linalg.LinAlgError, match="partly overwritten"):
+        acc.finalize(ridge=0.0, in_place=True)
+    with pytest.raises(RuntimeError, match="create a new PackedGaussianAccumulator"):
+        acc.finalize()
+
+
+def test_buffered_batches_are_private_copies() -> None:
+    emb = _embedding()
+    acc = PackedGaussianAccumulator(5, 6, fold_every=1000)
+    reused = np.empty_like(emb[:10])
+    for batch in np.split(emb, 4):
+        reused[...] = batch  # a DataLoader may hand out the same buffer every time
+        acc.update(reused)
+    assert acc.count == 40
+    _, prec = acc.finalize(out_dtype=np.float64)
+    assert _rel(prec, _reference(emb)[1]) < 1e-10
+
+
+def test_benchmark_quick_mode_writes_rows(tmp_path, monkeypatch) -> None:
+    import json
+
+    from benchmarks import bench_padim_memory
+
+    monkeypatch.setattr(bench_padim_memory, "RESULTS_PATH", tmp_path / "padim_memory.json")
+    summary = bench_padim_memory.main(quick=True)
+    rows = json.loads((tmp_path / "padim_memory.json").read_text())
+    assert rows == summary["rows"]
+    for row in rows:
+        assert {"suite", "case", "library", "seconds"} <= row.keys()
+    memory = [r for r in rows if "peak_rss_bytes" in r]
+    assert {r["library"] for r in memory} == {"anomstats", "anomalib (numpy)"}
+    assert all(r["peak_rss_bytes"] > 0 and "peak_ratio_ours_over_anomalib" in r for r in memory)
+    accuracy = {r["library"]: r for r in rows if "max_rel_error_vs_float64" in r}
+    assert accuracy["anomstats (float64 acc)"]["max_rel_error_vs_float64"] < 1e-6  # float32 rounding
+    assert accuracy["anomstats (float64 acc)"]["max_asymmetry"] == 0.0
