@@ -23,8 +23,20 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m anomstats demo
 
+# Results, summary.md and plots go to benchmarks/results/; BENCH_ARGS=--quick is a smoke run (into results/quick/).
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(PY) -m benchmarks.run_all
+	$(PY) -m benchmarks.run_all $(BENCH_ARGS)
+
+# Sphinx + numpydoc (the `docs` extra); -W turns every warning into an error.
+DOCS_STAMP := $(VENV)/.docs-stamp
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[torch,test,bench,docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	@echo "docs built: docs/_build/html/index.html"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,4 +1,10 @@
-"""Command line: ``python -m anomstats demo`` (and, later, ``validate``)."""
+"""Command line of anomstats (``anomstats ...`` or ``python -m anomstats ...``).
+
+``anomstats validate`` checks the core against NumPy/SciPy and the torch adapter against the core
+on a built-in battery of generated datasets, prints a table and exits with status 1 if any check
+fails. ``anomstats demo`` runs anomaly detection on scikit-learn's bundled 8x8 digits (DFKDE-style
+and PaDiM-style), prints AUROCs and writes a PNG figure.
+"""
 
 from __future__ import annotations
 
@@ -7,37 +13,98 @@ import sys
 from typing import Sequence
 
 
+def _validate(args: argparse.Namespace) -> int:
+    from .validate import format_table, run_validation, write_json
+
+    if args.torch_device != "cpu" and not args.no_torch:
+        problem = _torch_device_problem(args.torch_device)
+        if problem:
+            print(f"anomstats validate: error: --torch-device {args.torch_device}: {problem}", file=sys.stderr)
+            return 2
+    rows = run_validation(
+        quick=args.quick,
+        seed=args.seed,
+        only=args.only,
+        include_torch=not args.no_torch,
+        torch_device=args.torch_device,
+        progress=False if args.no_progress else None,
+    )
+    if not rows:
+        print(f"no check matches --only {args.only!r}", file=sys.stderr)
+        return 2
+    print(format_table(rows))
+    if args.json:
+        settings = {"quick": args.quick, "seed": args.seed, "only": args.only, "torch_device": args.torch_device}
+        write_json(rows, args.json, settings)
+        print(f"wrote {args.json}")
+    return 1 if any(r.status == "FAIL" for r in rows) else 0
+
+
+def _torch_device_problem(device: str) -> str | None:
+    """Why the torch checks cannot run on ``device``, or None when they can."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return "torch is not installed"
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        return f"not a torch device ({exc})"
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return "CUDA is not available (torch.cuda.is_available() is False)"
+    return None
+
+
 def _demo(args: argparse.Namespace) -> int:
-    import numpy as np
+    from .demo import DemoError, run_demo
 
-    from . import cov
+    try:
+        run_demo(out=args.out, backend=args.backend, quick=args.quick, seed=args.seed)
+    except DemoError as exc:
+        print(f"anomstats demo: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
-    rng = np.random.default_rng(0)
-    cases = {
-        "gaussian (5 vars, 1000 obs)": rng.standard_normal((5, 1000)),
-        "offset by 1e3": rng.standard_normal((4, 500)) + 1e3,
-        "float32": rng.standard_normal((3, 200)).astype(np.float32),
-        "weighted": rng.standard_normal((3, 300)),
-    }
-    worst = 0.0
-    print(f"{'case':32s} {'max rel. diff vs numpy.cov':>28s}")
-    for name, data in cases.items():
-        kw = {"aweights": rng.uniform(0.1, 2.0, data.shape[1])} if name == "weighted" else {}
-        ours, ref = cov(data, **kw), np.cov(data, **kw)
-        rel = float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
-        worst = max(worst, rel)
-        print(f"{name:32s} {rel:28.2e}")
-    ok = worst < 1e-12
-    print("OK" if ok else "MISMATCH")
-    return 0 if ok else 1
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``anomstats`` command."""
+    parser = argparse.ArgumentParser(
+        prog="anomstats",
+        description="Exact, fast, memory-bounded statistics for density-based anomaly detection.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{validate,demo}")
+
+    val = sub.add_parser("validate", help="check the numerics against NumPy/SciPy (and the torch adapter against the core)")
+    val.add_argument("--quick", action="store_true", help="small problem sizes (a few seconds)")
+    val.add_argument("--json", metavar="FILE", help="also write the rows to FILE as JSON")
+    val.add_argument("--only", metavar="TEXT", help="run only the checks whose name or case contains TEXT")
+    val.add_argument("--seed", type=int, default=0, help="seed of the generated datasets (default 0)")
+    val.add_argument("--no-torch", action="store_true", help="skip the torch adapter's checks")
+    val.add_argument(
+        "--torch-device", default="cpu", metavar="DEVICE", help="device for the torch adapter's checks, e.g. cuda (default: cpu)"
+    )
+    val.add_argument("--no-progress", action="store_true", help="never draw the progress bar")
+    val.set_defaults(func=_validate)
+
+    demo = sub.add_parser("demo", help="anomaly detection on scikit-learn's 8x8 digits, with a PNG figure")
+    demo.add_argument("--out", default="anomstats-demo.png", help="where to write the figure (default: %(default)s)")
+    demo.add_argument(
+        "--backend",
+        choices=("auto", "numpy", "torch"),
+        default="auto",
+        help="torch adapter or NumPy core; auto uses torch when it is installed (default: %(default)s)",
+    )
+    demo.add_argument("--quick", action="store_true", help="fewer classes and images (a few seconds)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the splits and synthetic defects (default 0)")
+    demo.set_defaults(func=_demo)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="anomstats", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the demonstration")
-    demo.set_defaults(func=_demo)
-    args = parser.parse_args(argv)
+    """Run the command line with ``argv`` (``sys.argv[1:]`` by default); return the exit status."""
+    args = build_parser().parse_args(argv)
     return int(args.func(args))
 
 
