@@ -1,6 +1,766 @@
-"""GaussianKDE (placeholder)."""
+"""Gaussian kernel density estimation: a fast, memory-bounded drop-in for ``scipy.stats.gaussian_kde``.
+
+:class:`GaussianKDE` has the public API and the semantics of ``scipy.stats.gaussian_kde`` (scipy 1.17):
+the same attributes, methods, hooks, point-shape rules, output dtypes, exceptions and random streams.
+Densities are computed differently (see the class notes): data and queries are centred at the data's
+weighted mean and whitened once; kernel sums run in memory-bounded blocks over a small thread pool; the
+log-density is a log-sum-exp that stays finite wherever the exact density is positive.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+from scipy import linalg, special
+from scipy.stats import multivariate_normal
+
+from . import _dask
+from . import bandwidth as _bw
+from ._kernel_sums import DEFAULT_MEMORY_BUDGET, WhitenedCentres, kernel_sums, single_threaded_blas
+from .covariance import cov
+
+__all__ = ["GaussianKDE", "DEFAULT_MEMORY_BUDGET"]
+
+_D_GREATER_THAN_N = (
+    "Number of dimensions is greater than number of samples. This results in a singular data "
+    "covariance matrix, which cannot be treated using the algorithms implemented in `gaussian_kde`. "
+    "Note that `gaussian_kde` interprets each *column* of `dataset` to be a point; consider "
+    "transposing the input to `dataset`."
+)
+_SINGULAR_DATA = (
+    "The data appears to lie in a lower-dimensional subspace of the space in which it is expressed. "
+    "This has resulted in a singular data covariance matrix, which cannot be treated using the "
+    "algorithms implemented in `gaussian_kde`. Consider performing principal component analysis / "
+    "dimensionality reduction and using `gaussian_kde` with the transformed data."
+)
 
 
-class GaussianKDE:  # pragma: no cover - replaced by the real implementation
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError
+class _EvaluationState:
+    """What evaluation needs, derived from (dataset, weights, cho_cov) in one working dtype."""
+
+    def __init__(self, dataset: np.ndarray, weights: np.ndarray, cho_cov: np.ndarray, dtype) -> None:
+        data = np.asarray(dataset, dtype=dtype)
+        w = np.asarray(weights, dtype=dtype)
+        self.cho = np.asarray(cho_cov, dtype=dtype)
+        # Centre at the weighted mean: keeps whitened norms small, which the product form needs.
+        self.mean = data @ w if dtype in (np.float32, np.float64) else np.einsum("ij,j->i", data, w)
+        keep = w > 0  # zero-weight points contribute nothing; dropping them avoids log(0) entirely
+        self.centres = WhitenedCentres(_whiten(data[:, keep], self.mean, self.cho), w[keep])
+        d = data.shape[0]
+        with np.errstate(divide="ignore"):
+            log_diag = np.log(np.diagonal(self.cho))
+        self.log_norm = dtype.type(-0.5 * d * math.log(2.0 * math.pi)) - log_diag.sum()
+        with np.errstate(over="ignore", under="ignore"):
+            norm = np.exp(self.log_norm)
+        # The plain sums are scaled by the norm only where that cannot overflow or lose precision.
+        self.norm = norm if np.isfinite(norm) and norm >= np.finfo(dtype).tiny else None
+
+
+def _whiten(x: np.ndarray, mean: np.ndarray, cho: np.ndarray) -> np.ndarray:
+    """``L^{-1} (x - mean)`` for columns of ``x`` (d, k); returned as (k, d), C-contiguous."""
+    centred = x - mean[:, None]
+    if centred.dtype in (np.float32, np.float64):
+        # One BLAS thread: for small d BLAS threads cost far more than the solve (a 2 x 2 solve for 300
+        # points took 6 ms with two threads on a busy machine, 0.1 ms with one), and for large d the
+        # threads keep spinning after the solve, stealing the cores from the kernel-sum workers that
+        # follow (d = 100, m = 2000: the evaluation took 28 ms after a threaded solve, 18.5 ms after one
+        # single-threaded solve).
+        with single_threaded_blas():
+            z = linalg.solve_triangular(cho, centred, lower=True, check_finite=False)
+        return np.ascontiguousarray(z.T, dtype=centred.dtype)
+    # Long double: LAPACK has no such type; forward substitution, vectorised over the points.
+    d = cho.shape[0]
+    z = np.empty((centred.shape[1], d), dtype=centred.dtype)
+    for k in range(d):
+        acc = centred[k] - z[:, :k] @ cho[k, :k] if k else centred[k].copy()
+        z[:, k] = acc / cho[k, k]
+    return z
+
+
+def _check_random_state(seed):
+    """scipy's rule for ``seed``: None/np.random -> global RandomState; int -> new RandomState; RNG -> itself."""
+    if seed is None or seed is np.random:
+        return np.random.mtrand._rand
+    if isinstance(seed, (numbers.Integral, np.integer)):
+        return np.random.RandomState(seed)
+    if isinstance(seed, (np.random.RandomState, np.random.Generator)):
+        return seed
+    raise ValueError(f"'{seed}' cannot be used to seed a numpy.random.RandomState instance")
+
+
+class GaussianKDE:
+    """Kernel density estimate with Gaussian kernels; drop-in for ``scipy.stats.gaussian_kde``.
+
+    Parameters
+    ----------
+    dataset : array_like
+        Data points: shape (d, n) (each *column* is a point), or (n,) for one dimension.
+    bw_method : str, scalar or callable, optional
+        ``'scott'`` (default), ``'silverman'``, a scalar used directly as the bandwidth ``factor``, or a
+        callable taking the estimator and returning the factor.
+    weights : array_like, optional
+        Non-negative weights of the data points, shape (n,); normalised to sum to one.
+    memory_budget : int, keyword-only
+        Budget in bytes for the evaluation temporaries that would otherwise scale with ``n * m``
+        (default 64 MiB). The whitened data and query copies (``O((n + m) d)``) are not included.
+    workers : int, keyword-only, optional
+        Worker threads for evaluation; default: the available CPUs (one without ``threadpoolctl``).
+
+    Attributes
+    ----------
+    dataset : ndarray, shape (d, n)
+        A read-only copy of the data (assigning a new array resets every cached quantity).
+    d, n : int
+        Dimensions and number of data points.
+    weights : ndarray, shape (n,)
+        Normalised weights (computed lazily: ``1/n`` each when none were given).
+    neff : float
+        Effective number of points, ``1 / sum(weights**2)`` (lazy).
+    factor : float
+        The bandwidth factor from :meth:`covariance_factor`.
+    covariance : ndarray, shape (d, d)
+        Kernel covariance: the weighted data covariance times ``factor**2``.
+    inv_cov : ndarray, shape (d, d)
+        Its inverse (recomputed on access, as in scipy).
+    cho_cov : ndarray, shape (d, d)
+        Lower Cholesky factor of ``covariance`` (float64).
+    log_det : float
+        ``log det(2 pi covariance)`` (scipy's convention); the kernel's log-normalisation is ``-log_det/2``.
+
+    Notes
+    -----
+    Evaluation (``pdf``/``evaluate``/``__call__``/``logpdf``) centres data and queries at the data's
+    weighted mean and whitens them once with ``cho_cov`` (the whitened data are cached until ``dataset``,
+    ``weights`` or ``cho_cov`` change). Squared distances are formed by direct differences for ``d <= 2``
+    (rounding relative to the distance itself) and by one matrix product for larger ``d`` (rounding
+    relative to the squared whitened norms, kept small by the centring), in blocks whose temporaries stay
+    within ``memory_budget`` bytes, spread over ``workers`` threads. Weighted sums are matrix-vector
+    products. Queries whose plain sum is tiny (or that are provably far from every data point) are
+    computed as a log-sum-exp with a per-query shift, so ``logpdf`` is finite wherever the density is
+    positive (hundreds of bandwidths away, thousands of dimensions).
+
+    Dtypes follow scipy: results are ``np.common_type(covariance, points)``, i.e. float64 for float16/32,
+    integer and float64 inputs (so float32 data and queries are evaluated in float64 and their log-density
+    never underflows where the float64 one is normal), long double when data or points are long double.
+
+    Accuracy (float64): ``pdf`` and ``logpdf`` agree with scipy to about 1e-13 relative near the data. As
+    with any float64 method, the relative accuracy of an astronomically small ``pdf`` is limited by the
+    absolute rounding of its exponent, about ``eps * |log p|``. Far from the origin this implementation
+    is *more* accurate than scipy, which whitens uncentred coordinates (data offset by 1e3 from the origin:
+    scipy's pdf is off by up to ~1e-11 relative; this one stays at ~1e-14 against a long-double reference).
+
+    Deliberate differences from ``scipy.stats.gaussian_kde`` (values agree to rounding otherwise):
+
+    * ``logpdf`` is finite wherever the exact density is positive (scipy also is, up to its own rounding),
+      and zero-weight data points are ignored: scipy returns NaN when leading data points have zero weight.
+    * ``pdf`` of queries where every kernel underflows is computed through the log-domain, so it is the
+      correctly rounded small value instead of 0 whenever that value is representable.
+    * Bad ``weights`` (NaN, infinite, negative, zero sum) raise ``ValueError`` up front with a message
+      naming ``weights`` (scipy raises ``ValueError`` from deep inside; its phrases are kept in the messages).
+    * A bandwidth factor that is not a positive finite real number raises ``ValueError`` (scipy accepts
+      zero or negative factors and fails at evaluation or returns negative densities).
+    * ``dataset`` is copied and made read-only; assigning a new ``dataset`` discards the cached data
+      covariance (scipy keeps using the covariance of the old data).
+    * Non-finite data raise ``ValueError`` naming ``dataset``; 3-D inputs raise ``ValueError`` naming the
+      shape (scipy: an unpacking error, also ``ValueError``).
+    * ``integrate_kde`` is vectorised and memory-bounded; ``integrate_box_1d`` works for long double data
+      (scipy raises ``TypeError``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from anomstats import GaussianKDE
+    >>> kde = GaussianKDE(np.array([-1.0, 0.0, 0.5, 2.0]))
+    >>> print(f"{kde.factor:.4f}")
+    0.7579
+    >>> np.round(kde.pdf([0.0, 1.0]), 4)
+    array([0.2685, 0.2235])
+    >>> np.round(kde.logpdf([0.0, 50.0]), 2)
+    array([   -1.31, -1285.93])
+    """
+
+    #: Defaults for instances built without ``__init__`` (scipy-style subclasses).
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    workers: int | None = None
+
+    def __init__(
+        self,
+        dataset,
+        bw_method=None,
+        weights=None,
+        *,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        workers: int | None = None,
+    ) -> None:
+        def is_int(value) -> bool:
+            return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+        if not (is_int(memory_budget) and memory_budget > 0):
+            raise ValueError(f"`memory_budget` must be a positive number of bytes; got {memory_budget!r}.")
+        if workers is not None and not (is_int(workers) and workers >= 1):
+            raise ValueError(f"`workers` must be None or a positive integer; got {workers!r}.")
+        self.memory_budget = int(memory_budget)
+        self.workers = None if workers is None else int(workers)
+
+        data = np.atleast_2d(np.asarray(dataset))
+        if not data.size > 1:
+            raise ValueError("`dataset` input should have multiple elements.")
+        if data.ndim != 2:
+            raise ValueError(
+                f"`dataset` should be 1-D (n,) or 2-D (d, n) with points as columns; got shape {data.shape}."
+            )
+        if np.issubdtype(data.dtype, np.number) and not np.issubdtype(data.dtype, np.complexfloating):
+            if not np.all(np.isfinite(data)):
+                raise ValueError(
+                    "`dataset` must contain only finite values (array must not contain infs or NaNs)."
+                )
+        self.dataset = data
+        self.d, self.n = data.shape
+
+        if weights is not None:
+            self._weights = self._validated_weights(weights, self.n)
+            self._neff = 1 / np.vecdot(self._weights, self._weights)
+
+        if self.d > self.n:
+            raise ValueError(_D_GREATER_THAN_N)
+
+        try:
+            self.set_bandwidth(bw_method=bw_method)
+        except linalg.LinAlgError as exc:
+            raise linalg.LinAlgError(_SINGULAR_DATA) from exc
+
+    # ------------------------------------------------------------------ data, weights and caches
+
+    @property
+    def dataset(self) -> np.ndarray:
+        return self._dataset
+
+    @dataset.setter
+    def dataset(self, value) -> None:
+        data = np.array(value, copy=True)
+        data.setflags(write=False)
+        self._dataset = data
+        # Everything derived from the data is now stale.
+        for name in ("_data_covariance", "_data_cho_cov", "_eval_state"):
+            self.__dict__.pop(name, None)
+
+    @staticmethod
+    def _validated_weights(weights, n: int) -> np.ndarray:
+        w = np.atleast_1d(weights).astype(float)  # a copy: the caller's array is never touched
+        if w.ndim != 1:
+            raise ValueError("`weights` input should be one-dimensional.")
+        if len(w) != n:
+            raise ValueError("`weights` input should be of length n")
+        if not np.all(np.isfinite(w)):
+            raise ValueError(
+                "`weights` must be finite (array must not contain infs or NaNs); remove or replace them."
+            )
+        if np.any(w < 0):
+            raise ValueError("`weights` must be non-negative (aweights cannot be negative).")
+        total = w.sum()
+        if not (np.isfinite(total) and total > 0):
+            raise ValueError("`weights` must have a positive, finite sum; at least one weight must be positive.")
+        w /= total
+        return w
+
+    @property
+    def weights(self) -> np.ndarray:
+        try:
+            return self._weights
+        except AttributeError:
+            self._weights = np.ones(self.n) / self.n
+            return self._weights
+
+    @property
+    def neff(self):
+        try:
+            return self._neff
+        except AttributeError:
+            self._neff = 1 / np.vecdot(self.weights, self.weights)
+            return self._neff
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_eval_state", None)  # derived, possibly large: rebuilt on first use
+        return state
+
+    # ------------------------------------------------------------------ bandwidth
+
+    def scotts_factor(self):
+        """Scott's factor, ``neff ** (-1 / (d + 4))``.
+
+        Returns
+        -------
+        numpy.float64
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> print(f"{GaussianKDE(np.arange(16.0)).scotts_factor():.4f}")
+        0.5743
+        """
+        return np.float64(_bw.scotts_factor(self.neff, self.d))
+
+    def silverman_factor(self):
+        """Silverman's factor, ``(neff * (d + 2) / 4) ** (-1 / (d + 4))``.
+
+        Returns
+        -------
+        numpy.float64
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> print(f"{GaussianKDE(np.arange(16.0)).silverman_factor():.4f}")
+        0.6084
+        """
+        return np.float64(_bw.silverman_factor(self.neff, self.d))
+
+    # Default rule; a subclass may override it, or set_bandwidth/assignment may replace it per instance.
+    covariance_factor = scotts_factor
+
+    def set_bandwidth(self, bw_method=None) -> None:
+        """Choose the bandwidth rule and recompute the kernel covariance.
+
+        Parameters
+        ----------
+        bw_method : str, scalar or callable, optional
+            ``'scott'``, ``'silverman'``, a scalar used as ``factor``, or a callable taking this estimator
+            and returning the factor. ``None`` keeps the current ``covariance_factor``.
+
+        Raises
+        ------
+        ValueError
+            For any other ``bw_method`` (scipy's message), or if the resulting factor is not a positive,
+            finite real number.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> kde = GaussianKDE(np.array([-7.0, -5.0, 1.0, 4.0, 5.0]))
+        >>> kde.set_bandwidth(bw_method=0.5)
+        >>> print(kde.factor)
+        0.5
+        >>> kde.set_bandwidth('silverman')
+        >>> print(f"{kde.factor:.4f}")
+        0.7677
+        """
+        rule = _bw.resolve_bw_method(bw_method)
+        # Restored if the new rule gives an unusable factor, so a failed call changes nothing.
+        saved = {k: self.__dict__[k] for k in ("covariance_factor", "_bw_method") if k in self.__dict__}
+        try:
+            self._apply_bw_rule(rule)
+        except ValueError:
+            for key in ("covariance_factor", "_bw_method"):
+                self.__dict__.pop(key, None)
+            self.__dict__.update(saved)
+            raise
+
+    def _apply_bw_rule(self, rule) -> None:
+        if rule is None:
+            pass
+        elif isinstance(rule, str) and rule == "scott":
+            self.covariance_factor = self.scotts_factor
+        elif isinstance(rule, str) and rule == "silverman":
+            self.covariance_factor = self.silverman_factor
+        elif callable(rule):
+            self._bw_method = rule
+            self.covariance_factor = lambda: self._bw_method(self)
+        else:
+            self._bw_method = "use constant"
+            self.covariance_factor = lambda: rule
+        self._compute_covariance()
+
+    def _data_moments(self) -> None:
+        """Weighted data covariance and its Cholesky factor (cached; LinAlgError when singular)."""
+        if "_data_cho_cov" not in self.__dict__:
+            data_cov = np.atleast_2d(cov(self.dataset, rowvar=1, bias=False, aweights=self.weights))
+            self._data_cho_cov = linalg.cholesky(data_cov, lower=True)
+            self._data_covariance = data_cov
+
+    def _compute_covariance(self) -> None:
+        """Recompute ``factor``, ``covariance``, ``cho_cov`` and ``log_det`` from ``covariance_factor()``."""
+        factor = self.covariance_factor()
+        _bw.check_factor(factor)
+        self.factor = factor
+        self._data_moments()
+        self.covariance = self._data_covariance * self.factor**2
+        self.cho_cov = (self._data_cho_cov * self.factor).astype(np.float64)
+        self.log_det = 2 * np.log(np.diag(self.cho_cov * np.sqrt(2 * np.pi))).sum()
+
+    @property
+    def inv_cov(self) -> np.ndarray:
+        """Inverse of the kernel covariance (refreshes ``factor`` from ``covariance_factor()``, as scipy)."""
+        self.factor = self.covariance_factor()
+        self._data_moments()
+        return linalg.inv(self._data_covariance) / self.factor**2
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _points_matrix(self, points) -> np.ndarray:
+        """scipy's interpretation of query shapes: (d, m) columns, or a single (d,) point when d > 1."""
+        points = np.atleast_2d(np.asarray(points))
+        if points.ndim != 2:
+            raise ValueError(
+                f"points should be 1-D or 2-D of shape (d, m) with d = {self.d}; got shape {points.shape}."
+            )
+        d, m = points.shape
+        if d != self.d:
+            if d == 1 and m == self.d:
+                points = np.reshape(points, (self.d, 1))  # a single point given as a row
+            else:
+                raise ValueError(f"points have dimension {d}, dataset has dimension {self.d}")
+        return points
+
+    def _output_dtype(self, points: np.ndarray) -> np.dtype:
+        dtype = np.dtype(np.common_type(self.covariance, points))
+        if dtype.kind == "c":
+            raise ValueError(f"complex points are not supported; got dtype {points.dtype}.")
+        if dtype.itemsize not in (4, 8, 12, 16):
+            raise ValueError(f"{dtype} has unexpected item size: {dtype.itemsize}")
+        return dtype
+
+    def _evaluation_state(self, dtype: np.dtype) -> _EvaluationState:
+        # Keyed on the identity of what scipy reads at evaluation time, so reassigning any of them
+        # (or calling _compute_covariance) is picked up.
+        key = (self.dataset, self.weights, self.cho_cov, dtype)
+        cached = self.__dict__.get("_eval_state")
+        if cached is not None:
+            old_key, state = cached
+            if all(a is b for a, b in zip(old_key[:3], key[:3], strict=True)) and old_key[3] == dtype:
+                return state
+        state = _EvaluationState(self.dataset, self.weights, self.cho_cov, dtype)
+        self._eval_state = (key, state)
+        return state
+
+    def _log_sums(self, points) -> tuple[np.ndarray, np.ndarray, _EvaluationState]:
+        points = self._points_matrix(points)
+        dtype = self._output_dtype(points)
+        if not np.all(np.isfinite(points)):
+            raise ValueError("points must contain only finite values (array must not contain infs or NaNs).")
+        state = self._evaluation_state(dtype)
+        z = _whiten(np.asarray(points, dtype=dtype), state.mean, state.cho)
+        log_sums, sums = kernel_sums(state.centres, z, memory_budget=self.memory_budget, workers=self.workers)
+        return log_sums, sums, state
+
+    def evaluate(self, points) -> np.ndarray:
+        """Evaluate the estimated density at points.
+
+        Parameters
+        ----------
+        points : array_like
+            Shape (d, m): each column a point. A (d,) vector is one point when ``d > 1``; for ``d == 1`` a
+            (m,) vector is m points.
+
+        Returns
+        -------
+        ndarray, shape (m,)
+            Densities; dtype ``np.common_type(covariance, points)`` (float64, or long double).
+
+        Raises
+        ------
+        ValueError
+            If the points' dimension differs from the dataset's, or points are not finite.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> kde = GaussianKDE(np.array([[0.0, 1.0, 2.0, 0.5], [0.0, 1.0, 0.0, 2.0]]))
+        >>> np.round(kde.evaluate([[0.5, 1.0], [0.5, 1.0]]), 4)
+        array([0.0998, 0.1333])
+        >>> np.round(kde([0.5, 0.5]), 4)
+        array([0.0998])
+        """
+        if _dask.is_dask_array(points):
+            return _dask.kde_score(self, "evaluate", points)
+        log_sums, sums, state = self._log_sums(points)
+        if state.norm is None:
+            return np.exp(log_sums + state.log_norm)
+        plain = ~np.isnan(sums)
+        if plain.all():
+            return sums * state.norm
+        out = np.exp(log_sums + state.log_norm)
+        out[plain] = sums[plain] * state.norm
+        return out
+
+    __call__ = evaluate
+
+    def pdf(self, x) -> np.ndarray:
+        """Evaluate the estimated density at points; an alias of :meth:`evaluate`.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> kde = GaussianKDE(np.array([0.0, 1.0, 3.0]))
+        >>> np.round(kde.pdf([1.0]), 4)
+        array([0.2149])
+        """
+        return self.evaluate(x)
+
+    def logpdf(self, x) -> np.ndarray:
+        """Evaluate the log of the estimated density at points.
+
+        Computed as a log-sum-exp with a per-query shift: finite wherever the density is positive, even
+        hundreds of bandwidths away from the data or in thousands of dimensions.
+
+        Parameters
+        ----------
+        x : array_like
+            Points, interpreted as in :meth:`evaluate`.
+
+        Returns
+        -------
+        ndarray, shape (m,)
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> kde = GaussianKDE(np.array([0.0, 1.0, 3.0]))
+        >>> print(np.round(kde.logpdf([1.0, 1000.0]), 3).tolist())
+        [-1.538, -330548.322]
+        """
+        if _dask.is_dask_array(x):
+            return _dask.kde_score(self, "logpdf", x)
+        log_sums, _, state = self._log_sums(x)
+        return log_sums + state.log_norm
+
+    # ------------------------------------------------------------------ integrals
+
+    def integrate_gaussian(self, mean, cov):
+        """Integral of the density times a Gaussian ``N(mean, cov)`` over the whole space.
+
+        Parameters
+        ----------
+        mean : array_like, shape (d,)
+        cov : array_like, shape (d, d)
+
+        Returns
+        -------
+        numpy.float64
+
+        Raises
+        ------
+        ValueError
+            If ``mean`` or ``cov`` does not have dimension ``d``.
+        numpy.linalg.LinAlgError
+            If ``covariance + cov`` is not positive definite.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> kde = GaussianKDE(np.array([-1.0, 0.0, 1.0]))
+        >>> print(f"{kde.integrate_gaussian(0.0, 1.0):.4f}")
+        0.2567
+        """
+        mean = np.atleast_1d(np.squeeze(mean))
+        cov_ = np.atleast_2d(cov)
+        if mean.shape != (self.d,):
+            raise ValueError(f"mean does not have dimension {self.d}")
+        if cov_.shape != (self.d, self.d):
+            raise ValueError(f"covariance does not have dimension {self.d}")
+        sum_cov = self.covariance + cov_
+        # Gaussian convolution: each kernel times N(mean, cov) integrates to N(x_i; mean, covariance + cov).
+        return self._gaussian_overlap(sum_cov, self.dataset, self.weights, mean[:, None], None)
+
+    def _gaussian_overlap(self, sum_cov, data, weights, queries, query_weights):
+        """``sum_j qw_j sum_i w_i N(q_j; x_i, sum_cov)`` (``qw = 1`` for a single query)."""
+        sum_cov = np.asarray(sum_cov)
+        wide = any(np.asarray(a).dtype == np.longdouble for a in (sum_cov, data, queries))
+        dtype = np.dtype(np.longdouble if wide else np.float64)
+        # LinAlgError if not positive definite (LAPACK works in float64).
+        cho = linalg.cholesky(sum_cov.astype(np.float64), lower=True)
+        w = np.asarray(weights, dtype=dtype)
+        data = np.asarray(data, dtype=dtype)
+        cho = cho.astype(dtype)
+        centre = data @ w if dtype in (np.float32, np.float64) else np.einsum("ij,j->i", data, w)
+        keep = w > 0
+        centres = WhitenedCentres(_whiten(data[:, keep], centre, cho), w[keep])
+        z = _whiten(np.asarray(queries, dtype=dtype), centre, cho)
+        log_sums, sums = kernel_sums(centres, z, memory_budget=self.memory_budget, workers=self.workers)
+        d = cho.shape[0]
+        log_norm = dtype.type(-0.5 * d * math.log(2.0 * math.pi)) - np.log(np.diagonal(cho)).sum()
+        values = np.where(np.isnan(sums), np.exp(log_sums), sums) * np.exp(log_norm)
+        if query_weights is None:
+            return values[0]
+        return np.vecdot(values, np.asarray(query_weights, dtype=dtype))
+
+    def integrate_box_1d(self, low, high):
+        """Integral of a one-dimensional density between two bounds.
+
+        Parameters
+        ----------
+        low, high : float
+            Bounds (may be infinite).
+
+        Returns
+        -------
+        numpy.float64
+
+        Raises
+        ------
+        ValueError
+            If the KDE has more than one dimension.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> kde = GaussianKDE(np.array([-1.0, 0.0, 1.0]))
+        >>> print(f"{kde.integrate_box_1d(-np.inf, 0.0):.4f}")
+        0.5000
+        """
+        if self.d != 1:
+            raise ValueError("integrate_box_1d() only handles 1D pdfs")
+        data = np.asarray(self.dataset, dtype=np.result_type(self.dataset, np.float64))
+        if data.dtype != np.float64:  # special.ndtr has no long double loop
+            data = data.astype(np.float64)
+        stdev = np.ravel(np.sqrt(np.asarray(self.covariance, dtype=np.float64)))[0]
+        upper = special.ndtr(np.ravel((high - data) / stdev))
+        lower = special.ndtr(np.ravel((low - data) / stdev))
+        return np.vecdot(self.weights, upper - lower)
+
+    def integrate_box(self, low_bounds, high_bounds, maxpts=None, *, rng=None):
+        """Integral of the density over a rectangular box (Genz' algorithm, as scipy).
+
+        Parameters
+        ----------
+        low_bounds, high_bounds : array_like, shape (d,)
+            Box corners.
+        maxpts : int, optional
+            Maximum number of integration points.
+        rng : numpy.random.Generator or seed, optional
+            Randomness of the quasi-Monte Carlo integration.
+
+        Returns
+        -------
+        numpy.float64
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> kde = GaussianKDE(np.array([-1.0, 0.0, 1.0]))
+        >>> print(f"{kde.integrate_box(-np.inf, 0.0):.4f}")
+        0.5000
+        """
+        data_t = self.dataset.T
+        low = np.asarray(low_bounds) - data_t
+        high = np.asarray(high_bounds) - data_t
+        values = multivariate_normal.cdf(
+            high, lower_limit=low, cov=self.covariance, maxpts=maxpts, rng=rng
+        )
+        return np.vecdot(values, self.weights, axis=-1)
+
+    def integrate_kde(self, other):
+        """Integral of the product of this density and another Gaussian KDE.
+
+        Parameters
+        ----------
+        other : GaussianKDE or scipy.stats.gaussian_kde
+            Of the same dimension.
+
+        Returns
+        -------
+        numpy.float64
+
+        Raises
+        ------
+        ValueError
+            If the dimensions differ.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> kde = GaussianKDE(np.array([-1.0, 0.0, 1.0]))
+        >>> print(f"{kde.integrate_kde(kde):.4f}")
+        0.2396
+        """
+        if other.d != self.d:
+            raise ValueError("KDEs are not the same dimensionality")
+        # Each pair of kernels integrates to N(x_i; y_j, H_self + H_other); sum over the smaller set
+        # as queries against the larger set as centres.
+        small, large = (other, self) if other.n < self.n else (self, other)
+        sum_cov = small.covariance + large.covariance
+        return self._gaussian_overlap(sum_cov, large.dataset, large.weights, small.dataset, small.weights)
+
+    # ------------------------------------------------------------------ sampling and marginals
+
+    def resample(self, size=None, seed=None) -> np.ndarray:
+        """Draw a sample from the estimated density (the same numbers as scipy for the same seed).
+
+        Parameters
+        ----------
+        size : int, optional
+            Number of points; default ``int(neff)``.
+        seed : None, int, numpy.random.Generator or numpy.random.RandomState, optional
+            None (or ``np.random``) uses NumPy's global RandomState; an int seeds a new RandomState.
+
+        Returns
+        -------
+        ndarray, shape (d, size)
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> kde = GaussianKDE(np.array([0.0, 1.0, 2.0]))
+        >>> kde.resample(4, seed=0).shape
+        (1, 4)
+        """
+        if size is None:
+            size = int(self.neff)
+        random_state = _check_random_state(seed)
+        # Kernel noise first, then the kernel indices: the order of draws matters for reproducibility.
+        noise = random_state.multivariate_normal(np.zeros((self.d,), float), self.covariance, size=size)
+        indices = random_state.choice(self.n, size=size, p=self.weights)
+        return self.dataset[:, indices] + np.transpose(noise)
+
+    def marginal(self, dimensions) -> "GaussianKDE":
+        """The marginal KDE over the retained ``dimensions`` (same bandwidth factor and weights).
+
+        Parameters
+        ----------
+        dimensions : int or 1-D array_like of int
+            Indices of the dimensions kept (negative indices count from the end).
+
+        Returns
+        -------
+        GaussianKDE
+
+        Raises
+        ------
+        ValueError
+            For non-integer, repeated or out-of-range indices.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> kde = GaussianKDE(np.array([[0.0, 1.0, 2.0, 0.5], [0.0, 1.0, 0.0, 2.0]]))
+        >>> kde.marginal(-1).d
+        1
+        """
+        dims = np.atleast_1d(dimensions)
+        if not np.issubdtype(dims.dtype, np.integer):
+            raise ValueError(
+                "Elements of `dimensions` must be integers - the indices of the marginal variables "
+                "being retained."
+            )
+        n_dims = len(self.dataset)
+        original = dims.copy()
+        dims = np.where(dims < 0, dims + n_dims, dims)
+        if len(np.unique(dims)) != len(dims):
+            raise ValueError("All elements of `dimensions` must be unique.")
+        invalid = (dims < 0) | (dims >= n_dims)
+        if np.any(invalid):
+            raise ValueError(f"Dimensions {original[invalid]} are invalid for a distribution in {n_dims} dimensions.")
+        return GaussianKDE(
+            self.dataset[dims],
+            bw_method=self.covariance_factor(),
+            weights=self.weights,
+            memory_budget=self.memory_budget,
+            workers=self.workers,
+        )
+
+    def __repr__(self) -> str:
+        factor = getattr(self, "factor", None)
+        factor_text = "unset" if factor is None else f"{float(factor):.6g}"
+        return f"{type(self).__name__}(d={self.d}, n={self.n}, factor={factor_text})"

@@ -1,0 +1,223 @@
+"""Gaussian KDE evaluation: ``anomstats.GaussianKDE`` vs ``scipy.stats.gaussian_kde`` (and scikit-learn).
+
+Side by side in one process, float64, at the sizes of issue 3, (n, m, d) = (1e4, 1e4, 2), (1e4, 1e4, 16),
+(2000, 2000, 100), (5e4, 5000, 8): correlated Gaussian data, queries drawn from the same distribution
+(about 2 % of them placed far out, as anomalies are).
+
+- ``scipy pdf`` / ``scipy logpdf``: ``scipy.stats.gaussian_kde`` (single-threaded Cython loops);
+- ``anomstats pdf`` / ``anomstats logpdf``: :class:`anomstats.GaussianKDE` with default settings
+  (64 MiB budget, all available cores);
+- ``sklearn logpdf``: ``sklearn.neighbors.KernelDensity`` on the whitened data (its kernels are
+  isotropic), ``rtol=1e-8``, for reference: its time (on a tenth of the queries, scaled by 10) and its
+  approximation error are reported.
+
+Per row: best-of-``repeats`` wall time after a warm-up, speed-up over scipy's same method, the same for CPU
+time (all threads; the machines are shared, so wall ratios understate a two-thread contender when other
+processes hold the cores), the max relative difference against scipy's result (all queries, and the bulk
+within ~4 sqrt(d) bandwidths, where scipy's own rounding of far exponents does not dominate), and the peak
+traced memory (``tracemalloc``, separate untimed run; scipy's on a tenth of the queries).
+Targets (2 shared cores): pdf >= 3x scipy at d = 2, 8x at d = 16,
+20x at d = 100, 6x at (5e4, 5000, 8); logpdf >= 8x scipy's logpdf (20x at d = 100). The ``target`` and
+``met`` fields record them. Writes ``benchmarks/results/kde.json``.
+
+Usage::
+
+    python -m benchmarks.bench_kde [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import linalg, stats
+
+from anomstats import GaussianKDE
+from anomstats._kernel_sums import default_workers
+
+RESULTS_PATH = Path(__file__).resolve().parent / "results" / "kde.json"
+SUITE = "gaussian kde"
+
+FULL_CASES = [(10_000, 10_000, 2), (10_000, 10_000, 16), (2_000, 2_000, 100), (50_000, 5_000, 8)]
+QUICK_CASES = [(400, 300, 2), (300, 200, 16)]
+PDF_TARGETS = {(10_000, 10_000, 2): 3.0, (10_000, 10_000, 16): 8.0, (2_000, 2_000, 100): 20.0, (50_000, 5_000, 8): 6.0}
+
+
+def logpdf_target(case: tuple[int, int, int]) -> float:
+    return 20.0 if case[2] >= 100 else 8.0
+
+
+def make_problem(n: int, m: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Correlated data (d, n) and queries (d, m), 2 % of the queries ten standard deviations out."""
+    rng = np.random.default_rng(seed)
+    mixing = np.eye(d) + 0.3 * rng.standard_normal((d, d)) / np.sqrt(d)
+    data = mixing @ rng.standard_normal((d, n))
+    queries = mixing @ rng.standard_normal((d, m))
+    far = rng.random(m) < 0.02
+    queries[:, far] *= 10.0
+    return data, queries
+
+
+def best_time(fn: Callable[[], np.ndarray], repeats: int, warm_up: bool = True) -> tuple[float, float, np.ndarray]:
+    """Best wall and CPU time (all threads) of at least ``repeats`` runs, after a warm-up when asked.
+
+    The CPU time is reported because the benchmark machines are shared: when other processes hold the
+    cores, wall-time ratios understate a multi-threaded contender, while CPU-time ratios compare work.
+    """
+    result = fn() if warm_up else None
+    best_wall = best_cpu = float("inf")
+    runs = 0
+    # At least ``repeats`` runs; fast contenders get more (up to 15, about a second) for a stable minimum.
+    while runs < repeats or (runs < 15 and best_wall * runs < 1.0):
+        runs += 1
+        cpu = time.process_time()
+        start = time.perf_counter()
+        result = fn()
+        best_wall = min(best_wall, time.perf_counter() - start)
+        best_cpu = min(best_cpu, time.process_time() - cpu)
+    return best_wall, best_cpu, result
+
+
+def peak_traced_mib(fn: Callable[[], Any]) -> float:
+    """Peak memory traced by ``tracemalloc`` (NumPy reports its buffers to it) during ``fn()``."""
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+
+
+def max_rel_diff(got: np.ndarray, ref: np.ndarray) -> float:
+    """Max elementwise ``|got - ref| / |ref|`` over entries where the reference is non-zero and finite."""
+    mask = np.isfinite(ref) & (ref != 0)
+    if not mask.any():
+        return float("nan")
+    return float(np.max(np.abs(got[mask] - ref[mask]) / np.abs(ref[mask])))
+
+
+def sklearn_logpdf(kde: GaussianKDE, queries: np.ndarray) -> Callable[[], np.ndarray] | None:
+    """scikit-learn's KernelDensity on whitened data (identity kernel), or None if not installed."""
+    try:
+        from sklearn.neighbors import KernelDensity
+    except ImportError:  # pragma: no cover - optional reference
+        return None
+    chol = kde.cho_cov
+    z_data = linalg.solve_triangular(chol, kde.dataset, lower=True).T
+    z_queries = linalg.solve_triangular(chol, queries, lower=True).T
+    log_det_chol = np.log(np.diag(chol)).sum()
+    model = KernelDensity(kernel="gaussian", bandwidth=1.0, rtol=1e-8).fit(z_data)
+    return lambda: model.score_samples(z_queries) - log_det_chol
+
+
+def run_case(case: tuple[int, int, int], repeats: int, scipy_repeats: int, with_sklearn: bool) -> list[dict]:
+    n, m, d = case
+    data, queries = make_problem(n, m, d)
+    label = f"n={n} m={m} d={d}"
+    ours = GaussianKDE(data)
+    ref = stats.gaussian_kde(data)
+    # Accuracy is also reported on the bulk of the queries: far from the data, scipy's own rounding of
+    # -r2/2 (about eps * r2) dominates the pdf differences.
+    bulk = np.linalg.norm(linalg.solve_triangular(ref.cho_cov, queries - data.mean(axis=1, keepdims=True),
+                                                  lower=True), axis=0) < 4 * np.sqrt(d) + 10
+    rows: list[dict[str, Any]] = []
+
+    t_scipy_pdf, c_scipy_pdf, scipy_pdf = best_time(lambda: ref.pdf(queries), scipy_repeats, warm_up=False)
+    t_scipy_log, c_scipy_log, scipy_log = best_time(lambda: ref.logpdf(queries), scipy_repeats, warm_up=False)
+    t_pdf, c_pdf, our_pdf = best_time(lambda: ours.pdf(queries), repeats)
+    t_log, c_log, our_log = best_time(lambda: ours.logpdf(queries), repeats)
+
+    tenth = queries[:, : max(1, m // 10)]
+    peak_scipy_pdf = peak_traced_mib(lambda: ref.pdf(tenth))
+    peak_scipy_log = peak_traced_mib(lambda: ref.logpdf(tenth))
+    peak_pdf = peak_traced_mib(lambda: ours.pdf(queries))
+    peak_log = peak_traced_mib(lambda: ours.logpdf(queries))
+
+    def row(library, method, seconds, cpu, baseline, cpu_baseline, got, want, peak, target=None, **extra):
+        out = {
+            "suite": SUITE,
+            "case": label,
+            "library": f"{library} {method}",
+            "method": method,
+            "seconds": seconds,
+            "cpu_seconds": cpu,
+            "ratio": baseline / seconds,
+            "cpu_ratio": cpu_baseline / cpu,
+            "max_rel_diff": max_rel_diff(got, want),
+            "max_rel_diff_bulk": max_rel_diff(got[bulk[: got.size]], want[bulk[: got.size]]),
+            "peak_mib": None if peak != peak else peak,  # NaN (not measured) is not valid JSON
+        }
+        if target is not None:
+            out["target"] = target
+            out["met"] = bool(baseline / seconds >= target)
+        out.update(extra)
+        return out
+
+    rows.append(row("scipy", "pdf", t_scipy_pdf, c_scipy_pdf, t_scipy_pdf, c_scipy_pdf, scipy_pdf, scipy_pdf,
+                    peak_scipy_pdf, peak_note="m/10 queries"))
+    rows.append(row("scipy", "logpdf", t_scipy_log, c_scipy_log, t_scipy_log, c_scipy_log, scipy_log, scipy_log,
+                    peak_scipy_log, peak_note="m/10 queries"))
+    rows.append(row("anomstats", "pdf", t_pdf, c_pdf, t_scipy_pdf, c_scipy_pdf, our_pdf, scipy_pdf, peak_pdf,
+                    target=PDF_TARGETS.get(case), workers=ours.workers or default_workers()))
+    rows.append(row("anomstats", "logpdf", t_log, c_log, t_scipy_log, c_scipy_log, our_log, scipy_log, peak_log,
+                    target=logpdf_target(case) if case in PDF_TARGETS else None,
+                    finite=bool(np.isfinite(our_log).all())))
+    if with_sklearn:
+        # On a tenth of the queries (its tree gives no pruning at these sizes); times scaled up by 10.
+        fn = sklearn_logpdf(ours, tenth)
+        if fn is not None:
+            t_sk, c_sk, sk_log = best_time(fn, 1, warm_up=False)
+            scale = m / tenth.shape[1]
+            rows.append(row("sklearn", "logpdf", t_sk * scale, c_sk * scale, t_scipy_log, c_scipy_log,
+                            sk_log, scipy_log[: sk_log.size], float("nan"), finite=bool(np.isfinite(sk_log).all()),
+                            queries_timed=int(tenth.shape[1]), note="KernelDensity(rtol=1e-8) on whitened data; "
+                            "time of m/10 queries x 10"))
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    header = (f"{'case':22s} {'library':17s} {'seconds':>8s} {'x scipy':>7s} {'target':>7s} "
+              f"{'cpu s':>7s} {'x cpu':>6s} {'rel diff':>9s} {'bulk diff':>9s} {'peak MiB':>8s}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        target = f"{r['target']:.0f}x {'ok' if r['met'] else 'NO'}" if "target" in r else ""
+        print(
+            f"{r['case']:22s} {r['library']:17s} {r['seconds']:8.3f} {r['ratio']:7.1f} "
+            f"{target:>7s} {r['cpu_seconds']:7.3f} {r['cpu_ratio']:6.1f} {r['max_rel_diff']:9.1e} "
+            f"{r['max_rel_diff_bulk']:9.1e} {'' if r['peak_mib'] is None else format(r['peak_mib'], '8.1f'):>8s}"
+        )
+
+
+def main(quick: bool = False) -> dict[str, Any]:
+    """Run the suite, print the table, write ``benchmarks/results/kde.json``; return a summary."""
+    cases = QUICK_CASES if quick else FULL_CASES
+    repeats = 2 if quick else 3
+    scipy_repeats = 1 if quick else 2
+    rows: list[dict[str, Any]] = []
+    for case in cases:
+        rows.extend(run_case(case, repeats, scipy_repeats, with_sklearn=True))
+    print("Gaussian KDE evaluation, float64 (best of %d; scipy best of %d)" % (repeats, scipy_repeats))
+    print_table(rows)
+    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS_PATH.write_text(json.dumps(rows, indent=2) + "\n")
+    ours = [r for r in rows if r["library"].startswith("anomstats")]
+    return {
+        "suite": SUITE,
+        "rows": rows,
+        "all_targets_met": all(r.get("met", True) for r in ours),
+        "max_rel_diff": max(r["max_rel_diff"] for r in ours),
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, seconds (smoke test)")
+    main(quick=parser.parse_args().quick)

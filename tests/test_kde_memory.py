@@ -1,0 +1,134 @@
+"""Evaluation is chunked under a memory budget, threads do not change results, and every route agrees."""
+
+import tracemalloc
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose
+from scipy import stats
+
+from anomstats import GaussianKDE
+from anomstats import _kernel_sums
+
+
+@pytest.mark.parametrize("d", [1, 2, 5, 12])
+def test_results_do_not_depend_on_budget_or_threads(d):
+    rng = np.random.default_rng(d)
+    x = rng.standard_normal((d, 3000))
+    p = np.hstack([rng.standard_normal((d, 300)), rng.standard_normal((d, 20)) * 40])  # near and far
+    w = rng.random(3000)
+    base = GaussianKDE(x, weights=w)
+    want_pdf, want_log = base.pdf(p), base.logpdf(p)
+    for memory_budget, workers in [(4096, 1), (4096, 2), (1 << 16, 3), (1 << 30, 2)]:
+        kde = GaussianKDE(x, weights=w, memory_budget=memory_budget, workers=workers)
+        assert_allclose(kde.pdf(p), want_pdf, rtol=1e-13, atol=0)
+        assert_allclose(kde.logpdf(p), want_log, rtol=1e-13)
+    ref = stats.gaussian_kde(x, weights=w)
+    assert_allclose(want_log, ref.logpdf(p), rtol=1e-12)
+    near = slice(0, 300)
+    assert_allclose(want_pdf[near], ref.pdf(p[:, near]), rtol=1e-12)
+
+
+@pytest.mark.parametrize("d", [2, 8])
+def test_peak_memory_is_bounded_by_the_budget(d):
+    rng = np.random.default_rng(0)
+    n = m = 4000  # an unchunked n x m float64 matrix would take 128 MB
+    x = rng.standard_normal((d, n))
+    p = rng.standard_normal((d, m))
+    budget = 1 << 20
+    kde = GaussianKDE(x, memory_budget=budget, workers=2)
+    kde.pdf(p[:, :5])  # build the cached whitened data outside the measurement
+    tracemalloc.start()
+    try:
+        kde.pdf(p)
+        kde.logpdf(p)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    inputs = (n + m) * d * 8 * 4  # whitened copies of the queries and a few O(m) vectors
+    assert peak < budget + inputs + (1 << 18), peak
+
+
+def test_budget_and_thread_arguments_are_validated():
+    x = np.arange(5.0)
+    with pytest.raises(ValueError, match="`memory_budget` must be a positive number of bytes"):
+        GaussianKDE(x, memory_budget=0)
+    with pytest.raises(ValueError, match="`workers` must be None or a positive integer"):
+        GaussianKDE(x, workers=0)
+    with pytest.raises(ValueError, match="memory_budget must be a positive number of bytes"):
+        centres = _kernel_sums.WhitenedCentres(np.zeros((2, 1)), np.ones(2))
+        _kernel_sums.kernel_sums(centres, np.zeros((1, 1)), memory_budget=-1)
+
+
+@pytest.mark.parametrize("d", [1, 3, 4, 30])
+def test_shifted_route_streams_over_many_centre_blocks(d):
+    # n larger than a column block, queries so far that only the shifted log-sum-exp can represent them.
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((d, 5000))
+    p = rng.standard_normal((d, 7)) * 3 + 200.0
+    kde = GaussianKDE(x, weights=rng.random(5000))
+    ref = stats.gaussian_kde(x, weights=kde.weights)
+    got = kde.logpdf(p)
+    assert np.isfinite(got).all()
+    assert_allclose(got, ref.logpdf(p), rtol=1e-12)
+
+
+@pytest.mark.parametrize("d", [1, 2])
+def test_kernel_sums_direct_and_product_routes_agree(monkeypatch, d):
+    rng = np.random.default_rng(2)
+    z = rng.standard_normal((500, d))
+    q = np.vstack([rng.standard_normal((40, d)) * 2, rng.standard_normal((3, d)) + 60.0])
+    w = rng.random(500)
+    centres = _kernel_sums.WhitenedCentres(z, w)
+    assert not centres.use_products
+    direct = _kernel_sums.kernel_sums(centres, q)
+    monkeypatch.setattr(_kernel_sums, "DIRECT_MAX_D", 0)
+    centres_p = _kernel_sums.WhitenedCentres(z, w)
+    assert centres_p.use_products
+    product = _kernel_sums.kernel_sums(centres_p, q)
+    assert_allclose(product[0], direct[0], rtol=1e-13)
+    assert_allclose(product[1], direct[1], rtol=1e-12)
+    assert np.isnan(direct[1][-3:]).all()  # far rows took the shifted route
+    r2 = ((q[:, None, :] - z[None]) ** 2).sum(-1)
+    exact = np.log(np.exp(-r2 / 2 - (-r2 / 2).max(axis=1, keepdims=True)) @ w) + (-r2 / 2).max(axis=1)
+    assert_allclose(direct[0], exact, rtol=1e-14, atol=1e-14)
+
+
+def test_empty_queries():
+    kde = GaussianKDE(np.random.default_rng(0).standard_normal((2, 10)))
+    assert kde.pdf(np.empty((2, 0))).shape == (0,)
+    assert kde.logpdf(np.empty((2, 0))).shape == (0,)
+
+
+def test_concurrent_calls_agree_and_restore_blas_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    before = [info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"]
+    rng = np.random.default_rng(4)
+    kde = GaussianKDE(rng.standard_normal((6, 400)))
+    queries = [rng.standard_normal((6, 50)) for _ in range(8)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(kde.logpdf, queries))
+    for q, got in zip(queries, results, strict=True):
+        assert_allclose(got, kde.logpdf(q), rtol=1e-14)
+    after = [info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"]
+    assert after == before
+
+
+def _pdf_in_child(args):
+    kde, q = args
+    return kde.pdf(q)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_evaluation_works_in_a_forked_child_after_threads_ran_in_the_parent():
+    import multiprocessing
+
+    rng = np.random.default_rng(5)
+    kde = GaussianKDE(rng.standard_normal((3, 2000)), workers=2)
+    q = rng.standard_normal((3, 400))
+    want = kde.pdf(q)  # starts the worker pool in this process
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        got = pool.map(_pdf_in_child, [(kde, q)])[0]
+    assert_allclose(got, want, rtol=1e-14)
