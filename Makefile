@@ -14,7 +14,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[torch,test,bench]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[torch,test,bench,docs]'
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -28,13 +28,9 @@ BENCH_ARGS ?=
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all $(BENCH_ARGS)
 
-# Sphinx + numpydoc (the `docs` extra); -W turns every warning into an error.
-DOCS_STAMP := $(VENV)/.docs-stamp
-$(DOCS_STAMP): $(STAMP)
-	$(PY) -m pip install -q -c constraints.txt -e '.[torch,test,bench,docs]'
-	touch $(DOCS_STAMP)
-
-docs: $(DOCS_STAMP)
+# Sphinx + numpydoc (the `docs` extra, installed by the shared set-up so `make test` checks the build too);
+# -W turns every warning into an error.
+docs: $(STAMP)
 	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 	@echo "docs built: docs/_build/html/index.html"
 
