@@ -297,6 +297,8 @@ def test_temporaries_stay_within_the_memory_budget(workers):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    # One chunk's copy, its mean and small bookkeeping on top of the result; far below a full copy.
-    assert peak - result_bytes < budget + 2**17
+    # The chunks in flight share the budget; on top of it each worker thread has small fixed
+    # bookkeeping (numpy's ufunc/iterator buffers, executor state): 128 KiB a worker. Far below a
+    # full copy either way.
+    assert peak - result_bytes < budget + workers * 2**17
     assert peak - result_bytes < full_copy / 8
