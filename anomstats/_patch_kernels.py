@@ -13,7 +13,7 @@ therefore reads and writes the *lower* triangle of the C-ordered block, with no 
 The scratch matrix ``t`` of a :class:`PatchFinisher` keeps a zero strict upper triangle at all times, so a
 full symmetric matrix is obtained exactly as ``t + t.T`` with the doubled diagonal halved (both steps are
 exact in floating point): stored covariances and precisions are exactly symmetric. LAPACK ``potrf`` and
-``potri`` (called with ``clean=0``) only touch the lower triangle, so the invariant survives them.
+``potri`` only touch the lower triangle (see :mod:`anomstats._lapack`), so the invariant survives them.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy.linalg import get_blas_funcs, get_lapack_funcs
 
 from ._budget import items_per_chunk
 from ._gaussian_checks import describe_patch
+from ._lapack import potrf_lower, potri_lower, syrk_lower
 from ._shrinkage import ledoit_wolf_coefficient, oas_coefficient, shrink_in_place
 
 @dataclass
@@ -118,7 +118,6 @@ class PatchFinisher:
         self.estimator = estimator
         self.c = c
         self.t = np.zeros((c, c), dtype=dtype)  # strict upper triangle stays zero (see module notes)
-        self._potrf, self._potri = get_lapack_funcs(("potrf", "potri"), dtype=dtype)
 
     def finish(self, patch: int, fourth: float | None = None) -> None:
         """Regularise, factor and invert patch ``patch`` whose covariance's lower triangle is in ``t``.
@@ -149,14 +148,14 @@ class PatchFinisher:
             cov.reshape(-1)[:: c + 1] *= 0.5
 
         # potrf reads and writes the lower triangle only: t's strict upper triangle stays zero.
-        _, info = self._potrf(t.T, lower=0, overwrite_a=1, clean=0)
+        info = potrf_lower(t)
         if info != 0:
             self._raise_not_positive_definite(patch, info)
         if out.cholesky is not None:
             np.copyto(out.cholesky[patch], t)
         out.log_det[patch] = 2.0 * float(np.log(diagonal.astype(np.float64)).sum())
 
-        _, info = self._potri(t.T, lower=0, overwrite_c=1)
+        info = potri_lower(t)
         if info != 0:  # pragma: no cover - potrf succeeded, so L has a nonzero diagonal
             self._raise_not_positive_definite(patch, info)
         precision = out.precision[patch]
@@ -243,12 +242,10 @@ def fit_chunk(
         fourth = np.einsum("pn,pn->p", row_sq, row_sq, dtype=np.float64)
 
     finisher = scratch.finisher(outputs, estimator, c, dtype)
-    syrk = get_blas_funcs("syrk", dtype=dtype)
     alpha = 1.0 / (n - estimator.ddof)
     t = finisher.t
     for k in range(stop - start):
-        # work[k].T is the (C, N) data in column-major order; 'upper' of t.T is the lower triangle of t.
-        syrk(alpha, work[k].T, beta=0.0, c=t.T, trans=0, lower=0, overwrite_c=1)
+        syrk_lower(alpha, work[k], t)  # the GIL is released inside, so worker threads overlap
         finisher.finish(start + k, None if fourth is None else float(fourth[k]))
 
 

@@ -1,0 +1,49 @@
+"""The GIL-free LAPACK/BLAS calls agree with numpy and with scipy's wrappers they stand in for."""
+
+import numpy as np
+import pytest
+
+from anomstats import _lapack
+
+
+def _spd(c, dtype, seed=0):
+    x = np.random.default_rng(seed).standard_normal((3 * c, c))
+    return (x.T @ x / (3 * c) + 0.1 * np.eye(c)).astype(dtype), x.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("use_ctypes", [True, False])
+def test_factor_invert_and_gram_match_numpy(dtype, use_ctypes, monkeypatch):
+    if not use_ctypes:
+        monkeypatch.setattr(_lapack, "_ROUTINES", {})  # force scipy's wrappers
+    rtol = 1e-4 if dtype == np.float32 else 1e-11
+    a, rows = _spd(7, dtype)
+    t = np.tril(a)
+    assert _lapack.potrf_lower(t) == 0
+    np.testing.assert_allclose(t, np.linalg.cholesky(a.astype(np.float64)), rtol=rtol, atol=rtol)
+    assert np.all(np.triu(t, 1) == 0)  # the strict upper triangle is never written
+    assert _lapack.potri_lower(t) == 0
+    full = t + np.tril(t, -1).T
+    np.testing.assert_allclose(full, np.linalg.inv(a.astype(np.float64)), rtol=rtol * 10, atol=rtol)
+
+    g = np.zeros((7, 7), dtype=dtype)
+    _lapack.syrk_lower(0.5, rows, g)
+    np.testing.assert_allclose(np.tril(g), np.tril(0.5 * rows.T @ rows), rtol=rtol, atol=rtol)
+    assert np.all(np.triu(g, 1) == 0)
+
+
+def test_not_positive_definite_reports_the_failing_minor():
+    t = np.tril(np.diag([1.0, -1.0, 1.0]))
+    assert _lapack.potrf_lower(t) == 2
+
+
+def test_ctypes_routines_are_available_here():
+    # Without them the fit still works, but its threads would be serialised by the GIL.
+    assert all(_lapack._ROUTINES.get(p + r) for p in "sd" for r in ("potrf", "potri", "syrk"))
+
+
+def test_bad_layouts_are_rejected():
+    with pytest.raises(ValueError, match="C-contiguous square"):
+        _lapack.potrf_lower(np.eye(3)[:, :2])
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _lapack.syrk_lower(1.0, np.ones((4, 3)).T, np.zeros((4, 4)))
