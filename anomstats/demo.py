@@ -28,7 +28,7 @@ import importlib.util
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -172,20 +172,22 @@ class _TorchBackend:
         self.torch = torch
         self.mod = anomstats_torch
 
+    def _tensor(self, a: np.ndarray) -> Any:
+        """A float64 tensor sharing memory with a contiguous float64 copy (or view) of ``a``."""
+        return self.torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
+
     def kde_logpdf(self, train: np.ndarray, query: np.ndarray) -> np.ndarray:
-        torch = self.torch
         kde = self.mod.GaussianKDE().double()
-        with torch.no_grad():
-            kde.fit(torch.from_numpy(np.ascontiguousarray(train, dtype=np.float64)))
-            out = kde.log_prob(torch.from_numpy(np.ascontiguousarray(query, dtype=np.float64)))
+        with self.torch.no_grad():
+            kde.fit(self._tensor(train))
+            out = kde.log_prob(self._tensor(query))
         return out.cpu().double().numpy()
 
     def mahalanobis_maps(self, train: np.ndarray, test: np.ndarray) -> np.ndarray:
-        torch = self.torch
         mvg = self.mod.MultiVariateGaussian().double()
-        with torch.no_grad():
-            mvg.fit(torch.from_numpy(np.ascontiguousarray(train, dtype=np.float64)))
-            out = mvg.mahalanobis(torch.from_numpy(np.ascontiguousarray(test, dtype=np.float64)))
+        with self.torch.no_grad():
+            mvg.fit(self._tensor(train))
+            out = mvg.mahalanobis(self._tensor(test))
         return out.cpu().double().numpy().reshape(test.shape[0], *test.shape[2:])
 
 

@@ -25,9 +25,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import time
-import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,8 @@ from typing import Any
 import numpy as np
 
 from anomstats import RunningMoments, batched_cov
+from benchmarks._common import max_patch_rel_diff, one_blas_thread, peak_traced_mib, print_header, write_rows
+from benchmarks._common import make_embedding as _make_embedding
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "cov.json"
 SUITE = "batched covariance"
@@ -43,14 +43,7 @@ OFFSET = 100.0
 
 def make_embedding(shape: tuple[int, int, int, int], seed: int = 0) -> np.ndarray:
     """float32 ``(B, C, H, W)``: correlated channels (a shared low-rank part) plus ``OFFSET``."""
-    b, c, h, w = shape
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal(shape, dtype=np.float32)
-    mixing = rng.standard_normal((4, c), dtype=np.float32) * 0.5
-    factors = rng.standard_normal((b, 4, h, w), dtype=np.float32)
-    x += np.einsum("brhw,rc->bchw", factors, mixing, dtype=np.float32)
-    x += np.float32(OFFSET)
-    return x
+    return _make_embedding(shape, offset=OFFSET, seed=seed)
 
 
 def numpy_loop(x: np.ndarray) -> np.ndarray:
@@ -64,15 +57,8 @@ def numpy_loop(x: np.ndarray) -> np.ndarray:
 
 
 def numpy_loop_one_blas_thread(x: np.ndarray) -> np.ndarray:
-    from threadpoolctl import ThreadpoolController
-
-    global _CONTROLLER
-    _CONTROLLER = _CONTROLLER or ThreadpoolController()  # built once: it scans the loaded libraries
-    with _CONTROLLER.limit(limits=1, user_api="blas"):
-        return numpy_loop(x)
-
-
-_CONTROLLER: Any = None
+    """:func:`numpy_loop` with BLAS held to one thread."""
+    return one_blas_thread(lambda: numpy_loop(x))()
 
 
 def running_moments(x: np.ndarray, n_batches: int = 4) -> np.ndarray:
@@ -80,24 +66,6 @@ def running_moments(x: np.ndarray, n_batches: int = 4) -> np.ndarray:
     for part in np.array_split(x, n_batches, axis=0):
         moments.update(part)
     return moments.covariance()
-
-
-def peak_traced_mib(fn: Callable[[], Any]) -> float:
-    """Peak memory traced by ``tracemalloc`` (numpy reports its buffers to it) during ``fn()``."""
-    tracemalloc.start()
-    tracemalloc.reset_peak()
-    try:
-        fn()
-        return tracemalloc.get_traced_memory()[1] / 2**20
-    finally:
-        tracemalloc.stop()
-
-
-def max_rel_diff(got: np.ndarray, ref: np.ndarray) -> float:
-    """Max over patches of ``max |got − ref| / max |ref|``."""
-    diff = np.abs(got - ref).max(axis=(-2, -1))
-    scale = np.abs(ref).max(axis=(-2, -1))
-    return float((diff / scale).max())
 
 
 def main(quick: bool = False) -> dict[str, Any]:
@@ -131,7 +99,7 @@ def main(quick: bool = False) -> dict[str, Any]:
             result = fn()
             timings[library] = min(timings[library], time.perf_counter() - start)
             reference = result if reference is None else reference  # the default loop comes first
-            diffs[library] = max_rel_diff(result, reference)
+            diffs[library] = max_patch_rel_diff(result, reference)
             del result  # one 251 MB result at a time besides the reference
     del reference  # not held while tracing memory
     loop_time = timings["numpy.cov loop"]
@@ -157,15 +125,13 @@ def main(quick: bool = False) -> dict[str, Any]:
         )
 
     header = f"{'library':38} {'seconds':>9} {'x loop':>8} {'x loop(1t)':>10} {'max rel diff':>13} {'peak MiB':>9}"
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for row in rows:
         print(
             f"{row['library']:38} {row['seconds']:9.3f} {row['ratio']:8.2f} "
             f"{row['ratio_vs_one_thread_loop']:10.2f} {row['max_rel_diff']:13.2e} {row['peak_mib']:9.1f}"
         )
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_PATH.write_text(json.dumps(rows, indent=2) + "\n")
+    write_rows(RESULTS_PATH, rows)
     print(f"wrote {RESULTS_PATH}")
     ours = next(r for r in rows if r["library"] == "anomstats.batched_cov")
     return {

@@ -26,9 +26,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import time
-import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,23 +33,19 @@ from typing import Any
 import numpy as np
 
 from anomstats.gaussian import DEFAULT_RIDGE, MultiVariateGaussian
+from benchmarks._common import best_time, max_patch_rel_diff, one_blas_thread, peak_traced_bytes, print_header
+from benchmarks._common import make_embedding as _make_embedding
+from benchmarks._common import write_rows
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "gaussian.json"
 FIT_TARGET = 3.0
 MEMORY_TARGET = 2.5
-_CONTROLLER: Any = None
+OFFSET = 3.0
 
 
 def make_embedding(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     """float32 ``(B, C, H, W)``: correlated channels (a shared low-rank part), offset from the origin."""
-    b, c, h, w = shape
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal(shape, dtype=np.float32)
-    mixing = rng.standard_normal((4, c), dtype=np.float32) * 0.5
-    factors = rng.standard_normal((b, 4, h, w), dtype=np.float32)
-    x += np.einsum("brhw,rc->bchw", factors, mixing, dtype=np.float32)
-    x += np.float32(3.0)
-    return x
+    return _make_embedding(shape, offset=OFFSET, seed=seed)
 
 
 def anomalib_numpy_fit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -78,41 +71,9 @@ def padim_numpy_distance(x: np.ndarray, mean: np.ndarray, inv: np.ndarray) -> np
     return out.reshape((m,) + x.shape[2:])
 
 
-def one_blas_thread(fn: Callable[[], Any]) -> Callable[[], Any]:
-    def wrapped() -> Any:
-        global _CONTROLLER
-        from threadpoolctl import ThreadpoolController
-
-        _CONTROLLER = _CONTROLLER or ThreadpoolController()
-        with _CONTROLLER.limit(limits=1, user_api="blas"):
-            return fn()
-
-    return wrapped
-
-
 def timed(fn: Callable[[], Any], repeats: int, warm_up: bool = True) -> tuple[float, float, Any]:
     """Best wall and CPU seconds over ``repeats`` runs (after a warm-up run); also the last result."""
-    if warm_up:
-        fn()
-    best_wall = best_cpu = float("inf")
-    for _ in range(repeats):
-        wall, cpu = time.perf_counter(), time.process_time()
-        result = fn()
-        best_wall = min(best_wall, time.perf_counter() - wall)
-        best_cpu = min(best_cpu, time.process_time() - cpu)
-    return best_wall, best_cpu, result
-
-
-def peak_traced_bytes(fn: Callable[[], Any]) -> int:
-    tracemalloc.start()
-    tracemalloc.reset_peak()
-    try:
-        result = fn()
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    del result
-    return peak
+    return best_time(fn, repeats, warm_up=warm_up)
 
 
 def fitted_bytes(model: MultiVariateGaussian) -> int:
@@ -120,13 +81,6 @@ def fitted_bytes(model: MultiVariateGaussian) -> int:
     if model.store_covariance:
         arrays += [model.covariance, model.cholesky]
     return int(sum(a.nbytes for a in arrays))
-
-
-def max_rel_diff(got: np.ndarray, ref: np.ndarray) -> float:
-    """Max over patches of ``max |got − ref| / max |ref|``."""
-    diff = np.abs(got - ref).reshape(len(ref), -1).max(axis=1)
-    scale = np.abs(ref).reshape(len(ref), -1).max(axis=1)
-    return float((diff / scale).max())
 
 
 def fit_rows(shape: tuple[int, ...], repeats: int, ref_repeats: int) -> list[dict[str, Any]]:
@@ -153,7 +107,7 @@ def fit_rows(shape: tuple[int, ...], repeats: int, ref_repeats: int) -> list[dic
     best_ref = min(r["seconds"] for r in rows)
     for library, fn in ours.items():
         wall, cpu, model = timed(fn, repeats)
-        diff = max_rel_diff(model.precision, ref_precision)
+        diff = max_patch_rel_diff(model.precision, ref_precision)
         symmetric = bool(np.array_equal(model.precision, model.precision.transpose(0, 2, 1)))
         out_bytes = fitted_bytes(model)
         del model
@@ -185,8 +139,7 @@ def fit_rows(shape: tuple[int, ...], repeats: int, ref_repeats: int) -> list[dic
         f"{'library':36} {'wall s':>8} {'cpu s':>8} {'x loop':>7} {'x loop1t':>8} {'cpu x1t':>7} "
         f"{'max rel diff':>12} {'peak MiB':>9} {'peak/fitted':>11}"
     )
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for r in rows:
         print(
             f"{r['library']:36} {r['seconds']:8.3f} {r['cpu_seconds']:8.3f} {r['ratio']:7.2f} "
@@ -222,8 +175,7 @@ def score_rows(train_shape: tuple[int, ...], n_test: int, repeats: int) -> list[
         row["ratio_vs_one_thread_loop"] = rows[1]["seconds"] / row["seconds"]
         row["max_rel_diff"] = float(np.abs(results[row["library"]] - ref).max() / np.abs(ref).max())
     header = f"{'library':36} {'wall s':>8} {'patch·samples/s':>16} {'x loop':>7} {'x loop1t':>8} {'max rel diff':>12}"
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for r in rows:
         print(
             f"{r['library']:36} {r['seconds']:8.3f} {r['throughput_patch_samples_per_s']:16.3e} {r['ratio']:7.2f} "
@@ -242,8 +194,7 @@ def main(quick: bool = False) -> dict[str, Any]:
         rows = fit_rows((200, 100, 56, 56), repeats=3, ref_repeats=1)
         rows += fit_rows((200, 550, 16, 16), repeats=2, ref_repeats=1)
         rows += score_rows((200, 100, 56, 56), n_test=32, repeats=3)
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_PATH.write_text(json.dumps(rows, indent=2) + "\n")
+    write_rows(RESULTS_PATH, rows)
     print(f"\nwrote {RESULTS_PATH}")
     main_fit = next(r for r in rows if r["library"] == "anomstats MultiVariateGaussian")
     return {

@@ -28,9 +28,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import time
-import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,6 +37,8 @@ from scipy import linalg, stats
 
 from anomstats import GaussianKDE
 from anomstats._kernel_sums import default_workers
+from benchmarks import _common
+from benchmarks._common import peak_traced_mib, print_header, targets_summary, write_rows
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "kde.json"
 SUITE = "gaussian kde"
@@ -67,36 +66,16 @@ def make_problem(n: int, m: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.
 def best_time(fn: Callable[[], np.ndarray], repeats: int, warm_up: bool = True) -> tuple[float, float, np.ndarray]:
     """Best wall and CPU time (all threads) of at least ``repeats`` runs, after a warm-up when asked.
 
-    The CPU time is reported because the benchmark machines are shared: when other processes hold the
-    cores, wall-time ratios understate a multi-threaded contender, while CPU-time ratios compare work.
+    Fast contenders get more runs (up to 15, about a second in all) for a stable minimum.
     """
-    result = fn() if warm_up else None
-    best_wall = best_cpu = float("inf")
-    runs = 0
-    # At least ``repeats`` runs; fast contenders get more (up to 15, about a second) for a stable minimum.
-    while runs < repeats or (runs < 15 and best_wall * runs < 1.0):
-        runs += 1
-        cpu = time.process_time()
-        start = time.perf_counter()
-        result = fn()
-        best_wall = min(best_wall, time.perf_counter() - start)
-        best_cpu = min(best_cpu, time.process_time() - cpu)
-    return best_wall, best_cpu, result
-
-
-def peak_traced_mib(fn: Callable[[], Any]) -> float:
-    """Peak memory traced by ``tracemalloc`` (NumPy reports its buffers to it) during ``fn()``."""
-    tracemalloc.start()
-    tracemalloc.reset_peak()
-    try:
-        fn()
-        return tracemalloc.get_traced_memory()[1] / 2**20
-    finally:
-        tracemalloc.stop()
+    return _common.best_time(fn, repeats, warm_up=warm_up, fill_seconds=1.0, max_runs=15)
 
 
 def max_rel_diff(got: np.ndarray, ref: np.ndarray) -> float:
-    """Max elementwise ``|got - ref| / |ref|`` over entries where the reference is non-zero and finite."""
+    """Max elementwise ``|got - ref| / |ref|`` over entries where the reference is non-zero and finite.
+
+    Elementwise, unlike the per-patch ``_common.max_patch_rel_diff``: each density is its own scale.
+    """
     mask = np.isfinite(ref) & (ref != 0)
     if not mask.any():
         return float("nan")
@@ -185,8 +164,7 @@ def run_case(case: tuple[int, int, int], repeats: int, scipy_repeats: int, with_
 def print_table(rows: list[dict]) -> None:
     header = (f"{'case':22s} {'library':17s} {'seconds':>8s} {'x scipy':>7s} {'target':>7s} "
               f"{'cpu s':>7s} {'x cpu':>6s} {'rel diff':>9s} {'bulk diff':>9s} {'peak MiB':>8s}")
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for r in rows:
         target = f"{r['target']:.0f}x {'ok' if r['met'] else 'NO'}" if "target" in r else ""
         print(
@@ -206,15 +184,8 @@ def main(quick: bool = False) -> dict[str, Any]:
         rows.extend(run_case(case, repeats, scipy_repeats, with_sklearn=True))
     print("Gaussian KDE evaluation, float64 (best of %d; scipy best of %d)" % (repeats, scipy_repeats))
     print_table(rows)
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_PATH.write_text(json.dumps(rows, indent=2) + "\n")
-    ours = [r for r in rows if r["library"].startswith("anomstats")]
-    return {
-        "suite": SUITE,
-        "rows": rows,
-        "all_targets_met": all(r.get("met", True) for r in ours),
-        "max_rel_diff": max(r["max_rel_diff"] for r in ours),
-    }
+    write_rows(RESULTS_PATH, rows)
+    return targets_summary(SUITE, rows, (r for r in rows if r["library"].startswith("anomstats")))
 
 
 if __name__ == "__main__":

@@ -18,14 +18,14 @@ Run ``python -m benchmarks.bench_torch [--quick]``; writes ``benchmarks/results/
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from anomstats_torch import GaussianKDE, MultiVariateGaussian
+from benchmarks import _common
+from benchmarks._common import print_header, targets_summary, write_rows
 from benchmarks.anomalib_reference import AnomalibGaussianKDE, AnomalibMultiVariateGaussian, anomalib_padim_distance
 
 SUITE = "torch"
@@ -43,16 +43,12 @@ def _sync(device: torch.device) -> None:
 
 
 def best_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, Any]:
-    """Best wall time over ``repeats`` runs after one warm-up run; returns (seconds, last result)."""
-    result = fn()
-    _sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best, result
+    """Best wall time over ``repeats`` runs after one warm-up run; returns (seconds, last result).
+
+    Each timed run waits for the device to finish (CUDA kernels are asynchronous).
+    """
+    seconds, _, result = _common.best_time(fn, repeats, sync=lambda: _sync(device))
+    return seconds, result
 
 
 def matmul_rate(device: torch.device, size: int = 4096) -> float:
@@ -124,8 +120,7 @@ def bench_mvg(device: torch.device, sizes, batch_score: int, repeats: int, roofl
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     header = f"{'suite':<12} {'case':<30} {'device':<6} {'thr':>3} {'ours s':>9} {'anomalib s':>11} {'ratio':>8} {'target':>7} {'met':>5} {'max rel diff':>13} {'roofline':>9}"
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for ours in (r for r in rows if r["library"] == OURS):
         peer = next(
             r for r in rows
@@ -171,15 +166,8 @@ def main(quick: bool = False, threads: list[int] | None = None) -> dict[str, Any
     print(f"anomstats_torch vs anomalib's algorithms (torch {torch.__version__}; best of {repeats}, "
           "anomalib's fit timed once)")
     print_table(rows)
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_PATH.write_text(json.dumps(rows, indent=2) + "\n")
-    ours = [r for r in rows if r["library"] == OURS]
-    return {
-        "suite": SUITE,
-        "rows": rows,
-        "all_targets_met": all(r.get("met", True) for r in ours),
-        "max_rel_diff": max(r["max_rel_diff"] for r in ours),
-    }
+    write_rows(RESULTS_PATH, rows)
+    return targets_summary(SUITE, rows, (r for r in rows if r["library"] == OURS))
 
 
 if __name__ == "__main__":
