@@ -304,7 +304,8 @@ class PackedGaussianAccumulator:
         out_dtype: DTypeLike = np.float32,
         *,
         in_place: bool = False,
-    ) -> tuple[NDArray[Any], NDArray[Any]]:
+        return_log_det: bool = False,
+    ) -> tuple[NDArray[Any], ...]:
         """Return ``(mean (C, P), precision (P, C, C))`` of the regularised per-patch Gaussians.
 
         The covariance of each patch is ``M2 / (n − 1) + ridge·I``; its precision comes from the
@@ -320,6 +321,10 @@ class PackedGaussianAccumulator:
             Write the precision over the packed moments (possible only for float64 accumulation
             and a float32 result, which fits in the same bytes). Saves one ``(P, C, C)`` output
             stack; the accumulator cannot be used afterwards.
+        return_log_det : bool, default False
+            Also return ``log det`` of each regularised covariance, float64 ``(P,)``, read off the
+            Cholesky factor's diagonal (``2·Σ log Uᵢᵢ``) before it is inverted: then the result is
+            ``(mean, precision, log_det)``.
 
         Raises
         ------
@@ -354,6 +359,7 @@ class PackedGaussianAccumulator:
             precision = self._m2.reshape(-1).view(np.float32)[: p * c * c].reshape(p, c, c)
         else:
             precision = np.empty((p, c, c), dtype=out)
+        log_det = np.empty(p, dtype=np.float64) if return_log_det else None
         potrf, potri = (
             (lapack.dpotrf, lapack.dpotri) if self.dtype == np.float64 else (lapack.spotrf, lapack.spotri)
         )
@@ -386,6 +392,8 @@ class PackedGaussianAccumulator:
                         f"the covariance of patch {start + k} plus ridge={ridge:g}·I is not positive "
                         f"definite; use a larger ridge{spent}"
                     )
+                if log_det is not None:  # the factor's diagonal, before potri overwrites it
+                    log_det[start + k] = 2.0 * np.log(np.diagonal(factor)).sum(dtype=np.float64)
                 inverse, info = potri(factor, lower=0, overwrite_c=1)
                 if info != 0:  # pragma: no cover - potrf succeeded, so the factor is invertible
                     raise np.linalg.LinAlgError(f"inverting the factor of patch {start + k} failed")
@@ -397,6 +405,8 @@ class PackedGaussianAccumulator:
         if in_place:
             self._m2 = None
             self._mean = np.empty((0, 0), dtype=self.dtype)
+        if log_det is not None:
+            return mean, precision, log_det
         return mean, precision
 
 

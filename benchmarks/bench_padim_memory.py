@@ -1,11 +1,12 @@
-"""PaDiM's largest fit from a stream: peak resident memory of :class:`PackedGaussianAccumulator` vs anomalib.
+"""PaDiM's largest fit from a stream: peak RSS of ``MultiVariateGaussian(low_memory=True)`` vs anomalib's.
 
 Three parts, each measurement in a fresh subprocess so its peak RSS (``resource.getrusage``'s
 ``ru_maxrss``) belongs to that fit alone:
 
 (a) ``--full``: wide_resnet50_2 at 256 px, C = 550, 64×64 = 4096 patches, 300 images generated on the
-    fly in batches of 20 from a seeded RNG (float32), streamed into the accumulator, precision written
-    in place (float64 accumulation, float32 result). Target: peak RSS ≤ 16 GB. (Needs ~6 GB; not
+    fly in batches of 20 from a seeded RNG (float32), streamed through the public
+    ``MultiVariateGaussian(low_memory=True, dtype=numpy.float32).partial_fit`` (the packed accumulator:
+    float64 accumulation, float32 precision written in place), then ``.precision`` read. Target: peak RSS ≤ 16 GB. (Needs ~6 GB; not
     run by default because the machine is shared.)
 (b) side by side at C = 550, 32×32 (1024 patches), same stream: ours vs a faithful NumPy
     re-implementation of anomalib's fit (all embeddings stacked; per-patch covariance in float32 +
@@ -67,15 +68,31 @@ def generate_batches(
 # --------------------------------------------------------------------------------------------- fits
 
 
-def fit_ours(batches: Iterator[np.ndarray], channels: int, patches: int, dtype: Any = np.float64,
-             in_place: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Stream into a PackedGaussianAccumulator; float32 (mean, precision)."""
+def fit_ours(batches: Iterator[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The public low-memory streaming fit; float32 (mean, precision) in anomalib's layout.
+
+    ``MultiVariateGaussian(low_memory=True, dtype=float32)``: packed float64 moments, the float32
+    precision written in place over them when ``.precision`` is first read.
+    """
+    from anomstats import MultiVariateGaussian
+
+    model = MultiVariateGaussian(low_memory=True, dtype=np.float32)
+    for x in batches:
+        model.partial_fit(x)
+    precision = model.precision  # finalises (in place) on first use
+    return model.mean, precision
+
+
+def fit_ours_float32_accumulation(
+    batches: Iterator[np.ndarray], channels: int, patches: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The accumulator with float32 accumulation (not offered publicly): for the accuracy table only."""
     from anomstats._packed import PackedGaussianAccumulator
 
-    acc = PackedGaussianAccumulator(channels, patches, dtype=dtype)
+    acc = PackedGaussianAccumulator(channels, patches, dtype=np.float32)
     for x in batches:
         acc.update(x)
-    return acc.finalize(out_dtype=np.float32, in_place=in_place and np.dtype(dtype) == np.float64)
+    return acc.finalize(out_dtype=np.float32)
 
 
 def fit_anomalib(batches: Iterator[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -132,7 +149,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.worker == "anomalib":
         mean, prec = fit_anomalib(batches)
     else:
-        mean, prec = fit_ours(batches, args.channels, args.height * args.width)
+        mean, prec = fit_ours(batches)
     seconds = time.perf_counter() - start
     return {
         "seconds": seconds,
@@ -190,9 +207,9 @@ def accuracy_rows(channels: int, height: int, width: int, images: int, batch: in
     case = f"accuracy C={channels} {height}x{width} N={images}"
     rows = []
     fits = {
-        "anomstats (float64 acc)": lambda: fit_ours(iter(np.split(emb, images // batch)), channels, height * width),
-        "anomstats (float32 acc)": lambda: fit_ours(
-            iter(np.split(emb, images // batch)), channels, height * width, dtype=np.float32
+        "anomstats (float64 acc)": lambda: fit_ours(iter(np.split(emb, images // batch))),
+        "anomstats (float32 acc)": lambda: fit_ours_float32_accumulation(
+            iter(np.split(emb, images // batch)), channels, height * width
         ),
         "anomalib (numpy)": lambda: fit_anomalib(iter(np.split(emb, images // batch))),
     }
