@@ -150,3 +150,50 @@ def syrk_lower(alpha: float, rows: NDArray[np.floating], t: NDArray[np.floating]
     # Read column-major, rows (N, C) is the (C, N) matrix Xᵀ with leading dimension C: 'N' gives Xᵀ X.
     fn(b"U", b"N", ctypes.byref(c_size), ctypes.byref(k_size), ctypes.byref(a), rows.ctypes.data,
        ctypes.byref(c_size), ctypes.byref(zero), t.ctypes.data, ctypes.byref(c_size))
+
+
+class ScratchKernels:
+    """The three routines bound to one ``(C, C)`` scratch matrix, their arguments prepared once.
+
+    The per-patch loop of a fit calls them thousands of times from one thread; building the ctypes
+    arguments once per thread instead of once per call removes most of the Python overhead around
+    each (GIL-free) call. Falls back to the functions above where the C pointers are unavailable.
+    """
+
+    def __init__(self, t: NDArray[np.floating]) -> None:
+        n = _check_square(t)
+        self.t = t
+        self._address = t.ctypes.data
+        self._potrf = _routine("potrf", t.dtype)
+        self._potri = _routine("potri", t.dtype)
+        self._syrk = _routine("syrk", t.dtype)
+        scalar = np.ctypeslib.as_ctypes_type(t.dtype)
+        self._n, self._k, self._info = ctypes.c_int(n), ctypes.c_int(0), ctypes.c_int(0)
+        self._alpha, self._zero = scalar(0.0), scalar(0.0)
+        self._n_p, self._k_p, self._info_p = (ctypes.pointer(v) for v in (self._n, self._k, self._info))
+        self._alpha_p, self._zero_p = ctypes.pointer(self._alpha), ctypes.pointer(self._zero)
+
+    def potrf(self) -> int:
+        """:func:`potrf_lower` of the scratch matrix."""
+        if self._potrf is None:
+            return potrf_lower(self.t)
+        self._potrf(b"U", self._n_p, self._address, self._n_p, self._info_p)
+        return self._info.value
+
+    def potri(self) -> int:
+        """:func:`potri_lower` of the scratch matrix."""
+        if self._potri is None:
+            return potri_lower(self.t)
+        self._potri(b"U", self._n_p, self._address, self._n_p, self._info_p)
+        return self._info.value
+
+    def syrk(self, alpha: float, rows: NDArray[np.floating]) -> None:
+        """:func:`syrk_lower` into the scratch matrix; ``rows`` as there (validated, C-contiguous)."""
+        if self._syrk is None or rows.dtype != self.t.dtype or not rows.flags.c_contiguous:
+            syrk_lower(alpha, rows, self.t)
+            return
+        if rows.ndim != 2 or rows.shape[1] != self._n.value:
+            raise ValueError("rows must be a C-contiguous (N, C) matrix of t's dtype")
+        self._alpha.value, self._k.value = alpha, rows.shape[0]
+        self._syrk(b"U", b"N", self._n_p, self._k_p, self._alpha_p, rows.ctypes.data, self._n_p,
+                   self._zero_p, self._address, self._n_p)

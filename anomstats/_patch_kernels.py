@@ -27,7 +27,7 @@ from numpy.typing import NDArray
 
 from ._budget import items_per_chunk
 from ._gaussian_checks import describe_patch
-from ._lapack import potrf_lower, potri_lower, syrk_lower
+from ._lapack import ScratchKernels
 from ._shrinkage import ledoit_wolf_coefficient, oas_coefficient, shrink_in_place
 
 @dataclass
@@ -118,6 +118,7 @@ class PatchFinisher:
         self.estimator = estimator
         self.c = c
         self.t = np.zeros((c, c), dtype=dtype)  # strict upper triangle stays zero (see module notes)
+        self.kernels = ScratchKernels(self.t)  # potrf/potri/syrk on t, GIL released during each call
 
     def finish(self, patch: int, fourth: float | None = None) -> None:
         """Regularise, factor and invert patch ``patch`` whose covariance's lower triangle is in ``t``.
@@ -148,14 +149,14 @@ class PatchFinisher:
             cov.reshape(-1)[:: c + 1] *= 0.5
 
         # potrf reads and writes the lower triangle only: t's strict upper triangle stays zero.
-        info = potrf_lower(t)
+        info = self.kernels.potrf()
         if info != 0:
             self._raise_not_positive_definite(patch, info)
         if out.cholesky is not None:
             np.copyto(out.cholesky[patch], t)
         out.log_det[patch] = 2.0 * float(np.log(diagonal.astype(np.float64)).sum())
 
-        info = potri_lower(t)
+        info = self.kernels.potri()
         if info != 0:  # pragma: no cover - potrf succeeded, so L has a nonzero diagonal
             self._raise_not_positive_definite(patch, info)
         precision = out.precision[patch]
@@ -243,9 +244,8 @@ def fit_chunk(
 
     finisher = scratch.finisher(outputs, estimator, c, dtype)
     alpha = 1.0 / (n - estimator.ddof)
-    t = finisher.t
     for k in range(stop - start):
-        syrk_lower(alpha, work[k], t)  # the GIL is released inside, so worker threads overlap
+        finisher.kernels.syrk(alpha, work[k])  # the GIL is released inside, so worker threads overlap
         finisher.finish(start + k, None if fourth is None else float(fourth[k]))
 
 

@@ -32,6 +32,26 @@ def test_factor_invert_and_gram_match_numpy(dtype, use_ctypes, monkeypatch):
     assert np.all(np.triu(g, 1) == 0)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("use_ctypes", [True, False])
+def test_bound_scratch_kernels_match_the_functions(dtype, use_ctypes, monkeypatch):
+    if not use_ctypes:
+        monkeypatch.setattr(_lapack, "_ROUTINES", {})
+    a, rows = _spd(6, dtype, seed=3)
+    expected = np.zeros((6, 6), dtype=dtype)
+    _lapack.syrk_lower(0.25, rows, expected)
+    assert _lapack.potrf_lower(expected) == 0 and _lapack.potri_lower(expected) == 0
+
+    t = np.zeros((6, 6), dtype=dtype)
+    kernels = _lapack.ScratchKernels(t)
+    for _ in range(2):  # the prepared arguments are reusable
+        kernels.syrk(0.25, rows)
+        assert kernels.potrf() == 0 and kernels.potri() == 0
+        np.testing.assert_array_equal(t, expected)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        kernels.syrk(1.0, np.ones((4, 5), dtype=dtype))
+
+
 def test_not_positive_definite_reports_the_failing_minor():
     t = np.tril(np.diag([1.0, -1.0, 1.0]))
     assert _lapack.potrf_lower(t) == 2
