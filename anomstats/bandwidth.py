@@ -214,12 +214,16 @@ def bandwidth_factor(bw_method: BwMethod, neff: float, d: int, estimator: Any = 
 def check_factor(factor: Any) -> None:
     """Raise ``ValueError`` unless ``factor`` is a positive, finite real number.
 
+    Accepted: Python and NumPy real scalars (``True`` counts as 1) and real arrays holding one element
+    (scipy uses such an array as the factor when a callable ``bw_method`` returns one).
+
     scipy accepts zero, negative and complex factors and then fails later (a singular-matrix error at
     evaluation) or returns negative "densities"; this library rejects them up front.
 
     Examples
     --------
     >>> check_factor(0.5)
+    >>> check_factor(np.array(0.5))  # a 0-d (or one-element) real array, as a callable may return
     >>> check_factor(-1)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
@@ -230,6 +234,11 @@ def check_factor(factor: Any) -> None:
         ok = bool(np.isfinite(factor) and factor > 0)
     elif isinstance(factor, (bool, np.bool_)):
         ok = bool(factor)  # True acts as 1, as in scipy
+    elif isinstance(factor, np.ndarray) and factor.size == 1 and factor.dtype.kind in "biuf":
+        # A callable ``bw_method`` may return a 0-d (or one-element) array, e.g. from ``np.std``-style
+        # helpers with ``keepdims``; scipy uses it as the factor, so it is accepted here too.
+        value = factor.reshape(()).item()
+        ok = bool(np.isfinite(value) and value > 0)
     if not ok:
         raise ValueError(
             f"The bandwidth factor must be a positive, finite real number; got {factor!r}. Pass a positive "

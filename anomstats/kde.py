@@ -211,20 +211,25 @@ class GaussianKDE:
             raise ValueError(
                 f"`dataset` should be 1-D (n,) or 2-D (d, n) with points as columns; got shape {data.shape}."
             )
+        self.dataset = data
+        self.d, self.n = data.shape
+
+        # Checks run in scipy's order, so that input with several faults reports the same one: weight
+        # shapes, then d > n, then the bandwidth rule, then the values (which scipy only meets while
+        # computing the covariance).
+        if weights is not None:
+            weights = self._weights_of_valid_shape(weights, self.n)
+        if self.d > self.n:
+            raise ValueError(_D_GREATER_THAN_N)
+        _bw.resolve_bw_method(bw_method)
+        if weights is not None:
+            self._weights = self._normalised_weights(weights)
+            self._neff = 1 / np.vecdot(self._weights, self._weights)
         if np.issubdtype(data.dtype, np.number) and not np.issubdtype(data.dtype, np.complexfloating):
             if not np.all(np.isfinite(data)):
                 raise ValueError(
                     "`dataset` must contain only finite values (array must not contain infs or NaNs)."
                 )
-        self.dataset = data
-        self.d, self.n = data.shape
-
-        if weights is not None:
-            self._weights = self._validated_weights(weights, self.n)
-            self._neff = 1 / np.vecdot(self._weights, self._weights)
-
-        if self.d > self.n:
-            raise ValueError(_D_GREATER_THAN_N)
 
         try:
             self.set_bandwidth(bw_method=bw_method)
@@ -247,18 +252,24 @@ class GaussianKDE:
             self.__dict__.pop(name, None)
 
     @staticmethod
-    def _validated_weights(weights, n: int) -> np.ndarray:
+    def _weights_of_valid_shape(weights, n: int) -> np.ndarray:
+        """``weights`` as a new float64 array, checked to be 1-D of length ``n`` (scipy's messages)."""
         w = np.atleast_1d(weights).astype(float)  # a copy: the caller's array is never touched
         if w.ndim != 1:
             raise ValueError("`weights` input should be one-dimensional.")
         if len(w) != n:
             raise ValueError("`weights` input should be of length n")
+        return w
+
+    @staticmethod
+    def _normalised_weights(w: np.ndarray) -> np.ndarray:
+        """Check the values of a float64 weight vector (owned by the caller) and normalise it in place."""
+        if np.any(w < 0):
+            raise ValueError("`weights` must be non-negative (aweights cannot be negative).")
         if not np.all(np.isfinite(w)):
             raise ValueError(
                 "`weights` must be finite (array must not contain infs or NaNs); remove or replace them."
             )
-        if np.any(w < 0):
-            raise ValueError("`weights` must be non-negative (aweights cannot be negative).")
         total = w.sum()
         if not (np.isfinite(total) and total > 0):
             raise ValueError("`weights` must have a positive, finite sum; at least one weight must be positive.")
@@ -612,13 +623,17 @@ class GaussianKDE:
         """
         if self.d != 1:
             raise ValueError("integrate_box_1d() only handles 1D pdfs")
-        data = np.asarray(self.dataset, dtype=np.result_type(self.dataset, np.float64))
-        if data.dtype != np.float64:  # special.ndtr has no long double loop
-            data = data.astype(np.float64)
         stdev = np.ravel(np.sqrt(np.asarray(self.covariance, dtype=np.float64)))[0]
-        upper = special.ndtr(np.ravel((high - data) / stdev))
-        lower = special.ndtr(np.ravel((low - data) / stdev))
-        return np.vecdot(self.weights, upper - lower)
+        # The differences are formed with numpy's own promotion, as scipy does (a float32 dataset minus a
+        # Python float stays float32), so the result agrees with scipy's to rounding for every input dtype.
+        normalized_high = np.ravel((high - self.dataset) / stdev)
+        normalized_low = np.ravel((low - self.dataset) / stdev)
+        if normalized_high.dtype == np.longdouble or normalized_low.dtype == np.longdouble:
+            # special.ndtr has no long double loop (scipy raises TypeError here).
+            normalized_high = normalized_high.astype(np.float64)
+            normalized_low = normalized_low.astype(np.float64)
+        delta = special.ndtr(normalized_high) - special.ndtr(normalized_low)
+        return np.vecdot(self.weights, delta)
 
     def integrate_box(self, low_bounds, high_bounds, maxpts=None, *, rng=None):
         """Integral of the density over a rectangular box (Genz' algorithm, as scipy).

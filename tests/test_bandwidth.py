@@ -77,13 +77,15 @@ def test_bandwidth_factor_each_kind():
     assert seen == ["me"]
 
 
-@pytest.mark.parametrize("bad", [0, -1.0, np.nan, np.inf, 1 + 1j, "0.5", None, False])
+@pytest.mark.parametrize(
+    "bad", [0, -1.0, np.nan, np.inf, 1 + 1j, "0.5", None, False, np.array(-0.5), np.array([0.1, 0.2]), np.array(1j)]
+)
 def test_check_factor_rejects_non_positive_or_non_real(bad):
     with pytest.raises(ValueError, match="positive, finite real number"):
         bandwidth.check_factor(bad)
 
 
-@pytest.mark.parametrize("good", [1e-3, 2, np.float32(0.5), np.int64(3), True])
+@pytest.mark.parametrize("good", [1e-3, 2, np.float32(0.5), np.int64(3), True, np.array(0.3), np.array([0.3])])
 def test_check_factor_accepts_positive_reals(good):
     bandwidth.check_factor(good)
 

@@ -140,6 +140,20 @@ def test_error_dimensions_greater_than_samples():
     _raises_like_scipy(lambda cls: cls(x), ValueError, "Number of dimensions is greater than number of samples")
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # scipy's, on NaN weights
+def test_errors_for_several_faults_come_in_scipys_order():
+    # Regression: value checks on the data and weights used to run before scipy's shape, d > n and
+    # bw_method checks, so input with two faults reported a different one than scipy.
+    wide = np.random.default_rng(0).standard_normal((5, 3))
+    nan_data = np.array([1.0, np.nan, 2.0, 4.0])
+    _raises_like_scipy(lambda cls: cls(wide, weights=[1, np.nan, -1]), ValueError, "Number of dimensions is greater")
+    _raises_like_scipy(lambda cls: cls(wide.T, weights=[np.nan, 1]), ValueError, "should be of length n")
+    _raises_like_scipy(lambda cls: cls(wide.T[:, :2], weights=[[1, 1], [1, 1]]), ValueError, "one-dimensional")
+    _raises_like_scipy(lambda cls: cls(nan_data, bw_method="gauss"), ValueError, "`bw_method` should be")
+    _raises_like_scipy(lambda cls: cls(nan_data, weights=[1, 1, -1, 1]), ValueError, "aweights cannot be negative")
+    _raises_like_scipy(lambda cls: cls(nan_data, weights=[1, np.inf, 1, 1]), ValueError, "must not contain infs or NaNs")
+
+
 def test_error_singular_data():
     x = np.vstack([np.arange(10.0), 2 * np.arange(10.0)])
     _raises_like_scipy(lambda cls: cls(x), linalg.LinAlgError, "lower-dimensional subspace")
@@ -301,6 +315,21 @@ def test_set_bandwidth_sequence_and_callable():
         assert_allclose(kde(xs), ref(xs), rtol=RTOL)
 
 
+@pytest.mark.parametrize("make", [np.array, lambda v: np.array([v])])
+def test_callable_bw_method_may_return_a_one_element_array(make):
+    # Regression: scipy uses a 0-d or one-element array returned by a callable as the factor; this
+    # estimator used to reject it as "not a positive, finite real number".
+    x = _data(2, 30, seed=4)
+    points = _data(2, 5, seed=6)
+    kde, ref = GaussianKDE(x, bw_method=lambda k: make(0.4)), stats.gaussian_kde(x, bw_method=lambda k: make(0.4))
+    assert_array_equal(kde.factor, ref.factor)
+    assert_allclose(kde.covariance, ref.covariance, rtol=1e-15)
+    assert_allclose(kde(points), ref(points), rtol=RTOL)
+    assert_allclose(kde.logpdf(points), ref.logpdf(points), rtol=RTOL)
+    with pytest.raises(ValueError, match="positive, finite real number"):
+        GaussianKDE(x, bw_method=lambda k: make(-0.4))
+
+
 def test_reassigning_dataset_resets_caches():
     kde = GaussianKDE(_data(2, 30, seed=1))
     pts = _data(2, 4, seed=2)
@@ -345,6 +374,18 @@ def test_integrals_match_scipy(weighted):
     assert got == pytest.approx(want, rel=1e-12)
     for value in (ours.integrate_box_1d(0, 1), ours.integrate_gaussian(0, 1), ours.integrate_kde(ours)):
         assert isinstance(value, np.float64)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int64, np.float64])
+def test_integrate_box_1d_follows_scipys_promotion(dtype):
+    # Regression: the differences used to be formed in float64 for every dataset dtype; scipy forms
+    # ``low - dataset`` with numpy's promotion (float32 stays float32), which moved the result by ~1e-10.
+    x = (np.random.default_rng(11).standard_normal(30) * 3).astype(dtype)
+    ours, ref = GaussianKDE(x), stats.gaussian_kde(x)
+    for low, high in [(-0.5, 1.0), (np.float32(0.25), 3), (-np.inf, 0.0)]:
+        got, want = ours.integrate_box_1d(low, high), ref.integrate_box_1d(low, high)
+        assert got == pytest.approx(want, rel=1e-14)
+        assert isinstance(got, np.float64)
 
 
 @pytest.mark.parametrize("weighted", [False, True])
