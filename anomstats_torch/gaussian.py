@@ -63,6 +63,9 @@ def _centred_patches(vectors: Tensor, mean: Tensor, dtype: torch.dtype) -> Tenso
     faster than gathering straight into patch-major order; BLAS reads the (p, B, C) view with strides.
     """
     batch, channels, patches = vectors.shape
+    if torch.is_grad_enabled() and (vectors.requires_grad or mean.requires_grad):
+        # out= is refused by autograd: same values, out of place, so gradients flow (e.g. to the scored input).
+        return (vectors.transpose(1, 2).to(dtype) - mean.mT.to(dtype)).permute(1, 0, 2)
     out = torch.empty(batch, patches, channels, dtype=dtype, device=vectors.device)
     torch.sub(vectors.transpose(1, 2), mean.mT, out=out)
     return out.permute(1, 0, 2)
@@ -115,6 +118,9 @@ class MultiVariateGaussian(DynamicBufferModule):
       float32 (float16/bfloat16 inputs are upcast to float32); fitted buffers are stored in that dtype on
       the embedding's device (anomalib silently turns float64 into float32 and fails on half input);
     - ``mahalanobis`` returns (B, H, W) (PaDiM's map without the singleton channel), in the working dtype.
+    - ``fit`` and ``update`` detach their input: the buffers are fitted statistics, never part of an
+      autograd graph (anomalib's would hold the graph, which also makes ``copy.deepcopy`` of the module
+      fail). ``mahalanobis`` is differentiable with respect to the scored embedding.
 
     Devices: ``fit``/``update`` compute on the embedding's device and store there (as anomalib assigns its
     buffers); ``mahalanobis`` computes on the buffers' device and returns the map there. With
@@ -185,6 +191,9 @@ class MultiVariateGaussian(DynamicBufferModule):
 
         Floating inputs keep their dtype (integers are computed in the default float dtype); with fewer
         degrees of freedom than 1 a ``RuntimeWarning`` is issued and the result is inf/NaN, as numpy's.
+        As in numpy >= 2, a 2-D input with ``rowvar=False`` holds one observation per row even when it has
+        a single row, and 1-D input is one variable for either ``rowvar`` (anomalib's gives NaN for 1-D
+        input with ``rowvar=True``: a deliberate difference).
 
         Examples
         --------
@@ -200,8 +209,11 @@ class MultiVariateGaussian(DynamicBufferModule):
             raise ValueError(f"observations must be 1-D or 2-D, got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             x = x.to(torch.get_default_dtype())
-        x = x.reshape(1, -1) if x.ndim < 2 else x
-        if not rowvar and x.shape[0] != 1:
+        # As numpy >= 2: a 2-D input is transposed for rowvar=False even with a single row (then it holds
+        # one observation of several variables); only 1-D input is always one variable.
+        if x.ndim < 2:
+            x = x.reshape(1, -1)
+        elif not rowvar:
             x = x.mT
         if ddof is None:
             ddof = 0 if bias else 1
@@ -236,7 +248,7 @@ class MultiVariateGaussian(DynamicBufferModule):
         ValueError
             For fewer than 2 embeddings, a wrong number of axes or non-finite values.
         """
-        x = as_float_tensor(embedding, "embedding")
+        x = as_float_tensor(embedding, "embedding").detach()  # statistics, not a graph: see Notes
         # Clear errors for a bad rank and for B < 2 (anomalib silently returns NaN for one sample).
         batch, _, spatial = check_fit_shape(x.shape, name="embedding")
         dtype = working_dtype(self.mean.dtype, x.dtype)
@@ -276,7 +288,7 @@ class MultiVariateGaussian(DynamicBufferModule):
         Only the count, the per-patch mean (C, P) and the centred sum of products (P, C, C) are kept, in
         ``accumulate_dtype``; call :meth:`compute` to set the buffers. The input is not modified.
         """
-        x = as_float_tensor(embedding, "embedding")
+        x = as_float_tensor(embedding, "embedding").detach()  # statistics, not a graph: see Notes
         batch, _, spatial = check_fit_shape(x.shape, min_observations=1, name="embedding")
         dtype = torch.float64 if x.dtype == torch.float64 else self.accumulate_dtype
         vectors = _as_patches(x)
@@ -290,6 +302,10 @@ class MultiVariateGaussian(DynamicBufferModule):
                 f"C={self._running_mean.shape[0]}, H*W={self._running_mean.shape[1]}; call reset() first"
             )
         assert self._running_m2 is not None
+        if not torch.is_inference_mode_enabled() and self._running_m2.is_inference():
+            # Moments begun under torch.inference_mode cannot be updated in place outside it: copy them.
+            self._running_mean = self._running_mean.clone()
+            self._running_m2 = self._running_m2.clone()
         acc_dtype, device = self._running_mean.dtype, self._running_mean.device
         self._input_dtype = working_dtype(self._input_dtype, x.dtype)
         self._spatial = spatial

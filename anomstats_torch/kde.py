@@ -112,6 +112,9 @@ class GaussianKDE(DynamicBufferModule):
       (float16/bfloat16 are computed in float32); the result has that dtype. ``fit`` stores its buffers
       in the same promoted dtype on the dataset's device (as anomalib assigns them).
     - Clear errors for N <= D, non-finite and singular data (anomalib: a bare Cholesky error).
+    - ``fit`` detaches its input: the buffers are fitted statistics, never part of an autograd graph
+      (anomalib's would hold the graph, which makes ``copy.deepcopy`` of the module fail). ``forward``
+      and ``log_prob`` are differentiable with respect to the queries.
     - Device: ``fit`` computes on the dataset's device and stores the buffers there; ``forward`` and
       ``log_prob`` compute on the buffers' device (queries are moved there) and return results there.
 
@@ -193,7 +196,7 @@ class GaussianKDE(DynamicBufferModule):
             If ``dataset`` is not 2-D, has no more rows than columns, holds NaN/inf, or its covariance is
             singular.
         """
-        x = as_float_tensor(dataset, "dataset")
+        x = as_float_tensor(dataset, "dataset").detach()  # fitted statistics, not a graph: see Notes
         if x.ndim != 2:
             raise ValueError(f"dataset must be 2-D (N points, D dimensions), got shape {tuple(x.shape)}")
         n, d = x.shape
@@ -216,6 +219,8 @@ class GaussianKDE(DynamicBufferModule):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):  # type: ignore[no-untyped-def]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        if not any(prefix + name in state_dict for name in ("bw_transform", "dataset", "norm")):
+            return  # nothing of this module was loaded (e.g. a partial parent checkpoint): keep the fit
         # The loaded buffers define the model now; forget the centred copy of an earlier fit.
         self._centre = torch.empty(0, dtype=self.dataset.dtype, device=self.dataset.device)
         self._centred = torch.empty(0, dtype=self.dataset.dtype, device=self.dataset.device)
@@ -317,7 +322,11 @@ class GaussianKDE(DynamicBufferModule):
         lhs = torch.cat([queries, -0.5 * (queries * queries).sum(1, keepdim=True), ones_q], dim=1)
         rhs = torch.cat([train, ones_t, -0.5 * (train * train).sum(1, keepdim=True)], dim=1)
         log_scale = torch.log(self.norm.to(dtype)) - math.log(n_train)
-        if is_tracing():
+        # The fast path writes into a reused tile (out=...), which autograd refuses: when a gradient is
+        # needed (queries or buffers that require grad) use the out-of-place streaming log-sum-exp.
+        needs_grad = torch.is_grad_enabled() and (lhs.requires_grad or rhs.requires_grad)
+        # The meta device (shape propagation) cannot run the fast path's data-dependent row selection.
+        if is_tracing() or needs_grad or lhs.device.type == "meta":
             lse = self._logsumexp_rows(lhs, rhs)
             return lse + log_scale if log else torch.exp(lse + log_scale)
         return self._evaluate_chunked(lhs, rhs, log_scale, log=log)
