@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike
 
+from ._gaussian_checks import check_score_shape
+
 __all__ = [
     "is_dask_array",
     "batched_cov",
@@ -390,6 +392,15 @@ def gaussian_fit(model: Any, embedding: Any, *, split_every: int = DEFAULT_SPLIT
     (3, 4)
     """
     total = _gaussian_total(model, embedding, split_every)
+    # Finalise now, as an in-memory fit does, so that too few observations, a singular patch and the
+    # like raise from fit() rather than at first use (and name fit, not partial_fit).
+    n = total.n_samples_seen_
+    if n < 2:
+        raise ValueError(
+            f"embedding has {n} observation{'' if n == 1 else 's'} (shape {tuple(embedding.shape)}); "
+            "a Gaussian fit needs at least 2 observations along axis 0"
+        )
+    total._fitted_outputs()
     state = vars(model)
     state.clear()
     state.update(vars(total))
@@ -427,7 +438,12 @@ def gaussian_score(model: Any, method: str, x: Any, **kwargs: Any) -> Any:
     if x.ndim < 2:
         raise ValueError(f"x must have shape (M, C, *spatial), got shape {x.shape}")
     x = x.rechunk({axis: -1 for axis in range(1, x.ndim)})
-    probe = getattr(model, method)(np.zeros((1, *x.shape[1:]), dtype=x.dtype), **kwargs)
+    try:
+        probe = getattr(model, method)(np.zeros((1, *x.shape[1:]), dtype=x.dtype), **kwargs)
+    except ValueError:
+        # The probe holds one sample: name x's own shape, not the probe's, when the shape is wrong.
+        check_score_shape(tuple(x.shape), model.n_features, model.spatial_shape)
+        raise
     out_dtype = np.asarray(probe).dtype
     model_d = dask.delayed(model, pure=True)
     return da.map_blocks(

@@ -29,7 +29,7 @@ SHRINKAGE_METHODS: tuple[str, ...] = ("ledoit-wolf", "oas")
 
 
 def _shape_text(shape: Sequence[int]) -> str:
-    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+    return str(tuple(int(s) for s in shape))  # Python's tuple text: "(10,)" for one axis
 
 
 def check_fit_shape(
@@ -83,7 +83,7 @@ def check_fit_shape(
         plural = "observation" if n == 1 else "observations"
         raise ValueError(
             f"{name} has {n} {plural} (shape {_shape_text(shape)}); a Gaussian fit needs at "
-            f"least {min_observations} observations along axis 0"
+            f"least {min_observations} observation{'' if min_observations == 1 else 's'} along axis 0"
         )
     return n, c, spatial
 

@@ -52,6 +52,7 @@ from numpy.typing import ArrayLike, DTypeLike, NDArray
 from scipy.linalg import blas, lapack
 
 from ._budget import DEFAULT_MEMORY_BUDGET, check_memory_budget, items_per_chunk
+from ._patch_kernels import numerically_singular_pivot
 from .gaussian import DEFAULT_RIDGE
 
 __all__ = ["PackedGaussianAccumulator", "packed_state_bytes"]
@@ -382,7 +383,11 @@ class PackedGaussianAccumulator:
                 # A C-ordered symmetric matrix read as Fortran order is itself: factor and invert
                 # its "upper" triangle in place (this is the lower triangle in C order).
                 a = work[k].T
+                # Rounding-sized pivots are refused only without a ridge (see _patch_kernels.finish).
+                variances = np.diagonal(a).copy() if ridge == 0 else None
                 factor, info = potrf(a, lower=0, clean=0, overwrite_a=1)
+                if info == 0 and variances is not None and numerically_singular_pivot(np.diagonal(factor), variances):
+                    info = -1  # a rounding-sized pivot: exactly singular in exact arithmetic
                 if info != 0:
                     spent = ""
                     if in_place:  # part of the moments is already overwritten: refuse further use
@@ -390,7 +395,7 @@ class PackedGaussianAccumulator:
                         spent = " (in_place=True: this accumulator's moments are partly overwritten)"
                     raise np.linalg.LinAlgError(
                         f"the covariance of patch {start + k} plus ridge={ridge:g}·I is not positive "
-                        f"definite; use a larger ridge{spent}"
+                        f"definite{' (numerically singular)' if info < 0 else ''}; use a larger ridge{spent}"
                     )
                 if log_det is not None:  # the factor's diagonal, before potri overwrites it
                     log_det[start + k] = 2.0 * np.log(np.diagonal(factor)).sum(dtype=np.float64)

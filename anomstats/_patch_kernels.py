@@ -149,9 +149,20 @@ class PatchFinisher:
             cov.reshape(-1)[:: c + 1] *= 0.5
 
         # potrf reads and writes the lower triangle only: t's strict upper triangle stays zero.
+        # An exactly singular covariance (e.g. a duplicated feature) often factors "successfully" with
+        # a rounding-sized pivot, giving a precision of ~1/eps garbage: refuse a pivot below C·eps of
+        # its feature's variance (the share of that variance not explained by the earlier features).
+        # Only without regularisation: a ridge or a shrinkage target keeps every pivot away from zero
+        # in exact arithmetic, and rank-deficient patches (N <= C, as PaDiM often has) are then valid.
+        unregularised = est.ridge == 0 and est.shrinkage is None
+        variances = diagonal.copy() if unregularised else None
         info = self.kernels.potrf()
         if info != 0:
             self._raise_not_positive_definite(patch, info)
+        if variances is not None:
+            order = numerically_singular_pivot(diagonal, variances)
+            if order:
+                self._raise_not_positive_definite(patch, order, numerically=True)
         if out.cholesky is not None:
             np.copyto(out.cholesky[patch], t)
         out.log_det[patch] = 2.0 * float(np.log(diagonal.astype(np.float64)).sum())
@@ -163,7 +174,7 @@ class PatchFinisher:
         np.add(t, t.T, out=precision)
         precision.reshape(-1)[:: c + 1] *= 0.5
 
-    def _raise_not_positive_definite(self, patch: int, info: int) -> None:
+    def _raise_not_positive_definite(self, patch: int, info: int, numerically: bool = False) -> None:
         est = self.estimator
         hint = (
             "use shrinkage='ledoit-wolf' or 'oas', or increase ridge"
@@ -172,9 +183,22 @@ class PatchFinisher:
         )
         raise np.linalg.LinAlgError(
             f"the regularised covariance of {describe_patch(patch, est.spatial)} is not positive definite "
-            f"(leading minor of order {info} is not positive) with ridge={est.ridge!r}"
+            f"({'numerically singular: pivot' if numerically else 'leading minor'} of order {info} is "
+            f"{'below C·eps of its variance' if numerically else 'not positive'}) with ridge={est.ridge!r}"
             f"{'' if est.shrinkage is None else f' and shrinkage={est.shrinkage!r}'}; {hint}"
         )
+
+
+def numerically_singular_pivot(factor_diagonal: NDArray, variances: NDArray) -> int:
+    """1-based order of the first Cholesky pivot that is rounding noise, or 0 when there is none.
+
+    ``factor_diagonal`` is L's diagonal, ``variances`` the factored matrix's diagonal; pivot k is
+    numerically zero when ``L_kk² <= C·eps·A_kk`` (eps of the working dtype).
+    """
+    c = variances.shape[0]
+    tolerance = c * np.finfo(variances.dtype).eps
+    bad = np.square(factor_diagonal.astype(np.float64)) <= tolerance * variances.astype(np.float64)
+    return int(np.argmax(bad)) + 1 if bad.any() else 0
 
 
 #: Block sizes of :func:`gather_patches` (patches x observations per copy); see there. A fit's chunks

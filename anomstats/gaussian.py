@@ -180,7 +180,12 @@ class MultiVariateGaussian:
     **Differences from anomalib's MultiVariateGaussian** (deliberate): float64 by default (anomalib:
     float32, and float64 input silently becomes float32); one observation raises instead of giving NaN;
     the precision comes from the Cholesky factor and is exactly symmetric (anomalib: ``torch.linalg.inv``,
-    not symmetric); non-finite input raises. Mahalanobis distances are anomalib's formula
+    not symmetric); non-finite input raises; a covariance that is singular in exact arithmetic (e.g. a
+    duplicated feature with ``ridge=0``) raises even when rounding lets its Cholesky factorisation finish:
+    without a ridge or shrinkage, a pivot ``L_kk² <= C·eps·Σ_kk`` counts as zero (anomalib and
+    ``numpy.linalg.inv`` return a precision of ~1/eps noise there). With a ridge (the default) or
+    shrinkage the regularised covariance is definite by construction and this check is not applied, so
+    rank-deficient patches (fewer images than channels, as in PaDiM) fit as in anomalib. Mahalanobis distances are anomalib's formula
     (square root of the squared distance clamped at 0).
 
     Examples

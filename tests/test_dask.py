@@ -8,6 +8,7 @@ where the one-line dispatch is already in place (skipped otherwise).
 from __future__ import annotations
 
 import inspect
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -280,8 +281,22 @@ def test_gaussian_fit_keeps_the_configuration() -> None:
 @needs_gaussian
 def test_gaussian_score_checks_shape_now() -> None:
     model = anomstats.MultiVariateGaussian().fit(_data(n=20, c=3, batch=(2, 2)))
-    with pytest.raises(Exception):
+    expected = re.escape("must have shape (M, 3, 2, 2)") + ".*" + re.escape("got shape (5, 4, 2, 2)")
+    with pytest.raises(ValueError, match=expected):
         _dask.gaussian_score(model, "mahalanobis", da.ones((5, 4, 2, 2)))
+    with pytest.raises(ValueError, match=re.escape("got shape (7, 3, 2, 3)")):  # x's shape, not the probe's
+        model.logpdf(da.ones((7, 3, 2, 3), chunks=(2, 3, 2, 3)))
+
+
+def test_gaussian_fit_errors_come_from_fit() -> None:
+    """Like an in-memory fit: too few observations and a singular patch raise from fit itself."""
+    with dask.config.set(scheduler="synchronous"):
+        with pytest.raises(ValueError, match=r"embedding has 1 observation .*at least 2 observations"):
+            anomstats.MultiVariateGaussian().fit(da.ones((1, 3, 2), chunks=(1, 3, 2)))
+        x = _data(n=12, c=3, batch=(2,), seed=4)
+        x[:, 2, 1] = x[:, 0, 1]  # patch 1: a duplicated feature, singular without a ridge
+        with pytest.raises(np.linalg.LinAlgError, match="patch 1"):
+            anomstats.MultiVariateGaussian(ridge=0.0).fit(da.from_array(x, chunks=(5, 3, 2)))
 
 
 # --------------------------------------------------------------------------------------------- public API

@@ -202,6 +202,27 @@ def test_ridge_is_added_on_top_of_shrinkage():
         assert_close_rel(mvg.precision[k], np.linalg.inv(expected), 1e-10)
 
 
+@pytest.mark.parametrize("low_memory", [False, True])
+@pytest.mark.parametrize("seed", range(6))
+def test_exactly_singular_patch_is_refused_not_rounded(seed, low_memory):
+    """A duplicated feature (or a linear combination) makes the covariance exactly singular; rounding
+    often leaves a tiny positive pivot, so potrf "succeeds" with a precision of ~1e15 garbage. The
+    fit must raise and name the patch instead."""
+    x = make_embedding(seed, 10, 4, (3,))
+    x[:, 3, 1] = x[:, 0, 1] + (seed % 2) * 2.0 * x[:, 1, 1]
+    with pytest.raises(np.linalg.LinAlgError, match=r"patch 1\b.*(numerically singular|not positive)"):
+        MultiVariateGaussian(ridge=0.0, low_memory=low_memory).fit(x)
+    # with the default ridge the same data fits and matches numpy
+    mvg = MultiVariateGaussian().fit(x)
+    expected = np.linalg.inv(np.cov(x[:, :, 1], rowvar=False) + DEFAULT_RIDGE * np.eye(4))
+    assert_close_rel(mvg.precision[1], expected, 1e-9)
+
+
+def test_shape_in_messages_is_python_tuple_text():
+    with pytest.raises(ValueError, match=re.escape("got shape (10,)")):
+        MultiVariateGaussian().fit(np.ones(10))
+
+
 def test_shrinkage_makes_singular_patches_factorable():
     x = make_embedding(8, 3, 6, (2,))  # n < c: singular empirical covariance
     with pytest.raises(np.linalg.LinAlgError):
@@ -491,3 +512,16 @@ def test_benchmark_quick_mode_writes_rows(tmp_path, monkeypatch):
         assert row.get("max_rel_diff", 0.0) < 1e-10
     fits = [r for r in rows if r["library"] == "anomstats MultiVariateGaussian"]
     assert len(fits) == 2 and all(r["precision_symmetric"] for r in fits)
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_rank_deficient_patches_fit_with_the_default_ridge_in_float32(low_memory):
+    # PaDiM often has fewer images than channels (N <= C): the covariance is singular and only the
+    # ridge makes it definite. With large feature variances the ridge is below C·eps(float32) of the
+    # variance, which must not be mistaken for an exactly singular (unregularised) covariance.
+    x = (np.random.default_rng(5).standard_normal((30, 64, 2, 2)) * 100).astype(np.float32)
+    model = MultiVariateGaussian(dtype=np.float32, low_memory=low_memory)
+    model.fit(x)  # must not raise "numerically singular"
+    assert np.isfinite(model.precision).all()
+    distances = model.mahalanobis(x[:2])
+    assert np.isfinite(distances).all() and (distances > 0).all()
