@@ -34,13 +34,13 @@ more than they bring and would oversubscribe the cores.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
 
 import numpy as np
+
+from ._parallel import blas_controller, single_threaded_blas
 
 #: Default budget, in bytes, for the per-call temporaries that would otherwise scale with ``n * m``.
 DEFAULT_MEMORY_BUDGET: int = 64 * 2**20
@@ -83,33 +83,13 @@ def default_workers() -> int:
     Without ``threadpoolctl`` BLAS cannot be held to one thread per worker, so one worker is used and
     BLAS does its own threading.
     """
-    if _blas_controller() is None:
+    if blas_controller() is None:
         return 1
     try:
         available = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - platforms without sched_getaffinity
         available = os.cpu_count() or 1
     return max(1, min(available, 8))
-
-
-_controller_lock = threading.Lock()
-_controller: object | None = None
-_controller_checked = False
-
-
-def _blas_controller():
-    """A cached ``threadpoolctl.ThreadpoolController``, or None when threadpoolctl is not installed."""
-    global _controller, _controller_checked
-    with _controller_lock:
-        if not _controller_checked:
-            _controller_checked = True
-            try:
-                from threadpoolctl import ThreadpoolController
-            except ImportError:  # pragma: no cover - depends on the environment
-                _controller = None
-            else:
-                _controller = ThreadpoolController()
-    return _controller
 
 
 _pool_lock = threading.Lock()
@@ -142,38 +122,6 @@ def _forget_pool_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool_after_fork)
-
-
-_limit_lock = threading.Lock()
-_limit_depth = 0
-_active_limit: object | None = None
-
-
-@contextlib.contextmanager
-def single_threaded_blas() -> Iterator[None]:
-    """Hold BLAS to one thread while any call is inside (reference-counted across threads).
-
-    The limit is process-wide, so concurrent calls share one: the first to enter sets it and the last to
-    leave restores the original setting (nested save/restore pairs could otherwise leave BLAS at one
-    thread for good).
-    """
-    global _limit_depth, _active_limit
-    controller = _blas_controller()
-    if controller is None:  # pragma: no cover - depends on the environment
-        yield
-        return
-    with _limit_lock:
-        if _limit_depth == 0:
-            _active_limit = controller.limit(limits=1, user_api="blas")
-        _limit_depth += 1
-    try:
-        yield
-    finally:
-        with _limit_lock:
-            _limit_depth -= 1
-            if _limit_depth == 0 and _active_limit is not None:
-                _active_limit.restore_original_limits()
-                _active_limit = None
 
 
 class WhitenedCentres:

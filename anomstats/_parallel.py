@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-__all__ = ["resolve_workers", "run_chunks"]
+__all__ = ["blas_controller", "resolve_workers", "run_chunks", "single_threaded_blas"]
 
 T = TypeVar("T")
 
@@ -61,23 +61,61 @@ def resolve_workers(workers: Any) -> int:
 
 
 _controller: Any = None
+_controller_lock = threading.Lock()
 _limit_lock = threading.Lock()
 _limit_users = 0
-_limit_context: Any = None
+_saved_threads: list[tuple[Any, int]] = []
+
+
+def blas_controller() -> Any:
+    """A cached ``threadpoolctl.ThreadpoolController`` for BLAS, or ``None`` without threadpoolctl.
+
+    Built once (scanning the loaded libraries takes ~0.4 ms) and shared by every caller.
+    """
+    global _controller
+    with _controller_lock:
+        if _controller is None:
+            try:
+                from threadpoolctl import ThreadpoolController
+
+                _controller = ThreadpoolController().select(user_api="blas")
+            except Exception:  # missing, or unable to inspect this platform's libraries
+                _controller = False
+    return _controller or None
+
+
+def _release_openblas_ownership() -> None:
+    # threadpoolctl (3.6+) lets only one "controlling" Python thread change OpenBLAS's process-wide
+    # limit and silently ignores the others. Our limit is shared by caller threads, and the last one
+    # out (which restores) is often not the first one in (which set it): without this, that restore
+    # was ignored and BLAS stayed single-threaded (seen about once in 150 overlapping bursts).
+    try:
+        from threadpoolctl import OpenBLASController
+
+        OpenBLASController.clear_controlling_thread(force=True)
+    except (ImportError, AttributeError):  # older threadpoolctl: no ownership rule to work around
+        pass
 
 
 @contextlib.contextmanager
-def _shared_blas_limit(controller: Any) -> Iterator[None]:
+def single_threaded_blas() -> Iterator[None]:
     """Hold BLAS to one thread while any caller is inside; the last one out restores it.
 
-    Reference-counted so that calls overlapping from several caller threads cannot restore the
-    thread count in the wrong order (which could leave BLAS single-threaded for good).
+    Reference-counted across threads, so that overlapping calls cannot restore the thread count in
+    the wrong order (which could leave BLAS single-threaded for good). A no-op without threadpoolctl.
     """
-    global _limit_users, _limit_context
+    global _limit_users, _saved_threads
+    controller = blas_controller()
+    if controller is None:
+        yield
+        return
     with _limit_lock:
         if _limit_users == 0:
-            _limit_context = controller.limit(limits=1, user_api="blas")
-            _limit_context.__enter__()
+            _release_openblas_ownership()
+            _saved_threads = [(lib, lib.num_threads) for lib in controller.lib_controllers]
+            for lib, _ in _saved_threads:
+                lib.set_num_threads(1)
+            _release_openblas_ownership()
         _limit_users += 1
     try:
         yield
@@ -85,25 +123,11 @@ def _shared_blas_limit(controller: Any) -> Iterator[None]:
         with _limit_lock:
             _limit_users -= 1
             if _limit_users == 0:
-                _limit_context.__exit__(None, None, None)
-                _limit_context = None
-
-
-def _single_threaded_blas() -> contextlib.AbstractContextManager[Any] | None:
-    """A context holding BLAS to one thread, or ``None`` when ``threadpoolctl`` is missing.
-
-    The controller (which scans the loaded libraries, ~0.4 ms) is built once and reused; entering
-    its ``limit`` then costs ~15 µs.
-    """
-    global _controller
-    if _controller is None:
-        try:
-            from threadpoolctl import ThreadpoolController
-
-            _controller = ThreadpoolController()
-        except Exception:  # missing, or unable to inspect this platform's libraries
-            return None
-    return _shared_blas_limit(_controller)
+                _release_openblas_ownership()
+                for lib, threads in _saved_threads:
+                    lib.set_num_threads(threads)
+                _release_openblas_ownership()
+                _saved_threads = []
 
 
 def run_chunks(
@@ -125,7 +149,7 @@ def run_chunks(
     """
     chunks = list(chunks)
     workers = min(workers, len(chunks))
-    limit = _single_threaded_blas() if single_blas else None
+    limit = single_threaded_blas() if single_blas and blas_controller() is not None else None
     if limit is None:
         # Without threadpoolctl our threads would multiply BLAS's own: stay serial.
         workers = 1 if single_blas else workers
