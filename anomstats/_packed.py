@@ -49,9 +49,10 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
-from scipy.linalg import blas, lapack
+from scipy.linalg import blas
 
 from ._budget import DEFAULT_MEMORY_BUDGET, check_memory_budget, items_per_chunk
+from ._lapack import potri_lower, potrf_lower
 from ._patch_kernels import numerically_singular_pivot
 from .gaussian import DEFAULT_RIDGE
 
@@ -361,9 +362,6 @@ class PackedGaussianAccumulator:
         else:
             precision = np.empty((p, c, c), dtype=out)
         log_det = np.empty(p, dtype=np.float64) if return_log_det else None
-        potrf, potri = (
-            (lapack.dpotrf, lapack.dpotri) if self.dtype == np.float64 else (lapack.spotrf, lapack.spotri)
-        )
         iu0, iu1 = self._iu
         scale = 1.0 / (self._count - 1)
         diag_packed = np.flatnonzero(iu0 == iu1)
@@ -380,13 +378,11 @@ class PackedGaussianAccumulator:
             work.reshape(stop - start, c * c)[:, self._lower_flat] = packed
             del packed
             for k in range(stop - start):
-                # A C-ordered symmetric matrix read as Fortran order is itself: factor and invert
-                # its "upper" triangle in place (this is the lower triangle in C order).
-                a = work[k].T
+                t = work[k]  # factored and inverted in place, lower triangle only (anomstats._lapack)
                 # Rounding-sized pivots are refused only without a ridge (see _patch_kernels.finish).
-                variances = np.diagonal(a).copy() if ridge == 0 else None
-                factor, info = potrf(a, lower=0, clean=0, overwrite_a=1)
-                if info == 0 and variances is not None and numerically_singular_pivot(np.diagonal(factor), variances):
+                variances = np.diagonal(t).copy() if ridge == 0 else None
+                info = potrf_lower(t)
+                if info == 0 and variances is not None and numerically_singular_pivot(np.diagonal(t), variances):
                     info = -1  # a rounding-sized pivot: exactly singular in exact arithmetic
                 if info != 0:
                     spent = ""
@@ -398,12 +394,9 @@ class PackedGaussianAccumulator:
                         f"definite{' (numerically singular)' if info < 0 else ''}; use a larger ridge{spent}"
                     )
                 if log_det is not None:  # the factor's diagonal, before potri overwrites it
-                    log_det[start + k] = 2.0 * np.log(np.diagonal(factor)).sum(dtype=np.float64)
-                inverse, info = potri(factor, lower=0, overwrite_c=1)
-                if info != 0:  # pragma: no cover - potrf succeeded, so the factor is invertible
+                    log_det[start + k] = 2.0 * np.log(np.diagonal(t)).sum(dtype=np.float64)
+                if potri_lower(t) != 0:  # pragma: no cover - potrf succeeded, so the factor is invertible
                     raise np.linalg.LinAlgError(f"inverting the factor of patch {start + k} failed")
-                if not np.shares_memory(inverse, work[k]):  # pragma: no cover - LAPACK copied
-                    work[k] = inverse.T
             flat = work.reshape(stop - start, c * c)
             flat[:, self._upper_flat] = flat[:, self._lower_flat]  # mirror the computed triangle
             precision[start:stop] = work
