@@ -14,15 +14,38 @@ from typing import Any
 import numpy as np
 from numpy.exceptions import AxisError
 
-__all__ = ["normalize_axes", "batch_view"]
+__all__ = ["check_axis_index", "normalise_axis", "normalise_axes", "batch_view"]
 
 
-def _as_axis(axis: Any, name: str, ndim: int) -> int:
-    """Return ``axis`` as a non-negative int below ``ndim``, or raise naming ``name``."""
+def check_axis_index(axis: Any, name: str) -> int:
+    """Return ``axis`` as an ``int`` (any integer type, not bool), or raise ``TypeError`` naming ``name``.
+
+    Examples
+    --------
+    >>> check_axis_index(np.int64(-1), "obs_axis")
+    -1
+    >>> check_axis_index(1.0, "var_axis")
+    Traceback (most recent call last):
+    ...
+    TypeError: var_axis must be an integer axis index, got 1.0
+    """
+    if isinstance(axis, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer axis index, got {axis!r}")
     try:
-        index = operator.index(axis)
+        return operator.index(axis)
     except TypeError:
         raise TypeError(f"{name} must be an integer axis index, got {axis!r}") from None
+
+
+def normalise_axis(axis: Any, name: str, ndim: int) -> int:
+    """Return ``axis`` as a non-negative int below ``ndim``, or raise naming ``name``.
+
+    Examples
+    --------
+    >>> normalise_axis(-1, "var_axis", 3)
+    2
+    """
+    index = check_axis_index(axis, name)
     if not -ndim <= index < ndim:
         raise AxisError(
             f"{name}={index} is out of range for an input with {ndim} dimensions "
@@ -31,7 +54,7 @@ def _as_axis(axis: Any, name: str, ndim: int) -> int:
     return index % ndim
 
 
-def normalize_axes(ndim: int, obs_axis: Any, var_axis: Any) -> tuple[int, int]:
+def normalise_axes(ndim: int, obs_axis: Any, var_axis: Any) -> tuple[int, int]:
     """Validate the two named axes of an ``ndim``-dimensional input and make them non-negative.
 
     Parameters
@@ -57,9 +80,9 @@ def normalize_axes(ndim: int, obs_axis: Any, var_axis: Any) -> tuple[int, int]:
 
     Examples
     --------
-    >>> normalize_axes(4, 0, -3)
+    >>> normalise_axes(4, 0, -3)
     (0, 1)
-    >>> normalize_axes(2, 1, -1)
+    >>> normalise_axes(2, 1, -1)
     Traceback (most recent call last):
     ...
     ValueError: obs_axis=1 and var_axis=-1 both refer to axis 1 of a 2-d input; they must name two different axes
@@ -69,8 +92,8 @@ def normalize_axes(ndim: int, obs_axis: Any, var_axis: Any) -> tuple[int, int]:
             f"x must have at least 2 dimensions (one of observations, one of variables), got {ndim}; "
             "for a single variable add an axis, e.g. x[:, None]"
         )
-    obs = _as_axis(obs_axis, "obs_axis", ndim)
-    var = _as_axis(var_axis, "var_axis", ndim)
+    obs = normalise_axis(obs_axis, "obs_axis", ndim)
+    var = normalise_axis(var_axis, "var_axis", ndim)
     if obs == var:
         raise ValueError(
             f"obs_axis={obs_axis} and var_axis={var_axis} both refer to axis {obs} of a {ndim}-d "
@@ -90,5 +113,5 @@ def batch_view(x: np.ndarray, obs_axis: Any, var_axis: Any) -> np.ndarray:
     >>> v.shape, np.shares_memory(v, x)
     ((4, 2, 5, 3), True)
     """
-    obs, var = normalize_axes(x.ndim, obs_axis, var_axis)
+    obs, var = normalise_axes(x.ndim, obs_axis, var_axis)
     return np.moveaxis(x, (obs, var), (-2, -1))

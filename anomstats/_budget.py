@@ -9,13 +9,11 @@ at least one, so a tiny budget slows the work down but never stops it).
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Iterator
 from typing import Any
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
-    "check_memory_budget",
     "items_per_chunk",
     "chunk_slices",
     "batch_chunks",
@@ -23,29 +21,6 @@ __all__ = [
 
 #: Default bound, in bytes, on the temporaries of one call (64 MiB).
 DEFAULT_MEMORY_BUDGET: int = 64 * 2**20
-
-
-def check_memory_budget(memory_budget: Any) -> int:
-    """Return ``memory_budget`` as a positive number of bytes, or raise naming the argument.
-
-    Examples
-    --------
-    >>> check_memory_budget(2**20)
-    1048576
-    >>> check_memory_budget(0)
-    Traceback (most recent call last):
-    ...
-    ValueError: memory_budget must be a positive number of bytes, got 0
-    """
-    try:
-        budget = operator.index(memory_budget)
-    except TypeError:
-        raise TypeError(
-            f"memory_budget must be an integer number of bytes, got {memory_budget!r}"
-        ) from None
-    if budget <= 0:
-        raise ValueError(f"memory_budget must be a positive number of bytes, got {budget}")
-    return budget
 
 
 def items_per_chunk(bytes_per_item: int, memory_budget: int) -> int:

@@ -22,7 +22,7 @@ How it is computed (in blocks whose temporaries stay within a memory budget, so 
 * Rows whose plain sum is tiny (far queries: hundreds of bandwidths away, or thousands of dimensions) are
   computed by a log-sum-exp with a per-query shift, so ``log S`` stays finite wherever the exact value is.
   Rows that are provably far (triangle inequality against the centres' radius) go there directly.
-* ``exp`` arguments are clamped at -700 when a block holds smaller ones: results that underflow make
+* ``exp`` arguments are clamped at the dtype's floor (``log(tiny) + 1``, see :mod:`anomstats._rules`) when a block holds smaller ones: results that underflow make
   ``np.exp`` 10-80 times slower, and the clamped terms are negligible against the floor above.
 
 Query blocks are spread over a small thread pool (kept between calls: starting threads costs about as
@@ -34,31 +34,19 @@ more than they bring and would oversubscribe the cores.
 
 from __future__ import annotations
 
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
-from ._parallel import blas_controller, single_threaded_blas
+from ._budget import DEFAULT_MEMORY_BUDGET as _DEFAULT_BUDGET
+from ._validation import check_memory_budget
+from ._parallel import resolve_workers, run_chunks
+from ._rules import exp_floor, trusted_sum_floor
 
 #: Default budget, in bytes, for the per-call temporaries that would otherwise scale with ``n * m``.
-DEFAULT_MEMORY_BUDGET: int = 64 * 2**20
+DEFAULT_MEMORY_BUDGET: int = _DEFAULT_BUDGET
 
 #: Up to this dimension squared distances are formed by direct differences; above it, by a product.
 DIRECT_MAX_D: int = 2
 
-
-def _plain_sum_floor(dtype: np.dtype):
-    """A plain sum below this is recomputed with a shift.
-
-    Above it (about 1e-277 in float64) every term that matters is a normal number, and the terms lost to
-    underflow (each below the smallest subnormal, at most n of them) are negligible relative to it.
-    """
-    return np.finfo(dtype).tiny ** dtype.type(0.9)
-
-# exp() arguments are clamped to at least this (see _clamped_exp); exp(-700) ~ 1e-304 is a normal number.
-_EXP_FLOOR: float = -700.0
 
 # Block sizes (the memory budget can only make them smaller). Direct-route blocks are big enough that
 # each NumPy call runs for tens of microseconds, so that worker threads overlap instead of queueing for
@@ -75,53 +63,6 @@ _PRODUCT_BLOCK_BYTES: int = 1 << 20
 
 # Query rows per block on the product route (centres per block follow from the block size).
 _PRODUCT_BLOCK_ROWS: int = 128
-
-
-def default_workers() -> int:
-    """Worker threads used by default: the CPUs this process may run on (at most 8).
-
-    Without ``threadpoolctl`` BLAS cannot be held to one thread per worker, so one worker is used and
-    BLAS does its own threading.
-    """
-    if blas_controller() is None:
-        return 1
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - platforms without sched_getaffinity
-        available = os.cpu_count() or 1
-    return max(1, min(available, 8))
-
-
-_pool_lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
-
-
-def _executor(workers: int) -> ThreadPoolExecutor:
-    """A process-wide pool with at least ``workers`` threads, kept between calls.
-
-    Starting threads costs about a millisecond each on these machines, as much as a whole small
-    evaluation. The workers never wait on other tasks, so callers in several threads can share it.
-    """
-    global _pool, _pool_size
-    with _pool_lock:
-        if _pool is None or _pool_size < workers:
-            old = _pool
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="anomstats-kde")
-            _pool_size = workers
-            if old is not None:
-                old.shutdown(wait=False)
-        return _pool
-
-
-def _forget_pool_after_fork() -> None:
-    # A forked child inherits the pool object but not its threads.
-    global _pool, _pool_size, _pool_lock
-    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 class WhitenedCentres:
@@ -199,7 +140,7 @@ def kernel_sums(
     memory_budget : int
         Upper bound in bytes on the block temporaries, all threads together.
     workers : int, optional
-        Worker threads; defaults to :func:`default_workers`.
+        Worker threads; defaults to :func:`anomstats._parallel.resolve_workers` (serial without threadpoolctl).
 
     Returns
     -------
@@ -209,23 +150,20 @@ def kernel_sums(
         The plain sums where they were computed without a shift (accurate to rounding), NaN for the rows
         that needed the shifted recomputation.
     """
-    if memory_budget <= 0:
-        raise ValueError(f"memory_budget must be a positive number of bytes; got {memory_budget!r}.")
     points = np.ascontiguousarray(points, dtype=centres.dtype) * centres.dtype.type(np.sqrt(0.5))
     m = points.shape[0]
     sums = np.empty(m, dtype=centres.dtype)
     log_sums = np.empty(m, dtype=centres.dtype)
     if m == 0:
         return log_sums, sums
-    if workers is None:
-        workers = default_workers()
-    workers = max(1, int(workers))
+    memory_budget = check_memory_budget(memory_budget)
+    workers = resolve_workers(workers)
     direct = not centres.use_products
     rows, cols = _block_shape(centres.n, m, centres.dtype.itemsize, workers, memory_budget, direct)
     # Enough row blocks to keep every worker busy, even when m is small.
     if workers > 1 and m < rows * workers:
         rows = max(1, -(-m // workers))
-    floor = _plain_sum_floor(centres.dtype)
+    floor = trusted_sum_floor(centres.dtype)  # weights sum to one
     # Rows that are certainly far from every centre (by the triangle inequality against the centres'
     # radius) would fail the plain-sum floor anyway: send them straight to the shifted route.
     gap = np.sqrt(np.einsum("ij,ij->i", points, points)) - centres.radius
@@ -255,12 +193,7 @@ def kernel_sums(
 
     # BLAS is held to one thread even with one worker: the blocks are small, and BLAS threads started
     # (and spinning) for every small product cost more than they bring.
-    with single_threaded_blas():
-        if active == 1:
-            run(0)
-        else:
-            # list() re-raises a worker's exception here.
-            list(_executor(active).map(run, range(active)))
+    run_chunks(run, range(active), active)
     return log_sums, sums
 
 
@@ -302,7 +235,7 @@ def _plain_sums(centres: WhitenedCentres, points: np.ndarray, cols: int, buffers
     # Every exponent is -r2/2 >= -(|u_p| + radius)^2: when that bound stays above the clamp, the check
     # for small exponents can be skipped.
     reach = (np.sqrt(np.einsum("ij,ij->i", points, points)) + centres.radius) ** 2
-    check = bool(reach.max() > -_EXP_FLOOR)
+    check = bool(reach.max() > -exp_floor(dtype))
     if centres.use_products:
         augmented = np.empty((rows, d + 2), dtype=dtype)
         np.multiply(points, 2.0, out=augmented[:, :d])
@@ -355,17 +288,19 @@ def _shifted_log_sums(centres: WhitenedCentres, points: np.ndarray, cols: int, b
 
 
 def _clamped_exp(block: np.ndarray, check: bool = True) -> None:
-    """``exp`` in place, arguments clamped below at ``_EXP_FLOOR`` when any is smaller.
+    """``exp`` in place, arguments clamped below at :func:`anomstats._rules.exp_floor` when any is smaller.
 
     ``check=False`` is for callers that know no argument can be below the floor (to rounding: the
     product route's exponents may sit a few ulps below their bound, harmlessly).
 
     Results that underflow make ``np.exp`` 10 to 80 times slower (subnormal and zero results leave the
-    vector path), and far pairs are common. Clamping adds at most ``exp(_EXP_FLOOR)`` (~1e-304) per term
-    relative to weights summing to one: far below the plain-sum floor that sends a row to the shifted
-    route, and below one part in 1e290 of a shifted sum whose largest term is 1.
+    vector path), and far pairs are common. Clamping adds at most ``e·tiny`` per term relative to
+    weights summing to one: far below the trusted-sum floor that sends a row to the shifted route
+    (:func:`anomstats._rules.trusted_sum_floor`), and negligible in a shifted sum whose largest term is 1.
     """
     # Checking costs a fast reduction; the clamp itself (np.maximum) is as slow as exp, so only when needed.
-    if check and block.size and block.min() < _EXP_FLOOR:
-        np.maximum(block, _EXP_FLOOR, out=block)
+    if check and block.size:
+        floor = exp_floor(block.dtype)
+        if block.min() < floor:
+            np.maximum(block, floor, out=block)
     np.exp(block, out=block)

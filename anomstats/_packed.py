@@ -51,10 +51,11 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 from scipy.linalg import blas
 
-from ._budget import DEFAULT_MEMORY_BUDGET, check_memory_budget, items_per_chunk
+from ._budget import DEFAULT_MEMORY_BUDGET, items_per_chunk
 from ._lapack import potri_lower, potrf_lower
 from ._patch_kernels import numerically_singular_pivot
-from .gaussian import DEFAULT_RIDGE
+from ._rules import DEFAULT_RIDGE
+from ._validation import check_memory_budget
 
 __all__ = ["PackedGaussianAccumulator", "packed_state_bytes"]
 

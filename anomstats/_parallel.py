@@ -18,14 +18,22 @@ overlapping from several caller threads share one limit, released by the last of
 from __future__ import annotations
 
 import contextlib
-import operator
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-__all__ = ["blas_controller", "resolve_workers", "run_chunks", "single_threaded_blas"]
+from ._validation import check_workers
+
+__all__ = [
+    "available_cores",
+    "blas_controller",
+    "resolve_workers",
+    "run_chunks",
+    "shared_executor",
+    "single_threaded_blas",
+]
 
 T = TypeVar("T")
 
@@ -33,8 +41,19 @@ T = TypeVar("T")
 MAX_DEFAULT_WORKERS: int = 8
 
 
+def available_cores() -> int:
+    """The CPUs this process may run on (its affinity mask where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not every platform has affinity masks
+        return os.cpu_count() or 1
+
+
 def resolve_workers(workers: Any) -> int:
     """Return the number of worker threads to use: ``None`` means the usable cores (at most 8).
+
+    The one worker policy of the library (every estimator's ``workers`` argument comes through here).
+    Without ``threadpoolctl`` :func:`run_chunks` still runs chunks serially, whatever this returns.
 
     Examples
     --------
@@ -45,19 +64,42 @@ def resolve_workers(workers: Any) -> int:
     ...
     ValueError: workers must be a positive integer or None, got 0
     """
-    if workers is None:
-        try:
-            available = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):  # not every platform has affinity masks
-            available = os.cpu_count() or 1
-        return max(1, min(available, MAX_DEFAULT_WORKERS))
-    try:
-        count = operator.index(workers)
-    except TypeError:
-        raise TypeError(f"workers must be a positive integer or None, got {workers!r}") from None
-    if count < 1:
-        raise ValueError(f"workers must be a positive integer or None, got {count}")
+    count = check_workers(workers)
+    if count is None:
+        return max(1, min(available_cores(), MAX_DEFAULT_WORKERS))
     return count
+
+
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def shared_executor(workers: int) -> ThreadPoolExecutor:
+    """The process-wide pool, with at least ``workers`` threads, kept between calls.
+
+    Starting threads costs about a millisecond each on these machines, as much as a whole small
+    evaluation. Tasks given to it never wait on other tasks, so callers in several threads can share it.
+    """
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size < workers:
+            old = _pool
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="anomstats")
+            _pool_size = workers
+            if old is not None:
+                old.shutdown(wait=False)
+        return _pool
+
+
+def _forget_pool_after_fork() -> None:
+    # A forked child inherits the pool object but not its threads.
+    global _pool, _pool_size, _pool_lock
+    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 _controller: Any = None
@@ -159,6 +201,37 @@ def run_chunks(
             for chunk in chunks:
                 task(chunk)
             return
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            # list() waits for every task and re-raises the first exception.
-            list(pool.map(task, chunks))
+        _run_on_pool(task, chunks, workers)
+
+
+def _run_on_pool(task: Callable[[T], None], chunks: list[T], workers: int) -> None:
+    """``task`` over ``chunks`` with exactly ``workers`` chunks in flight on the shared pool.
+
+    The pool may have more threads (another caller asked for more); the memory budgets of the callers
+    are divided by *their* ``workers``, so each call runs ``workers`` runner tasks that take the chunks
+    one by one. After a failure the runners stop taking chunks; the first exception is re-raised.
+    """
+    pending = iter(chunks)
+    lock = threading.Lock()
+    failed = threading.Event()
+
+    def runner() -> None:
+        while not failed.is_set():
+            with lock:
+                chunk = next(pending, _NO_CHUNK)
+            if chunk is _NO_CHUNK:
+                return
+            try:
+                task(chunk)  # type: ignore[arg-type]
+            except BaseException:
+                failed.set()
+                raise
+
+    futures = [shared_executor(workers).submit(runner) for _ in range(workers)]
+    errors = [f.exception() for f in futures]  # waits for every runner
+    for error in errors:
+        if error is not None:
+            raise error
+
+
+_NO_CHUNK = object()

@@ -26,7 +26,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ._budget import items_per_chunk
-from ._gaussian_checks import describe_patch
+from ._validation import describe_patch
 from ._lapack import ScratchKernels
 from ._shrinkage import ledoit_wolf_coefficient, oas_coefficient, shrink_in_place
 

@@ -1,8 +1,18 @@
-"""Validation of observation weights for the :func:`anomstats.cov` family.
+"""Validation of observation weights: the one home of every weight check in the library.
 
-Each check raises the exception type and message that :func:`numpy.cov` raises for the same bad
-weights, in the same order, so that callers can switch between the two without changing their
-error handling.  The arrays returned are never written to by anything in this package.
+Three vocabularies, one implementation of each fault:
+
+* :func:`as_frequency_weights` / :func:`as_analytic_weights` raise exactly what :func:`numpy.cov` raises
+  for the same bad weights, in the same order (type and text), for the numpy drop-ins
+  :func:`anomstats.cov` and :func:`anomstats.corrcoef`.
+* :func:`check_weights` is the library's own vocabulary (:func:`anomstats.batched_cov`,
+  :class:`anomstats.RunningMoments`, the dask paths, the torch adapter): numpy's exception *types*, whose
+  messages start with numpy's text and then say what was received; NaN and infinite weights are
+  rejected (numpy returns a NaN matrix).
+* :func:`kde_weights` is scipy's vocabulary for :class:`anomstats.GaussianKDE` and
+  :func:`anomstats.bandwidth.effective_sample_size` (``ValueError`` throughout, scipy's phrases).
+
+The arrays returned by the first three are never written to by anything in this package.
 """
 
 from __future__ import annotations
@@ -12,30 +22,38 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["as_frequency_weights", "as_analytic_weights"]
+__all__ = ["as_frequency_weights", "as_analytic_weights", "check_weights", "kde_weights"]
 
 
-def _as_weight_vector(weights: Any, kind: str, n_obs: int) -> NDArray[np.float64]:
+def _as_weight_vector(weights: Any, kind: str, n_obs: int, *, detailed: bool = False) -> NDArray[np.float64]:
     """Shared shape and sign checks for a 1-D float64 weight vector of length ``n_obs``.
 
-    ``weights`` is already a float64 array here; ``kind`` is ``"fweights"`` or ``"aweights"``
-    and appears in the messages.
+    ``weights`` is already a float64 array here; ``kind`` is ``"fweights"``, ``"aweights"`` (or the
+    caller's argument name) and appears in the messages. ``detailed`` appends what was received to
+    numpy's messages (the library's vocabulary).
     """
     if weights.ndim > 1:
-        raise RuntimeError(f"cannot handle multidimensional {kind}")
+        suffix = f": expected one weight per observation (1-D), got shape {weights.shape}" if detailed else ""
+        raise RuntimeError(f"cannot handle multidimensional {kind}{suffix}")
     if weights.ndim == 0:
+        if detailed:
+            raise ValueError(f"{kind} must be a 1-D array with one weight per observation, got a scalar")
         # numpy indexes ``shape[0]`` without checking for a scalar first; keep its IndexError
         # (type and text) so that error handling written against numpy keeps working.
         raise IndexError("tuple index out of range")
     if weights.shape[0] != n_obs:
-        raise RuntimeError(f"incompatible numbers of samples and {kind}")
+        suffix = f": {weights.shape[0]} weights for {n_obs} observations along obs_axis" if detailed else ""
+        raise RuntimeError(f"incompatible numbers of samples and {kind}{suffix}")
+    if detailed and not np.all(np.isfinite(weights)):
+        raise ValueError(f"{kind} must be finite; found NaN or infinity")
     if np.any(weights < 0):
-        raise ValueError(f"{kind} cannot be negative")
+        suffix = f"; found minimum {weights.min()!r}" if detailed else ""
+        raise ValueError(f"{kind} cannot be negative{suffix}")
     return weights
 
 
 def as_frequency_weights(fweights: Any, n_obs: int) -> NDArray[np.float64]:
-    """Return ``fweights`` as a validated 1-D float64 array of length ``n_obs``.
+    """Return ``fweights`` as a validated 1-D float64 array of length ``n_obs`` (numpy's vocabulary).
 
     Frequency weights must hold whole numbers (``2.0`` is accepted, ``2.5`` and NaN are not),
     be one-dimensional, have one entry per observation and be non-negative.  The result may be
@@ -58,7 +76,7 @@ def as_frequency_weights(fweights: Any, n_obs: int) -> NDArray[np.float64]:
 
 
 def as_analytic_weights(aweights: Any, n_obs: int) -> NDArray[np.float64]:
-    """Return ``aweights`` as a validated 1-D float64 array of length ``n_obs``.
+    """Return ``aweights`` as a validated 1-D float64 array of length ``n_obs`` (numpy's vocabulary).
 
     Analytic (reliability) weights may be any non-negative reals.  The result may be
     ``aweights`` itself (no copy for float64 arrays): callers must not modify it.
@@ -73,3 +91,73 @@ def as_analytic_weights(aweights: Any, n_obs: int) -> NDArray[np.float64]:
     ValueError: aweights cannot be negative
     """
     return _as_weight_vector(np.asarray(aweights, dtype=float), "aweights", n_obs)
+
+
+def check_weights(weights: Any, n_obs: int, name: str = "aweights") -> NDArray[np.float64]:
+    """Validate analytic weights in the library's vocabulary: 1-D float64, one finite weight >= 0 each.
+
+    Exception types follow :func:`numpy.cov` (``RuntimeError`` for the shape, ``ValueError`` for
+    negative values), with messages that start like numpy's and say what was received. Unlike
+    numpy, NaN and infinite weights are rejected (numpy returns a NaN matrix). The returned array
+    may be the caller's: never write to it. A zero sum is checked by the caller.
+
+    Examples
+    --------
+    >>> check_weights([1, 2, 0.5], 3)
+    array([1. , 2. , 0.5])
+    >>> check_weights([1, 2], 3)
+    Traceback (most recent call last):
+    ...
+    RuntimeError: incompatible numbers of samples and aweights: 2 weights for 3 observations along obs_axis
+    """
+    try:
+        w = np.asarray(weights, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be an array of real numbers ({exc})") from None
+    return _as_weight_vector(w, name, n_obs, detailed=True)
+
+
+def kde_weights(weights: Any, n: int | None = None) -> NDArray[np.float64]:
+    """Weights of a Gaussian KDE's points, validated in scipy's vocabulary and normalised to sum to one.
+
+    A new float64 array (the caller's is never touched). ``n`` (the number of points) is checked when
+    given. Shape faults are reported before value faults, as scipy does.
+
+    Examples
+    --------
+    >>> kde_weights([3, 1])
+    array([0.75, 0.25])
+    >>> kde_weights([1, -1], 2)
+    Traceback (most recent call last):
+    ...
+    ValueError: `weights` must be non-negative (aweights cannot be negative).
+    """
+    return normalised_kde_weights(kde_weights_of_valid_shape(weights, n))
+
+
+def kde_weights_of_valid_shape(weights: Any, n: int | None) -> NDArray[np.float64]:
+    """``weights`` as a new float64 array, checked to be 1-D (of length ``n`` when given); scipy's messages."""
+    w = np.atleast_1d(weights).astype(float)  # a copy: the caller's array is never touched
+    if w.ndim != 1:
+        raise ValueError("`weights` input should be one-dimensional.")
+    if n is not None and len(w) != n:
+        raise ValueError("`weights` input should be of length n")
+    return w
+
+
+def normalised_kde_weights(w: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Check the values of a float64 weight vector that the caller owns and normalise it in place."""
+    if np.any(w < 0):
+        raise ValueError("`weights` must be non-negative (aweights cannot be negative).")
+    if not np.all(np.isfinite(w)):
+        raise ValueError(
+            "`weights` must be finite (array must not contain infs or NaNs); remove or replace them."
+        )
+    total = w.sum()
+    if not (np.isfinite(total) and total > 0):
+        raise ValueError(
+            "`weights` must have a positive, finite sum; at least one weight must be positive "
+            "(normalising needs a positive sum)."
+        )
+    w /= total
+    return w

@@ -29,11 +29,15 @@ from typing import Any, Callable, Union
 
 import numpy as np
 
+from ._rules import gaussian_log_normaliser
+from ._weights import kde_weights
+
 __all__ = [
     "BW_METHOD_ERROR",
     "scotts_factor",
     "silverman_factor",
     "effective_sample_size",
+    "neff_of_normalised",
     "resolve_bw_method",
     "bandwidth_factor",
     "check_factor",
@@ -117,19 +121,19 @@ def effective_sample_size(weights) -> float:
     >>> effective_sample_size([3, 1])
     1.6
     """
-    w = np.asarray(weights, dtype=np.float64)
-    if w.ndim != 1:
-        raise ValueError(f"`weights` should be one-dimensional; got shape {w.shape}.")
-    if not np.all(np.isfinite(w)):
-        raise ValueError("`weights` must be finite; remove or replace NaN and infinite weights.")
-    if np.any(w < 0):
-        raise ValueError("`weights` must be non-negative.")
-    total = w.sum()
-    if not total > 0:
-        raise ValueError("`weights` must have a positive sum; at least one weight must be positive.")
-    w = w / total
+    return float(neff_of_normalised(kde_weights(weights)))
+
+
+def neff_of_normalised(weights: np.ndarray) -> np.float64:
+    """:func:`effective_sample_size` of weights already validated and normalised to sum to one.
+
+    Examples
+    --------
+    >>> float(neff_of_normalised(np.array([0.5, 0.5])))
+    2.0
+    """
     # np.vecdot, as scipy.stats.gaussian_kde uses, so that neff agrees to the last bit.
-    return float(1.0 / np.vecdot(w, w))
+    return 1 / np.vecdot(weights, weights)
 
 
 def resolve_bw_method(bw_method: BwMethod) -> BwMethod:
@@ -271,4 +275,4 @@ def log_normalisation(log_det: float, d: int) -> float:
     >>> print(f"{math.exp(log_normalisation(0.0, 2)):.6f}")
     0.159155
     """
-    return -0.5 * (d * math.log(2.0 * math.pi) + float(log_det))
+    return float(gaussian_log_normaliser(d, float(log_det)))

@@ -8,269 +8,69 @@ accumulation dtype (this copy is also the cast and the transposition), centred a
 far from the origin), and reduced by one stacked matrix product ``Xcᵀ·Xc`` that BLAS evaluates as a
 symmetric rank-k update. Chunks are sized under a memory budget and spread over a few threads.
 
-The chunk kernel (:func:`centred_copy` then :func:`gram`) is shared with :class:`anomstats.RunningMoments`.
+The chunk kernel (:func:`anomstats._moment_kernels.centred_copy` then :func:`~anomstats._moment_kernels.gram`)
+is shared with :class:`anomstats.RunningMoments`. A dask input is handed to :mod:`anomstats._dask`, which
+merges per-chunk :class:`~anomstats.RunningMoments` (the dispatch decorator below).
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from . import _dask
-from ._axes import batch_view
-from ._budget import DEFAULT_MEMORY_BUDGET, batch_chunks, check_memory_budget, items_per_chunk
+from ._axes import batch_view, normalise_axes
+from ._budget import DEFAULT_MEMORY_BUDGET
+from ._moment_kernels import centred_moments, plan_chunks
 from ._parallel import resolve_workers, run_chunks
+from ._rules import degrees_of_freedom
+from ._validation import accumulation_dtype, check_ddof, check_memory_budget
+from ._weights import check_weights
+from .moments import RunningMoments
 
-__all__ = [
-    "batched_cov",
-    "centred_copy",
-    "gram",
-    "centred_moments",
-    "check_weights",
-    "accumulation_dtype",
-    "plan_chunks",
-]
-
-# Upper bound on one chunk's private copy, whatever the budget: large enough to amortise the
-# per-chunk overheads, small enough that every worker gets several chunks. Measured on the PaDiM
-# case (448 patches, one thread): 1 MiB 0.31 s, 2-8 MiB ~0.24 s, 16 MiB 0.19 s (a busy machine;
-# differences under ~20% are noise). The memory budget can only make chunks smaller.
-_CACHE_CHUNK_BYTES: int = 16 * 2**20
-# Below this much work per chunk, a thread costs more than it saves.
-_MIN_THREAD_CHUNK_BYTES: int = 2**18
+__all__ = ["batched_cov"]
 
 
-def accumulation_dtype(x_dtype: np.dtype[Any], dtype: DTypeLike | None) -> np.dtype[Any]:
-    """The dtype in which moments of data of ``x_dtype`` are accumulated and returned.
+def _checked_weights(
+    aweights: ArrayLike | None, n_obs: int
+) -> tuple[NDArray[np.float64] | None, float, float]:
+    """``(weights, Σw, Σw²)`` of validated ``aweights`` (unit weights when ``None``); a zero sum raises."""
+    if aweights is None:
+        return None, float(n_obs), float(n_obs)
+    weights = check_weights(np.asarray(aweights), n_obs, "aweights")  # dask weights are small: computed
+    w_sum, w2_sum = float(weights.sum()), float(np.dot(weights, weights))
+    if w_sum == 0.0:
+        raise ZeroDivisionError("Weights sum to zero, can't be normalized")
+    return weights, w_sum, w2_sum
 
-    ``None`` follows :func:`numpy.cov`: ``result_type(x_dtype, float64)`` (float64 for bool,
-    integer, float16/32 and float64; longdouble and complex128 where those come in). An explicit
-    ``dtype`` must be a floating or complex dtype, and complex data needs a complex one.
 
-    Examples
-    --------
-    >>> import numpy as np
-    >>> accumulation_dtype(np.dtype(np.float32), None)
-    dtype('float64')
-    >>> accumulation_dtype(np.dtype(np.int64), np.float32)
-    dtype('float32')
+def _dask_batched_cov(
+    x: Any,
+    *,
+    obs_axis: int = 0,
+    var_axis: int = 1,
+    ddof: int = 1,
+    aweights: Any = None,
+    dtype: DTypeLike | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    workers: int | None = None,
+) -> Any:
+    """:func:`batched_cov` of a dask array: per-chunk :class:`RunningMoments`, tree-merged, lazily.
+
+    Validation is the in-memory path's, so the same faults raise the same errors.
     """
-    if x_dtype.kind not in "biufc":
-        raise TypeError(f"x must hold numbers (bool, integer, floating or complex), got dtype {x_dtype}")
-    if dtype is None:
-        return np.result_type(x_dtype, np.float64)
-    result = np.dtype(dtype)
-    if result.kind not in "fc":
-        raise TypeError(f"dtype must be a floating or complex dtype, got {result}")
-    if x_dtype.kind == "c" and result.kind != "c":
-        raise TypeError(
-            f"dtype={result} would discard the imaginary part of complex x ({x_dtype}); "
-            "pass a complex dtype or leave dtype=None"
-        )
-    return result
+    obs, var = normalise_axes(x.ndim, obs_axis, var_axis)
+    out_dtype = accumulation_dtype(np.dtype(x.dtype), dtype)
+    ddof = check_ddof(ddof)
+    weights, w_sum, w2_sum = _checked_weights(aweights, x.shape[obs])
+    degrees_of_freedom(w_sum, w2_sum, ddof)  # warns now, as the in-memory path does
+    template = RunningMoments(obs, var, dtype=dtype, memory_budget=memory_budget, workers=workers)
+    return _dask.lazy_covariance(template, x, obs, var, weights, ddof, out_dtype)
 
 
-def check_ddof(ddof: Any) -> int:
-    """Return an integer-valued ``ddof`` as ``int`` (``2.0`` is fine, ``1.5`` is not), as numpy does."""
-    try:
-        value = int(ddof)
-    except (TypeError, ValueError):
-        raise TypeError(f"ddof must be an integer, got {ddof!r}") from None
-    if ddof != value:
-        raise ValueError(f"ddof must be integer, got {ddof!r}")
-    return value
-
-
-def check_weights(weights: Any, n_obs: int, name: str = "aweights") -> NDArray[np.float64]:
-    """Validate analytic (reliability) weights: a 1-D float64 array, one finite weight >= 0 per observation.
-
-    Exception types follow :func:`numpy.cov` (``RuntimeError`` for the shape, ``ValueError`` for
-    negative values), with messages that start like numpy's and say what was received. Unlike
-    numpy, NaN and infinite weights are rejected (numpy returns a NaN matrix). The returned array
-    may be the caller's: never write to it. A zero sum is checked by the caller.
-
-    Examples
-    --------
-    >>> check_weights([1, 2, 0.5], 3)
-    array([1. , 2. , 0.5])
-    >>> check_weights([1, 2], 3)
-    Traceback (most recent call last):
-    ...
-    RuntimeError: incompatible numbers of samples and aweights: 2 weights for 3 observations along obs_axis
-    """
-    try:
-        w = np.asarray(weights, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be an array of real numbers ({exc})") from None
-    if w.ndim > 1:
-        raise RuntimeError(
-            f"cannot handle multidimensional {name}: expected one weight per observation (1-D), "
-            f"got shape {w.shape}"
-        )
-    if w.ndim == 0:
-        raise ValueError(f"{name} must be a 1-D array with one weight per observation, got a scalar")
-    if w.shape[0] != n_obs:
-        raise RuntimeError(
-            f"incompatible numbers of samples and {name}: {w.shape[0]} weights for "
-            f"{n_obs} observations along obs_axis"
-        )
-    if not np.all(np.isfinite(w)):
-        raise ValueError(f"{name} must be finite; found NaN or infinity")
-    if np.any(w < 0):
-        raise ValueError(f"{name} cannot be negative; found minimum {w.min()!r}")
-    return w
-
-
-def plan_chunks(
-    view: np.ndarray, dtype: np.dtype[Any], memory_budget: int, workers: int, extra_per_item: int = 0
-) -> list[tuple[tuple[Any, ...], int]]:
-    """Split the batch axes of ``view`` (laid out ``(*batch, N, C)``) into chunks for the kernel.
-
-    Per batch item the kernel needs its private ``(N, C)`` copy plus a mean of ``C`` entries (and
-    ``extra_per_item`` bytes for the caller's own scratch). The budget is shared by the ``workers``
-    chunks in flight; chunks are also capped at a few MiB and split finely enough that every
-    worker gets some.
-    """
-    *batch, n_obs, n_var = view.shape
-    n_items = int(np.prod(batch, dtype=np.int64))
-    per_item = (n_obs * n_var + 2 * n_var) * dtype.itemsize + extra_per_item
-    in_flight = max(1, min(workers, n_items))
-    max_items = min(
-        items_per_chunk(per_item, memory_budget // in_flight),
-        items_per_chunk(per_item, _CACHE_CHUNK_BYTES),
-        max(
-            -(-n_items // in_flight),  # every worker gets a share...
-            items_per_chunk(per_item, _MIN_THREAD_CHUNK_BYTES),  # ...unless shares would be tiny
-        ),
-    )
-    return list(batch_chunks(tuple(batch), max_items))
-
-
-# Tiles of the cache-blocked transposition in ``gather``: TILE_ITEMS batch items by TILE_VALUES
-# values of each item; about 64 KiB read and 128 KiB written per tile, which stay in the L2 cache.
-_TILE_ITEMS: int = 64
-_TILE_VALUES: int = 256
-
-
-def _flat_view(block: np.ndarray, p: int, values: int) -> np.ndarray | None:
-    """``block`` as a ``(p, values)`` view, or ``None`` when its strides do not allow one."""
-    try:
-        return block.reshape(p, values, copy=False)
-    except ValueError:  # would need a copy
-        return None
-    except TypeError:  # numpy < 2.1 has no ``copy`` keyword: assigning the shape never copies
-        flat = block.view()
-        try:
-            flat.shape = (p, values)
-        except AttributeError:
-            return None
-        return flat
-
-
-def gather(block: np.ndarray, work: np.ndarray) -> None:
-    """Copy (and cast) a ``(*chunk_batch, N, C)`` view into ``work``, shape ``(p, N, C)``.
-
-    ``work`` must have contiguous ``(N, C)`` items (the item stride may be larger).
-
-    Layouts such as PaDiM's ``(B, C, H, W)`` keep the batch items next to each other in memory, so
-    every value of one item is a long stride away from the next: a plain copy then touches a new
-    cache line for every value it reads. When the chunk can be seen as a ``(p, N·C)`` matrix whose
-    item axis is the one close in memory, it is transposed in small tiles instead, each read and
-    written while it sits in the cache (measured: 4x faster than ``numpy.copyto`` for the PaDiM
-    case). Other layouts are already read in order by a plain copy.
-    """
-    p = work.shape[0]
-    values = work.shape[1] * work.shape[2]
-    source = _flat_view(block, p, values) if p > 1 else None
-    target = _flat_view(work, p, values)
-    if source is None or target is None or abs(source.strides[0]) >= abs(source.strides[1]):
-        # Splitting the item axis of ``work`` back into the chunk's batch axes is always a view.
-        np.copyto(work.reshape(block.shape), block, casting="unsafe")
-        return
-    for v0 in range(0, values, _TILE_VALUES):
-        for i0 in range(0, p, _TILE_ITEMS):
-            np.copyto(
-                target[i0 : i0 + _TILE_ITEMS, v0 : v0 + _TILE_VALUES],
-                source[i0 : i0 + _TILE_ITEMS, v0 : v0 + _TILE_VALUES],
-                casting="unsafe",
-            )
-
-
-def centred_copy(
-    block: np.ndarray,
-    dtype: np.dtype[Any],
-    weights: NDArray[np.float64] | None,
-    mean_out: np.ndarray,
-    spare_rows: int = 0,
-) -> np.ndarray:
-    """Private centred (and weighted) copy of one chunk of batch items: the first half of the kernel.
-
-    Parameters
-    ----------
-    block : ndarray, shape (*chunk_batch, N, C)
-        A view of the caller's data; read only.
-    dtype : numpy.dtype
-        Accumulation dtype.
-    weights : ndarray, shape (N,), or None
-        Validated analytic weights with a positive sum, or ``None`` for unit weights.
-    mean_out : ndarray, shape (p, C)
-        Receives the (weighted) mean of each item; ``p`` is the number of items in ``block``.
-    spare_rows : int, default 0
-        Extra rows allocated after the ``N`` observations, left uninitialised for the caller
-        (:class:`anomstats.RunningMoments` puts its mean-shift correction there).
-
-    Returns
-    -------
-    ndarray, shape (p, N + spare_rows, C)
-        Rows ``√w_n (x_n − mean)``, so that :func:`gram` of it gives the centred sums.
-    """
-    n_obs, n_var = block.shape[-2:]
-    p = mean_out.shape[0]
-    # One private copy: cast, transposition to (p, N, C) and protection of the input at once.
-    buffer = np.empty((p, n_obs + spare_rows, n_var), dtype=dtype)
-    work = buffer[:, :n_obs]
-    gather(block, work)
-    if weights is None:
-        np.sum(work, axis=1, out=mean_out)
-        mean_out /= n_obs
-    else:
-        w = weights.astype(dtype, copy=False)
-        np.matmul(w, work, out=mean_out)
-        mean_out /= w.sum()
-    work -= mean_out[:, None, :]
-    if weights is not None:
-        # Σ w (x−μ)(x−μ)ᴴ = Σ (√w (x−μ))(√w (x−μ))ᴴ keeps the product symmetric (one BLAS syrk).
-        work *= np.sqrt(weights).astype(dtype, copy=False)[:, None]
-    return buffer
-
-
-def gram(rows: np.ndarray, out: np.ndarray) -> None:
-    """``out[i] = rows[i]ᵀ · conj(rows[i])`` for a stack of ``(M, C)`` matrices: the second half of the kernel."""
-    rows_t = rows.transpose(0, 2, 1)
-    if rows.dtype.kind == "c":
-        np.matmul(rows_t, rows.conj(), out=out)
-    else:
-        # Both operands are views of one buffer: numpy hands this to BLAS syrk.
-        np.matmul(rows_t, rows, out=out)
-
-
-def centred_moments(
-    block: np.ndarray,
-    dtype: np.dtype[Any],
-    weights: NDArray[np.float64] | None,
-    mean_out: np.ndarray,
-    sums_out: np.ndarray,
-) -> None:
-    """Mean and centred sums ``Σ_n w_n (x_n − mean)(x_n − mean)ᴴ`` (not normalised) of one chunk.
-
-    ``sums_out`` has shape ``(p, C, C)``; the other arguments are those of :func:`centred_copy`.
-    """
-    gram(centred_copy(block, dtype, weights, mean_out), sums_out)
-
-
+@_dask.dispatch(_dask_batched_cov, arg="x")
 def batched_cov(
     x: ArrayLike,
     *,
@@ -384,11 +184,6 @@ def batched_cov(
     array([[[ 1., -1.],
             [-1.,  1.]]])
     """
-    if _dask.is_dask_array(x):
-        return _dask.batched_cov(
-            x, obs_axis=obs_axis, var_axis=var_axis, ddof=ddof, aweights=aweights, dtype=dtype,
-            memory_budget=memory_budget, workers=workers,
-        )
     data = np.asarray(x)
     ddof = check_ddof(ddof)
     budget = check_memory_budget(memory_budget)
@@ -397,15 +192,7 @@ def batched_cov(
     acc = accumulation_dtype(data.dtype, dtype)
     *batch, n_obs, n_var = view.shape
 
-    weights = None
-    if aweights is None:
-        norm = float(n_obs - ddof)
-    else:
-        weights = check_weights(aweights, n_obs, "aweights")
-        w_sum = float(weights.sum())
-        if w_sum == 0.0:
-            raise ZeroDivisionError("Weights sum to zero, can't be normalized")
-        norm = w_sum - ddof * float(np.dot(weights, weights)) / w_sum if ddof else w_sum
+    weights, w_sum, w2_sum = _checked_weights(aweights, n_obs)
 
     out = np.empty((*batch, n_var, n_var), dtype=acc)
     if out.size:
@@ -420,8 +207,8 @@ def batched_cov(
                 # One big product (a single item) may use BLAS's threads; many small ones may not.
                 single_blas=out.size > n_var * n_var,
             )
+    norm = degrees_of_freedom(w_sum, w2_sum, ddof)  # warns as numpy when not positive
     if norm <= 0:
-        warnings.warn("Degrees of freedom <= 0 for slice", RuntimeWarning, stacklevel=2)
         with np.errstate(divide="ignore", invalid="ignore"):
             out *= np.inf  # numpy's 1/0: ±inf where the sum is non-zero, nan where it is zero
         return out

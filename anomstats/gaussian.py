@@ -9,22 +9,14 @@ The shape checks it uses are module-level functions working on plain shapes (:fu
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from . import _dask
-from ._gaussian_checks import (
-    SHRINKAGE_METHODS,
-    check_dtype,
-    check_fit_shape,
-    check_ridge,
-    check_score_shape,
-    check_shrinkage,
-    describe_patch,
-)
-from ._budget import DEFAULT_MEMORY_BUDGET, check_memory_budget
+from ._budget import DEFAULT_MEMORY_BUDGET
+from ._packed import PackedGaussianAccumulator
 from ._parallel import resolve_workers, run_chunks
 from ._patch_kernels import (
     FIT_CHUNK_PATCHES,
@@ -36,10 +28,20 @@ from ._patch_kernels import (
     plan_chunks,
     score_chunk,
 )
+from ._rules import DEFAULT_RIDGE, gaussian_log_normaliser
+from ._validation import (
+    SHRINKAGE_METHODS,
+    NotFittedError,
+    check_dtype,
+    check_fit_shape,
+    check_memory_budget,
+    check_ridge,
+    check_score_shape,
+    check_shrinkage,
+    describe_patch,
+    require_observations,
+)
 from .moments import RunningMoments
-
-if TYPE_CHECKING:  # imported lazily at run time: anomstats._packed imports this module
-    from ._packed import PackedGaussianAccumulator
 
 __all__ = [
     "DEFAULT_RIDGE",
@@ -54,15 +56,6 @@ __all__ = [
     "check_dtype",
     "describe_patch",
 ]
-
-#: anomalib 2.x's regularisation: 0.01·I added to the covariance, then 1e-5·I more.
-DEFAULT_RIDGE = 0.01 + 1e-5
-
-_LOG_2PI = math.log(2.0 * math.pi)
-
-
-class NotFittedError(ValueError, AttributeError):
-    """Raised when a fitted quantity is requested before any data was seen."""
 
 
 def _as_real_array(data: ArrayLike, name: str) -> NDArray:
@@ -357,7 +350,70 @@ class MultiVariateGaussian:
             cholesky=stack_array() if self.store_covariance else None,
         )
 
+    # ------------------------------------------------------------------ dask protocol (anomstats._dask)
+    def empty_like(self) -> MultiVariateGaussian:
+        """A new, unfitted model with this one's configuration.
+
+        Examples
+        --------
+        >>> MultiVariateGaussian(ridge=0.5, dtype=np.float32).empty_like()
+        MultiVariateGaussian(ridge=0.5, shrinkage=None, dtype=float32, store_covariance=True)
+        """
+        return MultiVariateGaussian(
+            self.ridge, self.shrinkage, self.dtype, store_covariance=self.store_covariance,
+            memory_budget=self.memory_budget, workers=self.workers, low_memory=self.low_memory,
+        )
+
+    def accumulate_block(self, block: ArrayLike, weights: None = None) -> MultiVariateGaussian:
+        """:meth:`partial_fit` of one in-memory chunk (the dask protocol's name for it; no weights)."""
+        return self.partial_fit(block)
+
+    #: The fitted state, everything :meth:`adopt` takes over (the configuration is not part of it).
+    _STATE = ("n_features", "spatial_shape", "_moments", "_consumed", "_stale", "_mean", "_outputs", "_n_seen")
+
+    def adopt(self, other: MultiVariateGaussian) -> MultiVariateGaussian:
+        """Take over ``other``'s fitted state (``other`` must not be used afterwards); returns ``self``."""
+        for name in self._STATE:
+            setattr(self, name, getattr(other, name))
+        return self
+
+    def _streamed_dask(self, embedding: Any) -> MultiVariateGaussian:
+        if embedding.ndim < 2:
+            check_fit_shape(embedding.shape)
+        return _dask.reduce_observations(self.empty_like(), embedding, 0).compute()
+
+    def _fit_dask(self, embedding: Any) -> MultiVariateGaussian:
+        """:meth:`fit` of a dask embedding chunked along N: partial fits merged, finalised now."""
+        total = self._streamed_dask(embedding)
+        # Finalise now, as an in-memory fit does, so that too few observations, a singular patch and the
+        # like raise from fit() rather than at first use (and name fit, not partial_fit).
+        require_observations(
+            total.n_samples_seen_, detail=f" (shape {tuple(embedding.shape)})", where=" along axis 0"
+        )
+        total._fitted_outputs()
+        return self.adopt(total)
+
+    def _partial_fit_dask(self, batch: Any) -> MultiVariateGaussian:
+        return self.merge(self._streamed_dask(batch))
+
+    def _score_dask(self, method: str, x: Any, **kwargs: Any) -> Any:
+        """:meth:`mahalanobis` / :meth:`logpdf` of dask embeddings ``(M, C, *spatial)``, lazily."""
+        try:
+            probe = getattr(self, method)(np.zeros((1, *x.shape[1:]), dtype=x.dtype), **kwargs)
+        except ValueError:
+            # The probe holds one sample: name x's own shape, not the probe's, when the shape is wrong.
+            check_score_shape(tuple(x.shape), self.n_features, self.spatial_shape)
+            raise
+        return _dask.map_queries(self, method, x, 0, probe, **kwargs)
+
+    def _mahalanobis_dask(self, x: Any, squared: bool = False) -> Any:
+        return self._score_dask("mahalanobis", x, squared=squared)
+
+    def _logpdf_dask(self, x: Any) -> Any:
+        return self._score_dask("logpdf", x)
+
     # ------------------------------------------------------------------ fitting
+    @_dask.dispatch(_fit_dask, arg="embedding")
     def fit(self, embedding: ArrayLike) -> MultiVariateGaussian:
         """Fit one Gaussian per patch of ``embedding`` ``(N, C, *spatial)``; returns ``self``.
 
@@ -370,8 +426,6 @@ class MultiVariateGaussian:
         numpy.linalg.LinAlgError
             A regularised covariance that cannot be factored (naming the patch).
         """
-        if _dask.is_dask_array(embedding):
-            return _dask.gaussian_fit(self, embedding)
         x = _as_real_array(embedding, "embedding")
         n, c, spatial = check_fit_shape(x.shape)
         n_patches = math.prod(spatial)
@@ -390,6 +444,7 @@ class MultiVariateGaussian:
         self._mean, self._outputs, self._n_seen = mean, outputs, n
         return self
 
+    @_dask.dispatch(_partial_fit_dask, arg="batch")
     def partial_fit(self, batch: ArrayLike) -> MultiVariateGaussian:
         """Accumulate a batch ``(n, C, *spatial)`` (n >= 1); returns ``self``.
 
@@ -401,8 +456,6 @@ class MultiVariateGaussian:
         With ``low_memory=True`` the batch goes into the packed float64 accumulator instead (see the class
         notes), and it raises a ``ValueError`` once a fitted quantity has been used (the moments are spent).
         """
-        if _dask.is_dask_array(batch):
-            return _dask.gaussian_partial_fit(self, batch)
         x = _as_real_array(batch, "batch")
         n, c, spatial = check_fit_shape(x.shape, min_observations=1, name="batch")
         if self.spatial_shape is not None:
@@ -483,8 +536,6 @@ class MultiVariateGaussian:
     def _new_moments(self, n_features: int, n_patches: int) -> RunningMoments | PackedGaussianAccumulator:
         # float64 accumulation whatever the working dtype: the state is summed over many batches.
         if self.low_memory:
-            from ._packed import PackedGaussianAccumulator
-
             return PackedGaussianAccumulator(n_features, n_patches, np.float64, memory_budget=self.memory_budget)
         return RunningMoments(
             obs_axis=0, var_axis=1, dtype=np.float64, memory_budget=self.memory_budget, workers=self.workers
@@ -614,6 +665,7 @@ class MultiVariateGaussian:
             )
         return out, m
 
+    @_dask.dispatch(_mahalanobis_dask, arg="x")
     def mahalanobis(self, x: ArrayLike, squared: bool = False) -> NDArray[np.floating]:
         """Per-patch Mahalanobis distances of ``x`` ``(M, C, *spatial)`` → ``(M, *spatial)``.
 
@@ -630,14 +682,13 @@ class MultiVariateGaussian:
         >>> d.shape, float(np.abs(d).max())
         ((1, 3, 3), 0.0)
         """
-        if _dask.is_dask_array(x):
-            return _dask.gaussian_score(self, "mahalanobis", x, squared=squared)
         squared_distances, m = self._squared_distances(x)
         np.maximum(squared_distances, 0.0, out=squared_distances)
         if not squared:
             np.sqrt(squared_distances, out=squared_distances)
         return squared_distances.reshape((m,) + self.spatial_shape)
 
+    @_dask.dispatch(_logpdf_dask, arg="x")
     def logpdf(self, x: ArrayLike) -> NDArray[np.floating]:
         """Per-patch Gaussian log-density of ``x`` ``(M, C, *spatial)`` → ``(M, *spatial)``.
 
@@ -653,12 +704,10 @@ class MultiVariateGaussian:
         >>> bool(np.allclose(mvg.logpdf(train[:3])[:, 0], ref, rtol=1e-12))
         True
         """
-        if _dask.is_dask_array(x):
-            return _dask.gaussian_score(self, "logpdf", x)
         squared_distances, m = self._squared_distances(x)
         np.maximum(squared_distances, 0.0, out=squared_distances)
         log_det = self._fitted_outputs().log_det.astype(self.dtype)
-        result = -0.5 * (self.n_features * _LOG_2PI + log_det[None, :] + squared_distances)
+        result = gaussian_log_normaliser(self.n_features, log_det)[None, :] - 0.5 * squared_distances
         return result.reshape((m,) + self.spatial_shape)
 
 

@@ -9,7 +9,6 @@ log-density is a log-sum-exp that stays finite wherever the exact density is pos
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import numpy as np
@@ -18,8 +17,13 @@ from scipy.stats import multivariate_normal
 
 from . import _dask
 from . import bandwidth as _bw
-from ._kernel_sums import DEFAULT_MEMORY_BUDGET, WhitenedCentres, kernel_sums, single_threaded_blas
+from ._rules import gaussian_log_normaliser
+from ._budget import DEFAULT_MEMORY_BUDGET
+from ._kernel_sums import WhitenedCentres, kernel_sums
+from ._parallel import single_threaded_blas
 from .covariance import cov
+from ._validation import check_memory_budget, check_workers
+from ._weights import kde_weights_of_valid_shape, normalised_kde_weights
 
 __all__ = ["GaussianKDE", "DEFAULT_MEMORY_BUDGET"]
 
@@ -50,8 +54,8 @@ class _EvaluationState:
         self.centres = WhitenedCentres(_whiten(data[:, keep], self.mean, self.cho), w[keep])
         d = data.shape[0]
         with np.errstate(divide="ignore"):
-            log_diag = np.log(np.diagonal(self.cho))
-        self.log_norm = dtype.type(-0.5 * d * math.log(2.0 * math.pi)) - log_diag.sum()
+            log_det = 2 * np.log(np.diagonal(self.cho)).sum()  # of the kernel covariance, from its factor
+        self.log_norm = dtype.type(gaussian_log_normaliser(d, log_det))
         with np.errstate(over="ignore", under="ignore"):
             norm = np.exp(self.log_norm)
         # The plain sums are scaled by the norm only where that cannot overflow or lose precision.
@@ -194,15 +198,8 @@ class GaussianKDE:
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         workers: int | None = None,
     ) -> None:
-        def is_int(value) -> bool:
-            return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-        if not (is_int(memory_budget) and memory_budget > 0):
-            raise ValueError(f"`memory_budget` must be a positive number of bytes; got {memory_budget!r}.")
-        if workers is not None and not (is_int(workers) and workers >= 1):
-            raise ValueError(f"`workers` must be None or a positive integer; got {workers!r}.")
-        self.memory_budget = int(memory_budget)
-        self.workers = None if workers is None else int(workers)
+        self.memory_budget = check_memory_budget(memory_budget)
+        self.workers = check_workers(workers)
 
         data = np.atleast_2d(np.asarray(dataset))
         if not data.size > 1:
@@ -218,13 +215,13 @@ class GaussianKDE:
         # shapes, then d > n, then the bandwidth rule, then the values (which scipy only meets while
         # computing the covariance).
         if weights is not None:
-            weights = self._weights_of_valid_shape(weights, self.n)
+            weights = kde_weights_of_valid_shape(weights, self.n)
         if self.d > self.n:
             raise ValueError(_D_GREATER_THAN_N)
         _bw.resolve_bw_method(bw_method)
         if weights is not None:
-            self._weights = self._normalised_weights(weights)
-            self._neff = 1 / np.vecdot(self._weights, self._weights)
+            self._weights = normalised_kde_weights(weights)
+            self._neff = _bw.neff_of_normalised(self._weights)
         if np.issubdtype(data.dtype, np.number) and not np.issubdtype(data.dtype, np.complexfloating):
             if not np.all(np.isfinite(data)):
                 raise ValueError(
@@ -251,31 +248,6 @@ class GaussianKDE:
         for name in ("_data_covariance", "_data_cho_cov", "_eval_state"):
             self.__dict__.pop(name, None)
 
-    @staticmethod
-    def _weights_of_valid_shape(weights, n: int) -> np.ndarray:
-        """``weights`` as a new float64 array, checked to be 1-D of length ``n`` (scipy's messages)."""
-        w = np.atleast_1d(weights).astype(float)  # a copy: the caller's array is never touched
-        if w.ndim != 1:
-            raise ValueError("`weights` input should be one-dimensional.")
-        if len(w) != n:
-            raise ValueError("`weights` input should be of length n")
-        return w
-
-    @staticmethod
-    def _normalised_weights(w: np.ndarray) -> np.ndarray:
-        """Check the values of a float64 weight vector (owned by the caller) and normalise it in place."""
-        if np.any(w < 0):
-            raise ValueError("`weights` must be non-negative (aweights cannot be negative).")
-        if not np.all(np.isfinite(w)):
-            raise ValueError(
-                "`weights` must be finite (array must not contain infs or NaNs); remove or replace them."
-            )
-        total = w.sum()
-        if not (np.isfinite(total) and total > 0):
-            raise ValueError("`weights` must have a positive, finite sum; at least one weight must be positive.")
-        w /= total
-        return w
-
     @property
     def weights(self) -> np.ndarray:
         try:
@@ -289,7 +261,7 @@ class GaussianKDE:
         try:
             return self._neff
         except AttributeError:
-            self._neff = 1 / np.vecdot(self.weights, self.weights)
+            self._neff = _bw.neff_of_normalised(self.weights)
             return self._neff
 
     def __getstate__(self) -> dict:
@@ -410,20 +382,35 @@ class GaussianKDE:
 
     # ------------------------------------------------------------------ evaluation
 
-    def _points_matrix(self, points) -> np.ndarray:
+    def _query_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
         """scipy's interpretation of query shapes: (d, m) columns, or a single (d,) point when d > 1."""
-        points = np.atleast_2d(np.asarray(points))
-        if points.ndim != 2:
+        shape = (1,) * max(0, 2 - len(shape)) + tuple(shape)  # np.atleast_2d's rule
+        if len(shape) != 2:
             raise ValueError(
-                f"points should be 1-D or 2-D of shape (d, m) with d = {self.d}; got shape {points.shape}."
+                f"points should be 1-D or 2-D of shape (d, m) with d = {self.d}; got shape {shape}."
             )
-        d, m = points.shape
+        d, m = shape
         if d != self.d:
             if d == 1 and m == self.d:
-                points = np.reshape(points, (self.d, 1))  # a single point given as a row
-            else:
-                raise ValueError(f"points have dimension {d}, dataset has dimension {self.d}")
-        return points
+                return self.d, 1  # a single point given as a row
+            raise ValueError(f"points have dimension {d}, dataset has dimension {self.d}")
+        return d, m
+
+    def _points_matrix(self, points) -> np.ndarray:
+        points = np.atleast_2d(np.asarray(points))
+        return np.reshape(points, self._query_shape(points.shape))
+
+    def _score_dask(self, method: str, points):
+        """:meth:`evaluate` / :meth:`logpdf` of dask query points, lazily, chunk by chunk (see anomstats._dask)."""
+        points = points.reshape(self._query_shape(points.shape))
+        probe = getattr(self, method)(np.zeros((self.d, 1), dtype=points.dtype))
+        return _dask.map_queries(self, method, points, 1, probe)
+
+    def _evaluate_dask(self, points):
+        return self._score_dask("evaluate", points)
+
+    def _logpdf_dask(self, x):
+        return self._score_dask("logpdf", x)
 
     def _output_dtype(self, points: np.ndarray) -> np.dtype:
         dtype = np.dtype(np.common_type(self.covariance, points))
@@ -456,6 +443,7 @@ class GaussianKDE:
         log_sums, sums = kernel_sums(state.centres, z, memory_budget=self.memory_budget, workers=self.workers)
         return log_sums, sums, state
 
+    @_dask.dispatch(_evaluate_dask, arg="points")
     def evaluate(self, points) -> np.ndarray:
         """Evaluate the estimated density at points.
 
@@ -484,8 +472,6 @@ class GaussianKDE:
         >>> np.round(kde([0.5, 0.5]), 4)
         array([0.0998])
         """
-        if _dask.is_dask_array(points):
-            return _dask.kde_score(self, "evaluate", points)
         log_sums, sums, state = self._log_sums(points)
         if state.norm is None:
             return np.exp(log_sums + state.log_norm)
@@ -510,6 +496,7 @@ class GaussianKDE:
         """
         return self.evaluate(x)
 
+    @_dask.dispatch(_logpdf_dask, arg="x")
     def logpdf(self, x) -> np.ndarray:
         """Evaluate the log of the estimated density at points.
 
@@ -532,8 +519,6 @@ class GaussianKDE:
         >>> print(np.round(kde.logpdf([1.0, 1000.0]), 3).tolist())
         [-1.538, -330548.322]
         """
-        if _dask.is_dask_array(x):
-            return _dask.kde_score(self, "logpdf", x)
         log_sums, _, state = self._log_sums(x)
         return log_sums + state.log_norm
 
@@ -582,17 +567,10 @@ class GaussianKDE:
         dtype = np.dtype(np.longdouble if wide else np.float64)
         # LinAlgError if not positive definite (LAPACK works in float64).
         cho = linalg.cholesky(sum_cov.astype(np.float64), lower=True)
-        w = np.asarray(weights, dtype=dtype)
-        data = np.asarray(data, dtype=dtype)
-        cho = cho.astype(dtype)
-        centre = data @ w if dtype in (np.float32, np.float64) else np.einsum("ij,j->i", data, w)
-        keep = w > 0
-        centres = WhitenedCentres(_whiten(data[:, keep], centre, cho), w[keep])
-        z = _whiten(np.asarray(queries, dtype=dtype), centre, cho)
-        log_sums, sums = kernel_sums(centres, z, memory_budget=self.memory_budget, workers=self.workers)
-        d = cho.shape[0]
-        log_norm = dtype.type(-0.5 * d * math.log(2.0 * math.pi)) - np.log(np.diagonal(cho)).sum()
-        values = np.where(np.isnan(sums), np.exp(log_sums), sums) * np.exp(log_norm)
+        state = _EvaluationState(data, weights, cho, dtype)
+        z = _whiten(np.asarray(queries, dtype=dtype), state.mean, state.cho)
+        log_sums, sums = kernel_sums(state.centres, z, memory_budget=self.memory_budget, workers=self.workers)
+        values = np.where(np.isnan(sums), np.exp(log_sums), sums) * np.exp(state.log_norm)
         if query_weights is None:
             return values[0]
         return np.vecdot(values, np.asarray(query_weights, dtype=dtype))

@@ -21,19 +21,21 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
 from . import _dask
-from ._axes import batch_view
-from ._budget import DEFAULT_MEMORY_BUDGET, batch_chunks, check_memory_budget, items_per_chunk
+from ._axes import batch_view, check_axis_index, normalise_axis
+from ._budget import DEFAULT_MEMORY_BUDGET, batch_chunks, items_per_chunk
+from ._moment_kernels import centred_copy, gram, plan_chunks
 from ._parallel import resolve_workers, run_chunks
-from .batched import accumulation_dtype, centred_copy, check_ddof, check_weights, gram, plan_chunks
+from ._rules import chan_merge_weights, degrees_of_freedom
+from ._validation import (
+    NotFittedError,
+    accumulation_dtype,
+    check_accumulation_dtype,
+    check_ddof,
+    check_memory_budget,
+)
+from ._weights import check_weights
 
 __all__ = ["RunningMoments"]
-
-
-def _check_axis_type(axis: Any, name: str) -> int:
-    try:
-        return operator.index(axis)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer axis index, got {axis!r}") from None
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:
@@ -118,12 +120,10 @@ class RunningMoments:
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         workers: int | None = None,
     ) -> None:
-        self.obs_axis = _check_axis_type(obs_axis, "obs_axis")
-        self.var_axis = _check_axis_type(var_axis, "var_axis")
+        self.obs_axis = check_axis_index(obs_axis, "obs_axis")
+        self.var_axis = check_axis_index(var_axis, "var_axis")
         if dtype is not None:
-            dtype = np.dtype(dtype)
-            if dtype.kind not in "fc":
-                raise TypeError(f"dtype must be a floating or complex dtype, got {dtype}")
+            dtype = check_accumulation_dtype(dtype)
         self._requested_dtype: np.dtype[Any] | None = dtype
         self.memory_budget = check_memory_budget(memory_budget)
         self.workers = resolve_workers(workers)
@@ -176,11 +176,11 @@ class RunningMoments:
 
     def _require_data(self, what: str) -> tuple[np.ndarray, np.ndarray]:
         if self._mean is None or self._sums is None:
-            raise RuntimeError(
+            raise NotFittedError(
                 f"RunningMoments.{what} is undefined before any data: call update(x) first"
             )
         if self._sum_w == 0.0:
-            raise RuntimeError(
+            raise NotFittedError(
                 f"RunningMoments.{what} is undefined: the {self._count} observations seen so far "
                 "have zero total weight; update with observations of positive weight first"
             )
@@ -196,22 +196,14 @@ class RunningMoments:
 
         Raises
         ------
-        RuntimeError
-            Before any update, or when all weights so far sum to zero.
+        NotFittedError
+            Before any update, or when all weights so far sum to zero (a ``RuntimeError``).
         ValueError
             When ``ddof`` leaves no degrees of freedom (e.g. ``ddof >= count`` without weights).
         """
         ddof = check_ddof(ddof)
         _, sums = self._require_data("covariance()")
-        w, w2 = self._sum_w, self._sum_w2
-        norm = w - ddof * w2 / w if ddof else w
-        if norm <= 0:
-            raise ValueError(
-                f"ddof={ddof} leaves no degrees of freedom: the normalisation "
-                f"sum_weights - ddof*sum_squared_weights/sum_weights is {norm:g} with "
-                f"count={self._count} observations; use a smaller ddof or update with more "
-                "observations"
-            )
+        norm = degrees_of_freedom(self._sum_w, self._sum_w2, ddof, on_nonpositive="raise", count=self._count)
         return sums / norm
 
     def state(self) -> dict[str, Any]:
@@ -315,6 +307,32 @@ class RunningMoments:
         self._mean = np.zeros((*batch, n_var), dtype=dtype)
         self._sums = np.zeros((*batch, n_var, n_var), dtype=dtype)
 
+    # ------------------------------------------------------------------ dask protocol (anomstats._dask)
+    def empty_like(self) -> RunningMoments:
+        """A new, empty accumulator with this one's configuration (axes, dtype, budget, workers).
+
+        Examples
+        --------
+        >>> RunningMoments(obs_axis=1, var_axis=0).empty_like()
+        RunningMoments(obs_axis=1, var_axis=0, empty)
+        """
+        return RunningMoments(
+            self.obs_axis, self.var_axis, dtype=self._requested_dtype, memory_budget=self.memory_budget,
+            workers=self.workers,
+        )
+
+    def accumulate_block(self, block: ArrayLike, weights: ArrayLike | None) -> RunningMoments:
+        """:meth:`update` of one in-memory chunk (the dask protocol's name for it)."""
+        return self.update(block, weights)
+
+    def _update_dask(self, x: Any, weights: Any = None) -> RunningMoments:
+        """:meth:`update` for a dask array: the chunks' moments are merged where they live, then here."""
+        obs = normalise_axis(self.obs_axis, "obs_axis", x.ndim)
+        normalise_axis(self.var_axis, "var_axis", x.ndim)
+        w = None if weights is None else check_weights(np.asarray(weights), x.shape[obs], "weights")
+        return self.merge(_dask.reduce_observations(self.empty_like(), x, obs, w).compute())
+
+    @_dask.dispatch(_update_dask, arg="x")
     def update(self, x: ArrayLike, weights: ArrayLike | None = None) -> RunningMoments:
         """Fold a batch of observations into the moments; returns ``self``.
 
@@ -334,8 +352,6 @@ class RunningMoments:
         RuntimeError
             ``weights`` not 1-D or of the wrong length (numpy's exception type).
         """
-        if _dask.is_dask_array(x):
-            return _dask.running_moments_update(self, x, weights)
         data = np.asarray(x)
         view = batch_view(data, self.obs_axis, self.var_axis)
         *batch_list, n_obs, n_var = view.shape
@@ -367,8 +383,8 @@ class RunningMoments:
         """
         n_obs, n_var = view.shape[-2:]
         w_a = self._sum_w
-        total = w_a + w_b
-        shift_scale = np.sqrt(w_a * w_b / total)
+        chan = chan_merge_weights(w_a, w_b)
+        shift_scale = np.sqrt(chan.cross)
         chunks = plan_chunks(
             # Scratch per item: the appended row and the chunk's sums of products.
             view, acc, self.memory_budget, self.workers, extra_per_item=(n_var * n_var + n_var) * acc.itemsize
@@ -390,7 +406,7 @@ class RunningMoments:
             sums_b = np.empty((p, n_var, n_var), dtype=acc)
             gram(rows, sums_b)
             sums_a += sums_b
-            mean_a += delta * (w_b / total)
+            mean_a += delta * chan.mean_step
 
         # Many small products: hold BLAS to one thread (see anomstats.batched_cov, Notes).
         run_chunks(task, chunks, self.workers, single_blas=self._mean.size > n_var)
@@ -406,15 +422,15 @@ class RunningMoments:
         n_var = mean_b.shape[-1]
         mean_a = self._mean[index].reshape(p, n_var)
         sums_a = self._sums[index].reshape(p, n_var, n_var)
-        total = w_a + w_b
+        chan = chan_merge_weights(w_a, w_b)
         delta = mean_b - mean_a
-        if w_a > 0.0:
+        if chan.cross:
             # Correction for the distance between the two means; zero when one side is empty.
             outer = delta[:, :, None] * (delta.conj() if delta.dtype.kind == "c" else delta)[:, None, :]
-            outer *= w_a * w_b / total
+            outer *= chan.cross
             sums_b += outer
         sums_a += sums_b
-        mean_a += delta * (w_b / total)
+        mean_a += delta * chan.mean_step
 
     def merge(self, other: RunningMoments) -> RunningMoments:
         """Fold another accumulator's moments into this one; returns ``self``. ``other`` is unchanged.

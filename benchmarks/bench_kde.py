@@ -36,7 +36,7 @@ import numpy as np
 from scipy import linalg, stats
 
 from anomstats import GaussianKDE
-from anomstats._kernel_sums import default_workers
+from anomstats._parallel import resolve_workers
 from benchmarks import _common
 from benchmarks._common import peak_traced_mib, print_header, targets_summary, write_rows
 
@@ -144,7 +144,7 @@ def run_case(case: tuple[int, int, int], repeats: int, scipy_repeats: int, with_
     rows.append(row("scipy", "logpdf", t_scipy_log, c_scipy_log, t_scipy_log, c_scipy_log, scipy_log, scipy_log,
                     peak_scipy_log, peak_note="m/10 queries"))
     rows.append(row("anomstats", "pdf", t_pdf, c_pdf, t_scipy_pdf, c_scipy_pdf, our_pdf, scipy_pdf, peak_pdf,
-                    target=PDF_TARGETS.get(case), workers=ours.workers or default_workers()))
+                    target=PDF_TARGETS.get(case), workers=resolve_workers(ours.workers)))
     rows.append(row("anomstats", "logpdf", t_log, c_log, t_scipy_log, c_scipy_log, our_log, scipy_log, peak_log,
                     target=logpdf_target(case) if case in PDF_TARGETS else None,
                     finite=bool(np.isfinite(our_log).all())))

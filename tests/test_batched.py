@@ -13,7 +13,7 @@ from numpy.exceptions import AxisError
 
 from anomstats import batched_cov
 from anomstats._budget import batch_chunks, chunk_slices
-from anomstats.batched import gather
+from anomstats._moment_kernels import gather
 
 RTOL = 1e-10
 

@@ -1,8 +1,8 @@
 """Dask inputs: tree-reduced fits equal the in-memory ones; scores come back lazily, chunk by chunk.
 
 Run with dask's synchronous scheduler and with a two-process ``distributed.LocalCluster`` (one
-module-scoped cluster). The ``_dask`` functions are called directly, and through the public API
-where the one-line dispatch is already in place (skipped otherwise).
+module-scoped cluster), through the public API (the ``anomstats._dask.dispatch`` decorator routes dask
+input) and, for the reduction tree's fan-in, through ``anomstats._dask.reduce_observations``.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import inspect
 import re
 import subprocess
 import sys
+from unittest import mock
 from collections.abc import Iterator
 
 import numpy as np
@@ -90,7 +91,7 @@ def _gaussian_available() -> bool:
 
 
 def _dispatches(module: object, name: str) -> bool:
-    return "_dask." in inspect.getsource(getattr(module, name))
+    return hasattr(getattr(module, name), "__dask_dispatch__") or "_dask." in inspect.getsource(getattr(module, name))
 
 
 # --------------------------------------------------------------------------------------------- basics
@@ -120,7 +121,8 @@ def test_batched_cov_is_lazy_and_exact(scheduler: str) -> None:
     x = _data()
     before = x.copy()
     dx = da.from_array(x, chunks=(7, 2, 3, 1))  # chunked along every axis, also var and batch
-    c = _dask.batched_cov(dx, split_every=2)
+    with mock.patch.object(_dask, "DEFAULT_SPLIT_EVERY", 2):
+        c = anomstats.batched_cov(dx)
     assert _dask.is_dask_array(c)
     assert c.shape == (3, 2, 4, 4) and c.dtype == np.float64
     assert _rel(c.compute(), _per_batch_cov(x)) < RTOL
@@ -137,7 +139,8 @@ def test_batched_cov_any_chunking_sync(cuts: list[int], split_every: int, ddof: 
     bounds = [0, *sorted(cuts), 30]
     chunks = tuple(b - a for a, b in zip(bounds, bounds[1:]))
     dx = da.from_array(x, chunks=(chunks, 3, 2))
-    got = _dask.batched_cov(dx, ddof=ddof, split_every=split_every).compute(scheduler="sync")
+    with mock.patch.object(_dask, "DEFAULT_SPLIT_EVERY", split_every):
+        got = anomstats.batched_cov(dx, ddof=ddof).compute(scheduler="sync")
     assert _rel(got, _per_batch_cov(x, ddof=ddof)) < RTOL
 
 
@@ -145,9 +148,9 @@ def test_batched_cov_other_axes_and_dtype() -> None:
     x = _data(n=20, c=3, batch=(2,), seed=2)
     moved = np.moveaxis(x, (0, 1), (2, 0))  # (C, batch, N): var_axis=0, obs_axis=2
     dx = da.from_array(moved, chunks=(3, 2, 6))
-    got = _dask.batched_cov(dx, obs_axis=2, var_axis=0).compute(scheduler="sync")
+    got = anomstats.batched_cov(dx, obs_axis=2, var_axis=0).compute(scheduler="sync")
     assert _rel(got, _per_batch_cov(x)) < RTOL
-    got32 = _dask.batched_cov(da.from_array(x.astype(np.float32), chunks=(5, 3, 2)), dtype=np.float32)
+    got32 = anomstats.batched_cov(da.from_array(x.astype(np.float32), chunks=(5, 3, 2)), dtype=np.float32)
     assert got32.dtype == np.float32
     assert got32.compute(scheduler="sync").dtype == np.float32
 
@@ -159,16 +162,16 @@ def test_batched_cov_weights(scheduler: str) -> None:
     w = np.random.default_rng(3).uniform(0.1, 2.0, size=30)
     expected = _per_batch_cov(x, aweights=w)
     dx = da.from_array(x, chunks=(8, 3, 2))
-    assert _rel(_dask.batched_cov(dx, aweights=w).compute(), expected) < RTOL
+    assert _rel(anomstats.batched_cov(dx, aweights=w).compute(), expected) < RTOL
     dw = da.from_array(w, chunks=11)  # mismatched chunks are realigned
-    assert _rel(_dask.batched_cov(dx, aweights=dw).compute(), expected) < RTOL
+    assert _rel(anomstats.batched_cov(dx, aweights=dw).compute(), expected) < RTOL
 
 
 def test_running_moments_update(scheduler: str) -> None:
     x = _data(n=45, c=3, batch=(2, 2), seed=4)
     first = x[:5]
     moments = RunningMoments().update(first)
-    result = _dask.running_moments_update(moments, da.from_array(x[5:], chunks=(9, 3, 2, 2)))
+    result = moments.update(da.from_array(x[5:], chunks=(9, 3, 2, 2)))
     assert result is moments
     one_shot = RunningMoments().update(x)
     assert moments.count == 45
@@ -181,7 +184,7 @@ def test_running_moments_update_keeps_the_configuration() -> None:
     x = _data(n=30, c=3, batch=(2,), offset=1.0, seed=11).astype(np.float32)
     expected = RunningMoments(dtype=np.float32).update(x).covariance()
     with dask.config.set(scheduler="synchronous"):
-        moments = _dask.running_moments_update(RunningMoments(dtype=np.float32), da.from_array(x, chunks=(7, 3, 2)))
+        moments = RunningMoments(dtype=np.float32).update(da.from_array(x, chunks=(7, 3, 2)))
     got = moments.covariance()
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=1e-5)
@@ -189,7 +192,7 @@ def test_running_moments_update_keeps_the_configuration() -> None:
 
 def test_running_moments_delayed() -> None:
     x = _data(n=12, c=2, batch=(), seed=5)
-    delayed = _dask.running_moments(da.from_array(x, chunks=(5, 2)))
+    delayed = _dask.reduce_observations(RunningMoments(), da.from_array(x, chunks=(5, 2)), 0)
     moments = delayed.compute(scheduler="sync")
     assert _rel(moments.covariance(), np.cov(x, rowvar=False)) < RTOL
 
@@ -197,15 +200,16 @@ def test_running_moments_delayed() -> None:
 def test_fitting_errors() -> None:
     dx = da.ones((10, 3), chunks=(5, 3))
     with pytest.raises(ValueError, match="split_every must be an integer >= 2"):
-        _dask.batched_cov(dx, split_every=1)
-    with pytest.raises(ValueError, match="obs_axis and var_axis must differ"):
-        _dask.batched_cov(dx, obs_axis=1, var_axis=1)
-    with pytest.raises(ValueError, match="obs_axis=2 is out of bounds"):
-        _dask.batched_cov(dx, obs_axis=2)
-    with pytest.raises(ValueError, match=r"one weight per observation \(10 along obs_axis=0\)"):
-        _dask.batched_cov(dx, aweights=np.ones(9))
+        _dask.reduce_observations(RunningMoments(), dx, 0, split_every=1)
+    # Dask input gets the in-memory path's validation: the same exception types and messages.
+    with pytest.raises(ValueError, match="must name two different axes"):
+        anomstats.batched_cov(dx, obs_axis=1, var_axis=1)
+    with pytest.raises(ValueError, match="obs_axis=2 is out of range"):
+        anomstats.batched_cov(dx, obs_axis=2)
+    with pytest.raises(RuntimeError, match=r"9 weights for 10 observations along obs_axis"):
+        anomstats.batched_cov(dx, aweights=np.ones(9))
     with pytest.raises(TypeError, match="x must be a dask array"):
-        _dask.batched_cov(np.ones((10, 3)))
+        _dask.reduce_observations(RunningMoments(), np.ones((10, 3)), 0)
 
 
 # --------------------------------------------------------------------------------------------- scoring
@@ -217,7 +221,7 @@ def test_kde_scores_lazily(scheduler: str, method: str) -> None:
     kde = GaussianKDE(rng.normal(size=(3, 80)))
     q = rng.normal(size=(3, 25)) * 2
     before = q.copy()
-    out = _dask.kde_score(kde, method, da.from_array(q, chunks=(2, 7)))
+    out = getattr(kde, method)(da.from_array(q, chunks=(2, 7)))
     assert _dask.is_dask_array(out)
     assert out.shape == (25,) and out.numblocks == (4,)
     expected = getattr(kde, method)(q)
@@ -231,13 +235,12 @@ def test_kde_one_dimensional_points_and_errors() -> None:
     rng = np.random.default_rng(7)
     kde1 = GaussianKDE(rng.normal(size=40))
     q = rng.normal(size=11)
-    got = _dask.kde_score(kde1, "pdf", da.from_array(q, chunks=4)).compute(scheduler="sync")
+    got = kde1.pdf(da.from_array(q, chunks=4)).compute(scheduler="sync")
     assert _rel(got, kde1.pdf(q)) < 1e-12
     kde2 = GaussianKDE(rng.normal(size=(2, 40)))
-    with pytest.raises(ValueError, match=r"points must have shape \(d, m\) with d = 2"):
-        _dask.kde_score(kde2, "pdf", da.ones((3, 5)))
-    with pytest.raises(ValueError, match="method must be"):
-        _dask.kde_score(kde2, "cdf", da.ones((2, 5)))
+    # The in-memory path's shape check and message (dask parity).
+    with pytest.raises(ValueError, match=r"points have dimension 3, dataset has dimension 2"):
+        kde2.pdf(da.ones((3, 5)))
 
 
 # --------------------------------------------------------------------------------------------- Gaussian
@@ -253,16 +256,16 @@ def test_gaussian_fit_partial_fit_and_scores(scheduler: str) -> None:
     before = emb.copy()
     reference = anomstats.MultiVariateGaussian().fit(emb)
     dx = da.from_array(emb, chunks=(9, 3, 2, 2))
-    model = _dask.gaussian_fit(anomstats.MultiVariateGaussian(), dx)
+    model = anomstats.MultiVariateGaussian().fit(dx)
     assert _rel(model.mean, reference.mean) < 1e-9
     assert _rel(model.precision, reference.precision) < 1e-9
     streamed = anomstats.MultiVariateGaussian().partial_fit(emb[:4])
-    _dask.gaussian_partial_fit(streamed, da.from_array(emb[4:], chunks=(10, 3, 2, 2)))
+    streamed.partial_fit(da.from_array(emb[4:], chunks=(10, 3, 2, 2)))
     assert _rel(streamed.precision, reference.precision) < 1e-9
     q = _data(n=11, c=3, batch=(2, 2), offset=5.0, seed=9)
     dq = da.from_array(q, chunks=(4, 3, 2, 2))
     for method, kwargs in [("mahalanobis", {}), ("mahalanobis", {"squared": True}), ("logpdf", {})]:
-        out = _dask.gaussian_score(reference, method, dq, **kwargs)
+        out = getattr(reference, method)(dq, **kwargs)
         assert _dask.is_dask_array(out) and out.shape == (11, 2, 2) and out.numblocks == (3, 1, 1)
         assert _rel(out.compute(), getattr(reference, method)(q, **kwargs)) < 1e-12
     np.testing.assert_array_equal(emb, before)
@@ -273,7 +276,7 @@ def test_gaussian_fit_keeps_the_configuration() -> None:
     emb = _data(n=30, c=3, batch=(2,), offset=5.0, seed=12)
     reference = anomstats.MultiVariateGaussian(ridge=0.5).fit(emb)
     with dask.config.set(scheduler="synchronous"):
-        model = _dask.gaussian_fit(anomstats.MultiVariateGaussian(ridge=0.5), da.from_array(emb, chunks=(8, 3, 2)))
+        model = anomstats.MultiVariateGaussian(ridge=0.5).fit(da.from_array(emb, chunks=(8, 3, 2)))
     assert model.ridge == 0.5
     assert _rel(model.precision, reference.precision) < 1e-9
 
@@ -283,7 +286,7 @@ def test_gaussian_score_checks_shape_now() -> None:
     model = anomstats.MultiVariateGaussian().fit(_data(n=20, c=3, batch=(2, 2)))
     expected = re.escape("must have shape (M, 3, 2, 2)") + ".*" + re.escape("got shape (5, 4, 2, 2)")
     with pytest.raises(ValueError, match=expected):
-        _dask.gaussian_score(model, "mahalanobis", da.ones((5, 4, 2, 2)))
+        model.mahalanobis(da.ones((5, 4, 2, 2)))
     with pytest.raises(ValueError, match=re.escape("got shape (7, 3, 2, 3)")):  # x's shape, not the probe's
         model.logpdf(da.ones((7, 3, 2, 3), chunks=(2, 3, 2, 3)))
 

@@ -1,0 +1,441 @@
+"""The library's validation vocabulary: one function, one exception type and one message per fault.
+
+Used by every estimator of the core and by the torch adapter. Everything here works on plain Python
+values (shapes, ints, strings, dtypes) or, for the finiteness checks, on a boolean summary computed by
+the caller, so that the PyTorch adapter validates tensors with exactly the messages the NumPy core uses,
+without converting them. Each check raises :class:`ValueError` (or :class:`TypeError` for a wrong kind
+of argument) whose message names the bad argument and says what to do.
+
+Two families of arguments keep the vocabulary of the library they replace, by design:
+:func:`anomstats.cov`/:func:`anomstats.corrcoef` raise numpy's exact exceptions (:mod:`anomstats._weights`),
+and :class:`anomstats.GaussianKDE` raises scipy's. Axes are validated in :mod:`anomstats._axes`, weights in
+:mod:`anomstats._weights`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from numpy.typing import DTypeLike
+
+__all__ = [
+    "NotFittedError",
+    "SHRINKAGE_METHODS",
+    "MIN_FIT_OBSERVATIONS",
+    "accumulation_dtype",
+    "check_bool",
+    "check_ddof",
+    "check_memory_budget",
+    "check_positive_int",
+    "check_workers",
+    "require_finite",
+    "require_observations",
+    "check_fit_shape",
+    "check_score_shape",
+    "check_ridge",
+    "check_shrinkage",
+    "check_dtype",
+    "describe_patch",
+]
+
+#: A Gaussian (or covariance) fit needs at least this many observations (an unbiased covariance of one
+#: observation is undefined).
+MIN_FIT_OBSERVATIONS: int = 2
+
+
+class NotFittedError(RuntimeError, ValueError, AttributeError):
+    """Raised when a fitted quantity is requested before any data was seen.
+
+    One type for every estimator of both packages. It is a :class:`RuntimeError` (what the running
+    moments and the torch modules raised before), a :class:`ValueError` and an :class:`AttributeError`
+    (what scikit-learn's ``NotFittedError`` is), so existing ``except`` clauses keep working.
+    """
+
+
+#: Accepted values of ``shrinkage`` (``None`` means the plain unbiased covariance).
+SHRINKAGE_METHODS: tuple[str, ...] = ("ledoit-wolf", "oas")
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return str(tuple(int(s) for s in shape))  # Python's tuple text: "(10,)" for one axis
+
+
+def check_fit_shape(
+    shape: Sequence[int], *, min_observations: int = MIN_FIT_OBSERVATIONS, name: str = "embedding"
+) -> tuple[int, int, tuple[int, ...]]:
+    """Validate the shape of a training embedding ``(N, C, *spatial)``.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        Shape of the embedding: N observations, C features, then any number of spatial axes
+        (PaDiM: ``(B, C, H, W)``). No spatial axes means a single patch.
+    min_observations : int, default 2
+        Smallest acceptable N. A one-shot fit needs 2 (an unbiased covariance of one observation is
+        undefined); a streaming update may bring a single observation.
+    name : str, default "embedding"
+        Argument name used in the messages.
+
+    Returns
+    -------
+    n, c, spatial : int, int, tuple of int
+        Observations, features and the spatial shape.
+
+    Raises
+    ------
+    ValueError
+        If the rank is below 2, a dimension is zero, or N is below ``min_observations``.
+
+    Examples
+    --------
+    >>> check_fit_shape((200, 100, 56, 56))
+    (200, 100, (56, 56))
+    >>> check_fit_shape((1, 3, 4, 4))
+    Traceback (most recent call last):
+    ...
+    ValueError: embedding has 1 observation (shape (1, 3, 4, 4)); a Gaussian fit needs at least 2 observations along axis 0
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2:
+        raise ValueError(
+            f"{name} must have shape (N, C, *spatial) with at least 2 axes "
+            f"(observations, features), got shape {_shape_text(shape)}"
+        )
+    n, c, spatial = shape[0], shape[1], shape[2:]
+    if c < 1 or any(s < 1 for s in spatial):
+        raise ValueError(
+            f"{name} has an empty feature or spatial axis (shape {_shape_text(shape)}); "
+            "every axis after the first must be at least 1"
+        )
+    require_observations(n, min_observations, name=name, detail=f" (shape {_shape_text(shape)})", where=" along axis 0")
+    return n, c, spatial
+
+
+def require_observations(
+    count: int, minimum: int = MIN_FIT_OBSERVATIONS, *, name: str = "embedding", detail: str = "", where: str = "",
+    streamed: bool = False,
+) -> None:
+    """Raise ``ValueError`` when ``count`` observations are fewer than a Gaussian fit needs.
+
+    Examples
+    --------
+    >>> require_observations(5)
+    >>> require_observations(1, name="partial_fit", streamed=True)
+    Traceback (most recent call last):
+    ...
+    ValueError: partial_fit has seen 1 observation(s); a Gaussian fit needs at least 2 observations
+    """
+    if count < minimum:
+        if streamed:  # the count of a stream so far, which may still grow
+            seen = f"has seen {count} observation(s)"
+        else:
+            seen = f"has {count} {'observation' if count == 1 else 'observations'}"
+        raise ValueError(
+            f"{name} {seen}{detail}; a Gaussian fit needs at "
+            f"least {minimum} observation{'' if minimum == 1 else 's'}{where}"
+        )
+
+
+def check_score_shape(shape: Sequence[int], n_features: int, spatial: Sequence[int], *, name: str = "x") -> int:
+    """Validate the shape of embeddings to score against a fitted ``(C, *spatial)`` model.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        Shape of the embeddings, expected ``(M, C, *spatial)``.
+    n_features : int
+        C of the fitted model.
+    spatial : sequence of int
+        Spatial shape of the fitted model.
+    name : str, default "x"
+        Argument name used in the messages.
+
+    Returns
+    -------
+    int
+        M, the number of embeddings.
+
+    Raises
+    ------
+    ValueError
+        If the rank, the feature count or the spatial shape differ from the fitted model's.
+
+    Examples
+    --------
+    >>> check_score_shape((8, 100, 56, 56), 100, (56, 56))
+    8
+    >>> check_score_shape((100, 56, 56), 100, (56, 56))
+    Traceback (most recent call last):
+    ...
+    ValueError: x must have shape (M, 100, 56, 56) (M embeddings of the fitted model's features and spatial shape), got shape (100, 56, 56)
+    """
+    shape = tuple(int(s) for s in shape)
+    spatial = tuple(int(s) for s in spatial)
+    expected = (int(n_features),) + spatial
+    if len(shape) != len(expected) + 1 or shape[1:] != expected:
+        raise ValueError(
+            f"{name} must have shape (M, {', '.join(str(s) for s in expected)}) (M embeddings of the "
+            f"fitted model's features and spatial shape), got shape {_shape_text(shape)}"
+        )
+    return shape[0]
+
+
+def check_ridge(ridge: float) -> float:
+    """Validate the ridge constant added to every covariance diagonal.
+
+    Examples
+    --------
+    >>> check_ridge(0)
+    0.0
+    >>> check_ridge(-1.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: ridge must be a finite number >= 0, got -1.0
+    """
+    if isinstance(ridge, bool) or not isinstance(ridge, numbers.Real):
+        raise TypeError(f"ridge must be a real number >= 0, got {type(ridge).__name__}")
+    value = float(ridge)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
+    return value
+
+
+def check_shrinkage(shrinkage: str | None) -> str | None:
+    """Validate the shrinkage method name (``None``, ``"ledoit-wolf"`` or ``"oas"``).
+
+    Examples
+    --------
+    >>> check_shrinkage("OAS")
+    'oas'
+    >>> check_shrinkage("lw")
+    Traceback (most recent call last):
+    ...
+    ValueError: shrinkage must be None, 'ledoit-wolf' or 'oas', got 'lw'
+    """
+    if shrinkage is None:
+        return None
+    if isinstance(shrinkage, str):
+        key = shrinkage.lower().replace("_", "-")
+        if key in SHRINKAGE_METHODS:
+            return key
+    raise ValueError(f"shrinkage must be None, 'ledoit-wolf' or 'oas', got {shrinkage!r}")
+
+
+def check_dtype(dtype: object) -> np.dtype:
+    """Validate the working dtype of the fit: float64 or float32.
+
+    Examples
+    --------
+    >>> check_dtype("float32")
+    dtype('float32')
+    >>> check_dtype(np.float16)
+    Traceback (most recent call last):
+    ...
+    ValueError: dtype must be float64 or float32, got float16
+    """
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError as err:
+        raise ValueError(f"dtype must be float64 or float32, got {dtype!r}") from err
+    if resolved not in (np.dtype(np.float64), np.dtype(np.float32)):
+        raise ValueError(f"dtype must be float64 or float32, got {resolved}")
+    return resolved
+
+
+def describe_patch(index: int, spatial: Sequence[int]) -> str:
+    """Name a flat patch index with its position in the spatial grid, for error messages.
+
+    Examples
+    --------
+    >>> describe_patch(57, (56, 56))
+    'patch 57 (position (1, 1) of the 56x56 grid)'
+    >>> describe_patch(3, (10,))
+    'patch 3'
+    """
+    spatial = tuple(int(s) for s in spatial)
+    if len(spatial) < 2:  # the flat index already is the position
+        return f"patch {int(index)}"
+    position = tuple(int(i) for i in np.unravel_index(int(index), spatial))
+    grid = "x".join(str(s) for s in spatial)
+    return f"patch {int(index)} (position {_shape_text(position)} of the {grid} grid)"
+
+
+def require_finite(all_finite: bool, name: str, *, where: str = "", remedy: str = "remove or replace them before fitting") -> None:
+    """Raise ``ValueError`` naming ``name`` when the caller found NaN or infinity in it.
+
+    The caller computes ``all_finite`` (``np.isfinite(x).all()`` or its torch twin), so this one message
+    serves arrays and tensors alike; ``where`` locates the first bad value (e.g. a patch).
+
+    Examples
+    --------
+    >>> require_finite(True, "x")
+    >>> require_finite(False, "embedding", where=" in patch 3")
+    Traceback (most recent call last):
+    ...
+    ValueError: embedding contains non-finite values (NaN or infinity) in patch 3; remove or replace them before fitting
+    """
+    if not all_finite:
+        raise ValueError(f"{name} contains non-finite values (NaN or infinity){where}; {remedy}")
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """Return a boolean option as ``bool``; ``numpy.bool_`` is accepted, other truthy values are not.
+
+    Examples
+    --------
+    >>> check_bool(np.True_, "store_covariance")
+    True
+    >>> check_bool("no", "store_covariance")
+    Traceback (most recent call last):
+    ...
+    TypeError: store_covariance must be True or False, got 'no'
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def check_positive_int(value: Any, name: str, *, unit: str = "") -> int:
+    """Return ``value`` as a positive ``int`` (Python or NumPy integers; not bool), or raise naming it.
+
+    Examples
+    --------
+    >>> check_positive_int(np.int64(3), "fold_every")
+    3
+    >>> check_positive_int(0, "fold_every")
+    Traceback (most recent call last):
+    ...
+    ValueError: fold_every must be a positive integer, got 0
+    """
+    kind = f"a positive integer{unit}"
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be {kind}, got {value!r}")
+    try:
+        count = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be {kind}, got {value!r}") from None
+    if count < 1:
+        raise ValueError(f"{name} must be {kind}, got {count}")
+    return count
+
+
+def check_memory_budget(memory_budget: Any) -> int:
+    """Return ``memory_budget`` as a positive number of bytes, or raise naming the argument.
+
+    Examples
+    --------
+    >>> check_memory_budget(2**20)
+    1048576
+    >>> check_memory_budget(0)
+    Traceback (most recent call last):
+    ...
+    ValueError: memory_budget must be a positive number of bytes, got 0
+    """
+    if isinstance(memory_budget, (bool, np.bool_)):
+        raise TypeError(f"memory_budget must be an integer number of bytes, got {memory_budget!r}")
+    try:
+        budget = operator.index(memory_budget)
+    except TypeError:
+        raise TypeError(
+            f"memory_budget must be an integer number of bytes, got {memory_budget!r}"
+        ) from None
+    if budget <= 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {budget}")
+    return budget
+
+
+def check_workers(workers: Any) -> int | None:
+    """Validate a ``workers`` argument: ``None`` (the default policy) or a positive integer.
+
+    Examples
+    --------
+    >>> check_workers(None), check_workers(2)
+    (None, 2)
+    >>> check_workers(0)
+    Traceback (most recent call last):
+    ...
+    ValueError: workers must be a positive integer or None, got 0
+    """
+    if workers is None:
+        return None
+    if isinstance(workers, (bool, np.bool_)):
+        raise TypeError(f"workers must be a positive integer or None, got {workers!r}")
+    try:
+        count = operator.index(workers)
+    except TypeError:
+        raise TypeError(f"workers must be a positive integer or None, got {workers!r}") from None
+    if count < 1:
+        raise ValueError(f"workers must be a positive integer or None, got {count}")
+    return count
+
+
+def check_ddof(ddof: Any) -> int:
+    """Return an integer-valued ``ddof`` as ``int`` (``2.0`` is fine, ``1.5`` is not), as numpy does.
+
+    Examples
+    --------
+    >>> check_ddof(2.0)
+    2
+    >>> check_ddof(1.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: ddof must be integer, got 1.5
+    """
+    try:
+        value = int(ddof)
+    except (TypeError, ValueError):
+        raise TypeError(f"ddof must be an integer, got {ddof!r}") from None
+    if ddof != value:
+        raise ValueError(f"ddof must be integer, got {ddof!r}")
+    return value
+
+
+def accumulation_dtype(x_dtype: np.dtype[Any], dtype: DTypeLike | None) -> np.dtype[Any]:
+    """The dtype in which moments of data of ``x_dtype`` are accumulated and returned.
+
+    ``None`` follows :func:`numpy.cov`: ``result_type(x_dtype, float64)`` (float64 for bool,
+    integer, float16/32 and float64; longdouble and complex128 where those come in). An explicit
+    ``dtype`` must be a floating or complex dtype, and complex data needs a complex one.
+
+    Examples
+    --------
+    >>> accumulation_dtype(np.dtype(np.float32), None)
+    dtype('float64')
+    >>> accumulation_dtype(np.dtype(np.int64), np.float32)
+    dtype('float32')
+    """
+    x_dtype = np.dtype(x_dtype)
+    if x_dtype.kind not in "biufc":
+        raise TypeError(f"x must hold numbers (bool, integer, floating or complex), got dtype {x_dtype}")
+    if dtype is None:
+        return np.result_type(x_dtype, np.float64)
+    result = check_accumulation_dtype(dtype)
+    if x_dtype.kind == "c" and result.kind != "c":
+        raise TypeError(
+            f"dtype={result} would discard the imaginary part of complex x ({x_dtype}); "
+            "pass a complex dtype or leave dtype=None"
+        )
+    return result
+
+
+def check_accumulation_dtype(dtype: DTypeLike) -> np.dtype[Any]:
+    """An explicit accumulation ``dtype`` must be floating or complex.
+
+    Examples
+    --------
+    >>> check_accumulation_dtype("complex128")
+    dtype('complex128')
+    >>> check_accumulation_dtype(int)
+    Traceback (most recent call last):
+    ...
+    TypeError: dtype must be a floating or complex dtype, got int64
+    """
+    result = np.dtype(dtype)
+    if result.kind not in "fc":
+        raise TypeError(f"dtype must be a floating or complex dtype, got {result}")
+    return result
