@@ -17,6 +17,7 @@ __all__ = [
     "items_per_chunk",
     "chunk_slices",
     "batch_chunks",
+    "plan_chunks",
 ]
 
 #: Default bound, in bytes, on the temporaries of one call (64 MiB).
@@ -47,6 +48,51 @@ def chunk_slices(n_items: int, bytes_per_item: int, memory_budget: int) -> Itera
     step = items_per_chunk(bytes_per_item, memory_budget)
     for start in range(0, n_items, step):
         yield slice(start, min(start + step, n_items))
+
+
+def plan_chunks(
+    batch_shape: tuple[int, ...],
+    bytes_per_item: int,
+    memory_budget: int,
+    workers: int,
+    *,
+    max_items: int | None = None,
+    max_chunk_bytes: int | None = None,
+    min_thread_bytes: int = 0,
+    chunks_per_worker: int = 1,
+) -> list[tuple[tuple[Any, ...], int]]:
+    """The library's one chunk planner: cover a batch with chunks for ``workers`` threads.
+
+    The memory budget is shared by the chunks in flight (one per worker), so a chunk holds at most
+    ``memory_budget // workers`` bytes of temporaries (``bytes_per_item`` per item; always at least one
+    item). It is also capped at ``max_items`` items and ``max_chunk_bytes`` bytes, and with several
+    workers split finely enough that each gets about ``chunks_per_worker`` chunks, unless such shares
+    would hold less than ``min_thread_bytes`` (then a thread costs more than it saves).
+
+    Returns
+    -------
+    list of (index, n_items)
+        As :func:`batch_chunks`: index tuples selecting contiguous runs of the flattened batch.
+
+    Examples
+    --------
+    >>> [n for _, n in plan_chunks((10,), 100, 400, 1)]
+    [4, 4, 2]
+    >>> [n for _, n in plan_chunks((10,), 1, 10**6, 2, chunks_per_worker=4)]
+    [2, 2, 2, 2, 2]
+    """
+    n_items = math.prod(batch_shape)
+    in_flight = max(1, min(workers, n_items))
+    size = items_per_chunk(bytes_per_item, memory_budget // in_flight)
+    if max_chunk_bytes is not None:
+        size = min(size, items_per_chunk(bytes_per_item, max_chunk_bytes))
+    if max_items is not None:
+        size = min(size, max_items)
+    if in_flight > 1:
+        share = -(-n_items // (chunks_per_worker * in_flight))
+        floor = items_per_chunk(bytes_per_item, min_thread_bytes) if min_thread_bytes else 1
+        size = min(size, max(share, floor))
+    return list(batch_chunks(tuple(batch_shape), max(1, size)))
 
 
 def batch_chunks(batch_shape: tuple[int, ...], max_items: int) -> Iterator[tuple[tuple[Any, ...], int]]:

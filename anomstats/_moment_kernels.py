@@ -6,7 +6,7 @@ items: each chunk is copied once into a private ``(p, N, C)`` array of the accum
 is also the cast and the transposition: :func:`gather`, the library's one patch-major gather), centred at
 its own mean (two-pass: the centred sums are never formed as ``Σxxᵀ − nμμᵀ``, which loses every digit for
 data far from the origin) by :func:`centred_copy`, and reduced by one stacked matrix product ``Xcᵀ·Xc``
-(:func:`gram`) that BLAS evaluates as a symmetric rank-k update. :func:`plan_chunks` sizes the chunks under
+(:func:`gram`) that BLAS evaluates as a symmetric rank-k update. :func:`plan_moment_chunks` sizes the chunks under
 a memory budget for a few threads.
 """
 
@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from ._budget import batch_chunks, items_per_chunk
+from ._budget import plan_chunks
 
-__all__ = ["plan_chunks", "gather", "centred_copy", "gram", "centred_moments"]
+__all__ = ["plan_moment_chunks", "gather", "centred_copy", "gram", "centred_moments"]
 
 # Upper bound on one chunk's private copy, whatever the budget: large enough to amortise the
 # per-chunk overheads, small enough that every worker gets several chunks. Measured on the PaDiM
@@ -30,29 +30,20 @@ _CACHE_CHUNK_BYTES: int = 16 * 2**20
 _MIN_THREAD_CHUNK_BYTES: int = 2**18
 
 
-def plan_chunks(
+def plan_moment_chunks(
     view: np.ndarray, dtype: np.dtype[Any], memory_budget: int, workers: int, extra_per_item: int = 0
 ) -> list[tuple[tuple[Any, ...], int]]:
-    """Split the batch axes of ``view`` (laid out ``(*batch, N, C)``) into chunks for the kernel.
+    """:func:`anomstats._budget.plan_chunks` for the batch axes of ``view`` (laid out ``(*batch, N, C)``).
 
     Per batch item the kernel needs its private ``(N, C)`` copy plus a mean of ``C`` entries (and
-    ``extra_per_item`` bytes for the caller's own scratch). The budget is shared by the ``workers``
-    chunks in flight; chunks are also capped at a few MiB and split finely enough that every
-    worker gets some.
+    ``extra_per_item`` bytes for the caller's own scratch); chunks are also capped at a few MiB.
     """
     *batch, n_obs, n_var = view.shape
-    n_items = int(np.prod(batch, dtype=np.int64))
     per_item = (n_obs * n_var + 2 * n_var) * dtype.itemsize + extra_per_item
-    in_flight = max(1, min(workers, n_items))
-    max_items = min(
-        items_per_chunk(per_item, memory_budget // in_flight),
-        items_per_chunk(per_item, _CACHE_CHUNK_BYTES),
-        max(
-            -(-n_items // in_flight),  # every worker gets a share...
-            items_per_chunk(per_item, _MIN_THREAD_CHUNK_BYTES),  # ...unless shares would be tiny
-        ),
+    return plan_chunks(
+        tuple(batch), per_item, memory_budget, workers,
+        max_chunk_bytes=_CACHE_CHUNK_BYTES, min_thread_bytes=_MIN_THREAD_CHUNK_BYTES,
     )
-    return list(batch_chunks(tuple(batch), max_items))
 
 
 # Tiles of the cache-blocked transposition in ``gather``: TILE_ITEMS batch items by TILE_VALUES

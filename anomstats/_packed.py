@@ -17,7 +17,7 @@ Why float64 accumulation (the default), deliberately
 ----------------------------------------------------
 Accumulating in float64 is both the more accurate and, for a float32 result, the *leaner* choice:
 a packed float64 triangle takes ``C·(C+1)/2·8 = C·(C+1)·4`` bytes per patch, which is just more than
-the ``C·C·4`` bytes of that patch's full float32 precision. So ``finalize(in_place=True)`` writes the
+the ``C·C·4`` bytes of that patch's full float32 precision. So ``finalise(in_place=True)`` writes the
 float32 precision over the packed moments, patch chunk by patch chunk (each chunk is copied out,
 unpacked, regularised, factored with LAPACK ``dpotrf``, inverted from its factor with ``dpotri``,
 symmetrised and written back as float32 into memory whose moments were already consumed). The
@@ -49,13 +49,13 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
-from scipy.linalg import blas
 
 from ._budget import DEFAULT_MEMORY_BUDGET, items_per_chunk
-from ._lapack import potri_lower, potrf_lower
-from ._patch_kernels import numerically_singular_pivot
-from ._rules import DEFAULT_RIDGE
-from ._validation import check_memory_budget
+from ._lapack import ScratchKernels
+from ._moment_kernels import gather
+from ._patch_kernels import PatchFinisher, PatchFitSettings, PatchOutputs
+from ._rules import DEFAULT_RIDGE, chan_merge_weights
+from ._validation import check_memory_budget, check_positive_int, check_ridge, require_observations
 
 __all__ = ["PackedGaussianAccumulator", "packed_state_bytes"]
 
@@ -84,7 +84,7 @@ class PackedGaussianAccumulator:
         Patches P = prod(spatial) of the embeddings (PaDiM: H·W).
     dtype : {numpy.float64, numpy.float32}, default numpy.float64
         Accumulation dtype (see the module notes for why float64 is the default: it is both more
-        accurate and, with ``finalize(in_place=True)``, leaner for a float32 result).
+        accurate and, with ``finalise(in_place=True)``, leaner for a float32 result).
     fold_every : int, default 64
         Batches are buffered (copied) until this many observations are waiting, then folded in
         together: one matrix product per patch per fold instead of per batch, which matters
@@ -92,7 +92,7 @@ class PackedGaussianAccumulator:
         buffer holds at most ``fold_every + B − 1`` embeddings (0.75 GB at C = 550, 64×64, B = 20
         in float32); ``fold_every=1`` folds every batch at once.
     memory_budget : int, default 64 MiB
-        Bound, in bytes, on the work buffers of one fold, ``merge`` or ``finalize`` chunk.
+        Bound, in bytes, on the work buffers of one fold, ``merge`` or ``finalise`` chunk.
 
     Notes
     -----
@@ -110,7 +110,7 @@ class PackedGaussianAccumulator:
     >>> acc = PackedGaussianAccumulator(n_features=4, n_patches=9)
     >>> for batch in np.split(emb, 3):
     ...     _ = acc.update(batch)
-    >>> mean, precision = acc.finalize()
+    >>> mean, precision = acc.finalise()
     >>> mean.shape, precision.shape, precision.dtype
     ((4, 9), (9, 4, 4), dtype('float32'))
     >>> x = emb[:, :, 0, 0].astype(np.float64)
@@ -128,24 +128,24 @@ class PackedGaussianAccumulator:
         fold_every: int = 64,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
     ) -> None:
-        self.n_features = _positive_int(n_features, "n_features")
-        self.n_patches = _positive_int(n_patches, "n_patches")
+        self.n_features = check_positive_int(n_features, "n_features")
+        self.n_patches = check_positive_int(n_patches, "n_patches")
         acc = np.dtype(dtype)
         if acc not in (np.dtype(np.float64), np.dtype(np.float32)):
             raise TypeError(f"dtype must be numpy.float64 or numpy.float32, got {acc}")
         self.dtype = acc
         self.memory_budget = check_memory_budget(memory_budget)
-        self.fold_every = _positive_int(fold_every, "fold_every")
+        self.fold_every = check_positive_int(fold_every, "fold_every")
         self._pending: list[NDArray[Any]] = []
         self._pending_n = 0
         self._count = 0
         self._mean: NDArray[Any] = np.zeros((self.n_patches, self.n_features), dtype=acc)
         self._m2: NDArray[Any] | None = np.zeros((self.n_patches, self.n_tri), dtype=acc)
-        self._iu = np.triu_indices(self.n_features)
-        # Flat positions, in a C-ordered (C, C) block, of the upper triangle (row by row) and of
-        # its mirror image in the lower triangle (same order).
-        self._upper_flat = self._iu[0] * self.n_features + self._iu[1]
-        self._lower_flat = self._iu[1] * self.n_features + self._iu[0]
+        # Row and column of every packed entry: the upper triangle, row by row.
+        self._upper_rows, self._upper_cols = np.triu_indices(self.n_features)
+        # Flat positions, in a C-ordered (C, C) block, of the mirror image of each packed entry in the
+        # lower triangle (the triangle LAPACK and BLAS work on, see anomstats._lapack).
+        self._lower_flat = self._upper_cols * self.n_features + self._upper_rows
 
     # ------------------------------------------------------------------ state
     @property
@@ -158,12 +158,15 @@ class PackedGaussianAccumulator:
         """Observations accumulated so far (folded or still buffered)."""
         return self._count + self._pending_n
 
+    #: Finalisation (in place for a float32 result) consumes the moments: see :meth:`finalise`.
+    spent_by_finalise = True
+
     @property
     def mean(self) -> NDArray[Any]:
-        """Running mean in anomalib's layout ``(C, P)`` (a copy, accumulation dtype)."""
+        """Running mean ``(P, C)``, as :attr:`anomstats.RunningMoments.mean` (a copy, accumulation dtype)."""
         self._check_alive()
         self._fold()
-        return self._mean.T.copy()
+        return self._mean.copy()
 
     @property
     def nbytes(self) -> int:
@@ -173,7 +176,7 @@ class PackedGaussianAccumulator:
     def _check_alive(self) -> None:
         if self._m2 is None:
             raise RuntimeError(
-                "this accumulator was finalized with in_place=True, which reused its memory for the "
+                "this accumulator was finalised with in_place=True, which reused its memory for the "
                 "precision; create a new PackedGaussianAccumulator to fit again"
             )
 
@@ -207,11 +210,14 @@ class PackedGaussianAccumulator:
                 f"batch holds non-finite values (first at patch {int(np.argmin(finite))}); "
                 "remove or replace them before fitting"
             )
-        # A private copy (the caller may reuse its buffer), in the input's own float dtype.
-        self._pending.append(np.array(x3, dtype=np.result_type(x3.dtype, np.float32)))
-        self._pending_n += n_b
-        if self._pending_n >= self.fold_every:
-            self._fold()
+        # Private copies (the caller may reuse its buffer), in the input's own float dtype, a fold's
+        # worth at a time: the buffer never holds more than fold_every + one slice of observations.
+        for start in range(0, n_b, self.fold_every):
+            piece = x3[start : start + self.fold_every]
+            self._pending.append(np.array(piece, dtype=np.result_type(x3.dtype, np.float32)))
+            self._pending_n += len(piece)
+            if self._pending_n >= self.fold_every:
+                self._fold()
         return self
 
     def _fold(self) -> None:
@@ -220,46 +226,38 @@ class PackedGaussianAccumulator:
         if n_b == 0:
             return
         c, p = self.n_features, self.n_patches
-        pieces = self._pending
         n_a = self._count
-        n = n_a + n_b
-        # Chan et al.: M2 = M2_a + M2_b + δδᵀ·n_a·n_b/n and μ = μ_a + δ·n_b/n, with δ = μ_b − μ_a.
-        # The δδᵀ term rides along as one extra column of the centred block, so a single matrix
-        # product gives M2_b plus the correction, and a single gather packs it.
+        chan = chan_merge_weights(n_a, n_b)
+        # The δδᵀ·cross term of Chan's update rides along as one extra row of the centred block, so a
+        # single symmetric product gives M2_b plus the correction, and a single gather packs it.
         extra = 1 if n_a else 0
-        root = math.sqrt(n_a * n_b / n) if n_a else 0.0
-        item = self.dtype.itemsize
-        step = self._patch_chunk(item * ((n_b + 1) * c + self.n_tri + 2 * c))  # xt, packed, means
-        syrk = blas.dsyrk if self.dtype == np.float64 else blas.ssyrk
-        square = np.zeros((c, c), dtype=self.dtype, order="F")  # syrk's output, reused per patch
+        step = self._patch_chunk(self.dtype.itemsize * ((n_b + 1) * c + self.n_tri + 2 * c))  # rows, packed, means
+        rows_buffer = np.empty((min(step, p), n_b + extra, c), dtype=self.dtype)  # reused chunk to chunk
+        scratch = np.zeros((c, c), dtype=self.dtype)
+        kernels = ScratchKernels(scratch)  # BLAS syrk through C pointers: the GIL is released
         for start in range(0, p, step):
             stop = min(start + step, p)
-            # (p, C, B[+1]) private copy in the accumulation dtype (also the cast and transposition).
-            xt = np.empty((stop - start, c, n_b + extra), dtype=self.dtype)
+            rows = rows_buffer[: stop - start]
             offset = 0
-            for piece in pieces:
-                xt[:, :, offset : offset + len(piece)] = piece[:, :, start:stop].transpose(2, 1, 0)
+            for piece in self._pending:  # (B_i, C, P) → (patches, B_i, C): the library's patch-major gather
+                gather(piece.transpose(2, 0, 1)[start:stop], rows[:, offset : offset + len(piece)])
                 offset += len(piece)
-            mean_b = xt[:, :, :n_b].mean(axis=2)
-            xt[:, :, :n_b] -= mean_b[:, :, None]
+            mean_b = rows[:, :n_b].mean(axis=1)
+            rows[:, :n_b] -= mean_b[:, None, :]
             if n_a:
                 delta = mean_b - self._mean[start:stop]
-                xt[:, :, n_b] = root * delta
-            # One symmetric rank-K update per patch (BLAS syrk: half the flops of a full product).
-            # syrk returns a Fortran-ordered (C, C) block whose upper triangle is valid; read as a
-            # C-ordered array that is the lower triangle, in the same order as our packed rows.
+                rows[:, n_b] = math.sqrt(chan.cross) * delta
             packed = np.empty((stop - start, self.n_tri), dtype=self.dtype)
             for k in range(stop - start):
-                block = syrk(1.0, xt[k].T, beta=0.0, c=square, trans=1, lower=0, overwrite_c=1)
-                packed[k] = block.T.reshape(-1)[self._lower_flat]
-            del xt
+                kernels.syrk(1.0, rows[k])  # lower triangle of the C-ordered scratch: rowsᵀ·rows
+                packed[k] = scratch.reshape(-1)[self._lower_flat]
             if n_a:
                 self._m2[start:stop] += packed
-                self._mean[start:stop] += delta * (n_b / n)
+                self._mean[start:stop] += delta * chan.mean_step
             else:
                 self._m2[start:stop] = packed
                 self._mean[start:stop] = mean_b
-        self._count = n
+        self._count = n_a + n_b
         self._pending, self._pending_n = [], 0
 
     def merge(self, other: PackedGaussianAccumulator) -> PackedGaussianAccumulator:
@@ -286,33 +284,35 @@ class PackedGaussianAccumulator:
             self._mean[...] = other._mean
             self._count = n_b
             return self
-        n = n_a + n_b
-        iu0, iu1 = self._iu
+        upper_rows, upper_cols = self._upper_rows, self._upper_cols
+        chan = chan_merge_weights(n_a, n_b)
         step = self._patch_chunk(self.dtype.itemsize * (3 * self.n_tri + 2 * self.n_features))
         for start in range(0, self.n_patches, step):
             stop = min(start + step, self.n_patches)
             delta = other._mean[start:stop] - self._mean[start:stop]
-            outer = np.multiply(delta[:, iu0], delta[:, iu1])
-            outer *= n_a * n_b / n
+            outer = np.multiply(delta[:, upper_rows], delta[:, upper_cols])
+            outer *= chan.cross
             outer += other._m2[start:stop]
             self._m2[start:stop] += outer
-            self._mean[start:stop] += delta * (n_b / n)
-        self._count = n
+            self._mean[start:stop] += delta * chan.mean_step
+        self._count = n_a + n_b
         return self
 
     # ------------------------------------------------------------------ result
-    def finalize(
+    def finalise(
         self,
         ridge: float = DEFAULT_RIDGE,
         out_dtype: DTypeLike = np.float32,
         *,
         in_place: bool = False,
         return_log_det: bool = False,
+        spatial: tuple[int, ...] | None = None,
     ) -> tuple[NDArray[Any], ...]:
         """Return ``(mean (C, P), precision (P, C, C))`` of the regularised per-patch Gaussians.
 
         The covariance of each patch is ``M2 / (n − 1) + ridge·I``; its precision comes from the
-        Cholesky factor (LAPACK ``potrf`` then ``potri`` in the accumulation dtype), symmetrised,
+        Cholesky factor (LAPACK ``potrf`` then ``potri`` in the accumulation dtype, through the library's
+        one factor/log-det/invert routine, :class:`anomstats._patch_kernels.PatchFinisher`), symmetrised,
         and is cast to ``out_dtype`` (float32 by default, as anomalib stores it).
 
         Parameters
@@ -326,8 +326,10 @@ class PackedGaussianAccumulator:
             stack; the accumulator cannot be used afterwards.
         return_log_det : bool, default False
             Also return ``log det`` of each regularised covariance, float64 ``(P,)``, read off the
-            Cholesky factor's diagonal (``2·Σ log Uᵢᵢ``) before it is inverted: then the result is
+            Cholesky factor's diagonal (``2·Σ log Lᵢᵢ``) before it is inverted: then the result is
             ``(mean, precision, log_det)``.
+        spatial : tuple of int, optional
+            The spatial grid of the patches, for error messages (default: one flat axis).
 
         Raises
         ------
@@ -340,15 +342,9 @@ class PackedGaussianAccumulator:
         out = np.dtype(out_dtype)
         if out not in (np.dtype(np.float64), np.dtype(np.float32)):
             raise TypeError(f"out_dtype must be numpy.float32 or numpy.float64, got {out}")
-        ridge = float(ridge)
-        if not math.isfinite(ridge) or ridge < 0:
-            raise ValueError(f"ridge must be a finite number >= 0, got {ridge}")
+        ridge = check_ridge(ridge)
         self._fold()
-        if self._count < 2:
-            raise ValueError(
-                f"need at least 2 observations to estimate a covariance, got {self._count}; "
-                "update with more embeddings before finalize"
-            )
+        require_observations(self._count, name="this accumulator", where="; update with more embeddings before finalise")
         c, p = self.n_features, self.n_patches
         if in_place and not (self.dtype == np.float64 and out == np.float32):
             raise ValueError(
@@ -362,58 +358,50 @@ class PackedGaussianAccumulator:
             precision = self._m2.reshape(-1).view(np.float32)[: p * c * c].reshape(p, c, c)
         else:
             precision = np.empty((p, c, c), dtype=out)
-        log_det = np.empty(p, dtype=np.float64) if return_log_det else None
-        iu0, iu1 = self._iu
-        scale = 1.0 / (self._count - 1)
-        diag_packed = np.flatnonzero(iu0 == iu1)
-        step = self._patch_chunk(self.dtype.itemsize * (2 * c * c + self.n_tri))
-        work_buffer = np.empty((min(step, p), c, c), dtype=self.dtype)
+        outputs = PatchOutputs(
+            precision=precision, log_det=np.empty(p, dtype=np.float64), shrinkage=np.zeros(p, dtype=np.float64)
+        )
+        settings = PatchFitSettings(ridge, None, self._count, spatial if spatial is not None else (p,))
+        try:
+            self._finalise_patches(outputs, settings, 1.0 / (self._count - 1))
+        except (ValueError, np.linalg.LinAlgError) as error:
+            if not in_place:
+                raise
+            self._m2 = None  # part of the moments is already overwritten: refuse further use
+            raise type(error)(f"{error} (in_place=True: this accumulator's moments are partly overwritten)") from error
+        if in_place:
+            self._m2 = None
+            self._mean = np.empty((0, 0), dtype=self.dtype)
+        if return_log_det:
+            return mean, precision, outputs.log_det
+        return mean, precision
+
+    def finalise_patches(
+        self, settings: PatchFitSettings, dtype: np.dtype, memory_budget: int, workers: int
+    ) -> tuple[NDArray[Any], PatchOutputs]:
+        """:meth:`finalise` for :class:`anomstats.MultiVariateGaussian` (the streaming interface).
+
+        A float32 result is written in place over the moments (the leanest peak), which spends them;
+        a float64 result is a new stack. ``memory_budget`` and ``workers`` are the accumulator's own
+        (finalisation runs in one thread). Returns ``(mean (C, P), outputs)``.
+        """
+        mean, precision, log_det = self.finalise(
+            settings.ridge, out_dtype=dtype, in_place=dtype == np.float32, return_log_det=True,
+            spatial=settings.spatial,
+        )
+        p = self.n_patches
+        return mean, PatchOutputs(precision=precision, log_det=log_det, shrinkage=np.zeros(p, dtype=np.float64))
+
+    def _finalise_patches(self, outputs: PatchOutputs, settings: PatchFitSettings, scale: float) -> None:
+        """Scale, regularise, factor and invert every patch's moments into ``outputs``, chunk by chunk."""
+        c, p = self.n_features, self.n_patches
+        finisher = PatchFinisher(outputs, settings, c, self.dtype)
+        lower = finisher.t.reshape(-1)
+        step = self._patch_chunk(self.dtype.itemsize * self.n_tri)
         for start in range(0, p, step):
             stop = min(start + step, p)
             packed = np.array(self._m2[start:stop])  # private copy: the output may overwrite it
             packed *= scale
-            packed[:, diag_packed] += ridge
-            # LAPACK reads and writes one triangle only: fill just that one (the C-order lower).
-            # The work buffer is reused from chunk to chunk (no fresh pages to fault in each time).
-            work = work_buffer[: stop - start]
-            work.reshape(stop - start, c * c)[:, self._lower_flat] = packed
-            del packed
             for k in range(stop - start):
-                t = work[k]  # factored and inverted in place, lower triangle only (anomstats._lapack)
-                # Rounding-sized pivots are refused only without a ridge (see _patch_kernels.finish).
-                variances = np.diagonal(t).copy() if ridge == 0 else None
-                info = potrf_lower(t)
-                if info == 0 and variances is not None and numerically_singular_pivot(np.diagonal(t), variances):
-                    info = -1  # a rounding-sized pivot: exactly singular in exact arithmetic
-                if info != 0:
-                    spent = ""
-                    if in_place:  # part of the moments is already overwritten: refuse further use
-                        self._m2 = None
-                        spent = " (in_place=True: this accumulator's moments are partly overwritten)"
-                    raise np.linalg.LinAlgError(
-                        f"the covariance of patch {start + k} plus ridge={ridge:g}·I is not positive "
-                        f"definite{' (numerically singular)' if info < 0 else ''}; use a larger ridge{spent}"
-                    )
-                if log_det is not None:  # the factor's diagonal, before potri overwrites it
-                    log_det[start + k] = 2.0 * np.log(np.diagonal(t)).sum(dtype=np.float64)
-                if potri_lower(t) != 0:  # pragma: no cover - potrf succeeded, so the factor is invertible
-                    raise np.linalg.LinAlgError(f"inverting the factor of patch {start + k} failed")
-            flat = work.reshape(stop - start, c * c)
-            flat[:, self._upper_flat] = flat[:, self._lower_flat]  # mirror the computed triangle
-            precision[start:stop] = work
-        if in_place:
-            self._m2 = None
-            self._mean = np.empty((0, 0), dtype=self.dtype)
-        if log_det is not None:
-            return mean, precision, log_det
-        return mean, precision
-
-
-def _positive_int(value: Any, name: str) -> int:
-    try:
-        result = int(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a positive integer, got {value!r}") from None
-    if result != value or result <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return result
+                lower[self._lower_flat] = packed[k]  # the lower triangle; the strict upper one stays zero
+                finisher.finish(start + k)

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from ._budget import items_per_chunk
+from ._budget import plan_chunks
 from ._validation import describe_patch
 from ._lapack import ScratchKernels
+from ._moment_kernels import gather
 from ._shrinkage import ledoit_wolf_coefficient, oas_coefficient, shrink_in_place
 
 @dataclass
@@ -40,15 +41,34 @@ class PatchOutputs:
     covariance: NDArray[np.floating] | None = None
     cholesky: NDArray[np.floating] | None = None
 
+    @classmethod
+    def allocate(cls, n_patches: int, n_features: int, dtype: np.dtype, *, keep_covariance: bool) -> PatchOutputs:
+        """Uninitialised stacks for ``n_patches`` patches (covariance and factor only when kept).
+
+        Left untouched: the worker threads fault the pages in as they write their own patches (measured:
+        faster than a sequential fill first, now that the LAPACK calls of the threads overlap; see
+        :mod:`anomstats._lapack`).
+        """
+        stack = (n_patches, n_features, n_features)
+        return cls(
+            precision=np.empty(stack, dtype=dtype),
+            log_det=np.empty(n_patches, dtype=np.float64),
+            shrinkage=np.zeros(n_patches, dtype=np.float64),
+            covariance=np.empty(stack, dtype=dtype) if keep_covariance else None,
+            cholesky=np.empty(stack, dtype=dtype) if keep_covariance else None,
+        )
+
 
 @dataclass(frozen=True)
-class Estimator:
-    """What to do with a patch's empirical covariance before factoring it."""
+class PatchFitSettings:
+    """A fit's configuration as the per-patch kernels need it: what to do with a patch's empirical
+    covariance before factoring it, and how to name a patch in messages."""
 
     ridge: float
     shrinkage: str | None
     n_samples: int
     spatial: tuple[int, ...]
+    keep_covariance: bool = False  # also store the regularised covariance and its Cholesky factor
 
     @property
     def ddof(self) -> int:
@@ -56,27 +76,22 @@ class Estimator:
         return 0 if self.shrinkage is not None else 1
 
 
-def plan_chunks(
+def plan_patch_chunks(
     n_patches: int, bytes_per_patch: int, memory_budget: int, workers: int, max_patches: int | None = None
 ) -> list[tuple[int, int]]:
-    """Split ``range(n_patches)`` into chunks whose work buffers, one per worker, fit the budget.
+    """:func:`anomstats._budget.plan_chunks` for a flat axis of patches, as ``(start, stop)`` ranges.
 
-    At least one patch per chunk whatever the budget, at most ``max_patches``; with several workers, at
-    least about four chunks per worker so that the threads stay balanced.
+    At least about four chunks per worker, so that the threads stay balanced.
 
     Examples
     --------
-    >>> plan_chunks(10, 100, 400, 1)
+    >>> plan_patch_chunks(10, 100, 400, 1)
     [(0, 4), (4, 8), (8, 10)]
-    >>> plan_chunks(10, 1, 10**6, 2)
+    >>> plan_patch_chunks(10, 1, 10**6, 2)
     [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
     """
-    size = items_per_chunk(bytes_per_patch, max(memory_budget // workers, 1))
-    if max_patches is not None:
-        size = min(size, max_patches)
-    if workers > 1:
-        size = min(size, max(1, math.ceil(n_patches / (4 * workers))))
-    return [(start, min(start + size, n_patches)) for start in range(0, n_patches, size)]
+    plan = plan_chunks((n_patches,), bytes_per_patch, memory_budget, workers, max_items=max_patches, chunks_per_worker=4)
+    return [(index[0].start, index[0].stop) for index, _ in plan]
 
 
 class ThreadScratch:
@@ -97,11 +112,11 @@ class ThreadScratch:
             buffer = self._local.buffer = np.empty(size, dtype=dtype)
         return buffer[:size].reshape(shape)
 
-    def finisher(self, outputs: PatchOutputs, estimator: Estimator, n_features: int, dtype: np.dtype) -> PatchFinisher:
+    def finisher(self, outputs: PatchOutputs, settings: PatchFitSettings, n_features: int, dtype: np.dtype) -> PatchFinisher:
         """This thread's :class:`PatchFinisher` (created on first use)."""
         finisher = getattr(self._local, "finisher", None)
         if finisher is None:
-            finisher = self._local.finisher = PatchFinisher(outputs, estimator, n_features, dtype)
+            finisher = self._local.finisher = PatchFinisher(outputs, settings, n_features, dtype)
         return finisher
 
 
@@ -112,10 +127,10 @@ class PatchFinisher:
     calls :meth:`finish`.
     """
 
-    def __init__(self, outputs: PatchOutputs, estimator: Estimator, n_features: int, dtype: np.dtype) -> None:
+    def __init__(self, outputs: PatchOutputs, settings: PatchFitSettings, n_features: int, dtype: np.dtype) -> None:
         c = n_features
         self.outputs = outputs
-        self.estimator = estimator
+        self.settings = settings
         self.c = c
         self.t = np.zeros((c, c), dtype=dtype)  # strict upper triangle stays zero (see module notes)
         self.kernels = ScratchKernels(self.t)  # potrf/potri/syrk on t, GIL released during each call
@@ -125,7 +140,7 @@ class PatchFinisher:
 
         Everything happens in ``t`` (cache-resident); each output stack is written exactly once.
         """
-        est, out, c, t = self.estimator, self.outputs, self.c, self.t
+        est, out, c, t = self.settings, self.outputs, self.c, self.t
         diagonal = t.reshape(-1)[:: c + 1]
         if not np.isfinite(diagonal).all():
             raise ValueError(
@@ -175,9 +190,9 @@ class PatchFinisher:
         precision.reshape(-1)[:: c + 1] *= 0.5
 
     def _raise_not_positive_definite(self, patch: int, info: int, numerically: bool = False) -> None:
-        est = self.estimator
+        est = self.settings
         hint = (
-            "use shrinkage='ledoit-wolf' or 'oas', or increase ridge"
+            "increase ridge (a larger ridge makes every patch definite), or use shrinkage='ledoit-wolf' or 'oas'"
             if est.shrinkage is None
             else "increase ridge (e.g. ridge=1e-3 times the typical feature variance)"
         )
@@ -201,29 +216,8 @@ def numerically_singular_pivot(factor_diagonal: NDArray, variances: NDArray) -> 
     return int(np.argmax(bad)) + 1 if bad.any() else 0
 
 
-#: Block sizes of :func:`gather_patches` (patches x observations per copy); see there. A fit's chunks
-#: hold at most FIT_CHUNK_PATCHES patches, so that a patch gathered is still in cache when it is used.
-_GATHER_PATCHES = 64
+#: A fit's chunks hold at most this many patches, so that a patch gathered is still in cache when it is used.
 FIT_CHUNK_PATCHES = 64
-_GATHER_ROWS = 8
-
-
-def gather_patches(x3: NDArray, start: int, stop: int, out: NDArray) -> None:
-    """Copy patches ``start:stop`` of an ``(N, C, P)`` array into ``out`` ``(stop - start, N, C)``.
-
-    This is a transposition: in PaDiM's layout the patch axis is the fastest-varying one, so a
-    patch's ``(N, C)`` matrix is scattered with a stride of P elements. A plain copy walks the output in
-    order and touches a new cache line for every element read; copying in blocks of a few observation
-    rows by a few dozen patches lets each cache line read serve many patches (measured: 4x less CPU time
-    for PaDiM's 200 x 100 x 3136 case). Also casts to ``out``'s dtype.
-    """
-    n = x3.shape[0]
-    for k0 in range(0, stop - start, _GATHER_PATCHES):
-        k1 = min(k0 + _GATHER_PATCHES, stop - start)
-        for n0 in range(0, n, _GATHER_ROWS):
-            n1 = min(n0 + _GATHER_ROWS, n)
-            block = x3[n0:n1, :, start + k0 : start + k1].transpose(2, 0, 1)
-            np.copyto(out[k0:k1, n0:n1], block, casting="unsafe")
 
 
 def _first_bad_patch(values: NDArray[np.floating]) -> int:
@@ -238,7 +232,7 @@ def fit_chunk(
     stop: int,
     mean_out: NDArray[np.floating],
     outputs: PatchOutputs,
-    estimator: Estimator,
+    settings: PatchFitSettings,
     dtype: np.dtype,
     scratch: ThreadScratch,
 ) -> None:
@@ -246,12 +240,12 @@ def fit_chunk(
     n, c = x3.shape[0], x3.shape[1]
     # The one work buffer: this chunk's patches as (patch, observation, feature) in the working dtype.
     work = scratch.array((stop - start, n, c), dtype)
-    gather_patches(x3, start, stop, work)
+    gather(x3.transpose(2, 0, 1)[start:stop], work)  # (patches, N, C): the library's one gather
     chunk_mean = work.mean(axis=1)
     # Any NaN or infinity in a patch's data makes that patch's mean non-finite: a cheap full check.
     if not np.isfinite(chunk_mean).all():
         k = _first_bad_patch(chunk_mean)
-        where = describe_patch(start + k, estimator.spatial)
+        where = describe_patch(start + k, settings.spatial)
         if not np.isfinite(work[k]).all():
             obs, feature = (int(i) for i in np.argwhere(~np.isfinite(work[k]))[0])
             raise ValueError(
@@ -262,12 +256,12 @@ def fit_chunk(
     mean_out[:, start:stop] = chunk_mean.T
     work -= chunk_mean[:, None, :]
     fourth = None
-    if estimator.shrinkage == "ledoit-wolf":
+    if settings.shrinkage == "ledoit-wolf":
         row_sq = np.einsum("pnc,pnc->pn", work, work)
         fourth = np.einsum("pn,pn->p", row_sq, row_sq, dtype=np.float64)
 
-    finisher = scratch.finisher(outputs, estimator, c, dtype)
-    alpha = 1.0 / (n - estimator.ddof)
+    finisher = scratch.finisher(outputs, settings, c, dtype)
+    alpha = 1.0 / (n - settings.ddof)
     for k in range(stop - start):
         finisher.kernels.syrk(alpha, work[k])  # the GIL is released inside, so worker threads overlap
         finisher.finish(start + k, None if fourth is None else float(fourth[k]))
@@ -281,7 +275,7 @@ def finish_chunk(
     stop: int,
     fourth: NDArray[np.float64] | None,
     outputs: PatchOutputs,
-    estimator: Estimator,
+    settings: PatchFitSettings,
     dtype: np.dtype,
     scratch: ThreadScratch,
 ) -> None:
@@ -291,7 +285,7 @@ def finish_chunk(
     leading row/column of the augmented moments of streaming Ledoit-Wolf). Only lower triangles are read.
     """
     c = outputs.precision.shape[-1]
-    finisher = scratch.finisher(outputs, estimator, c, dtype)
+    finisher = scratch.finisher(outputs, settings, c, dtype)
     lower = np.tril(np.ones((c, c), dtype=bool))
     for p in range(start, stop):
         np.multiply(centred_sums[p, offset:, offset:], scale, out=finisher.t, where=lower, casting="unsafe")
@@ -311,7 +305,7 @@ def score_chunk(
     """Squared Mahalanobis distances of ``(M, C, P)`` embeddings for patches ``start:stop`` into ``out``."""
     m, c = x3.shape[0], x3.shape[1]
     delta = scratch.array((stop - start, m, c), dtype)
-    gather_patches(x3, start, stop, delta)
+    gather(x3.transpose(2, 0, 1)[start:stop], delta)
     delta -= mean[:, start:stop].T[:, None, :]
     # The precision is symmetric, so delta @ precision holds (precision @ delta_m) in each row m.
     projected = np.matmul(delta, precision[start:stop])

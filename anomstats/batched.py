@@ -23,7 +23,7 @@ from numpy.typing import ArrayLike, DTypeLike, NDArray
 from . import _dask
 from ._axes import batch_view, normalise_axes
 from ._budget import DEFAULT_MEMORY_BUDGET
-from ._moment_kernels import centred_moments, plan_chunks
+from ._moment_kernels import centred_moments, plan_moment_chunks
 from ._parallel import resolve_workers, run_chunks
 from ._rules import degrees_of_freedom
 from ._validation import accumulation_dtype, check_ddof, check_memory_budget
@@ -199,7 +199,7 @@ def batched_cov(
         if n_obs == 0:
             out[...] = 0  # an empty sum; the normalisation below decides inf/nan as numpy does
         else:
-            chunks = plan_chunks(view, acc, budget, n_workers)
+            chunks = plan_moment_chunks(view, acc, budget, n_workers)
             run_chunks(
                 lambda chunk: _cov_chunk(view, acc, weights, out, chunk),
                 chunks,

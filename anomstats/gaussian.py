@@ -20,12 +20,11 @@ from ._packed import PackedGaussianAccumulator
 from ._parallel import resolve_workers, run_chunks
 from ._patch_kernels import (
     FIT_CHUNK_PATCHES,
-    Estimator,
+    PatchFitSettings,
     PatchOutputs,
     ThreadScratch,
-    finish_chunk,
     fit_chunk,
-    plan_chunks,
+    plan_patch_chunks,
     score_chunk,
 )
 from ._rules import DEFAULT_RIDGE, gaussian_log_normaliser
@@ -39,9 +38,10 @@ from ._validation import (
     check_score_shape,
     check_shrinkage,
     describe_patch,
+    require_finite,
     require_observations,
 )
-from .moments import RunningMoments
+from ._patch_moments import DensePatchMoments, PatchMoments
 
 __all__ = [
     "DEFAULT_RIDGE",
@@ -71,12 +71,12 @@ class MultiVariateGaussian:
     Parameters
     ----------
     ridge : float, default ``DEFAULT_RIDGE`` (= 0.01 + 1e-5)
-        Added to every covariance diagonal, after the estimator (and after shrinkage, when there is
+        Added to every covariance diagonal, after the settings (and after shrinkage, when there is
         one). The default is anomalib 2.x's effective regularisation (0.01·I, then 1e-5·I more). It is
         added on top of the shrinkage estimators too: pass ``ridge=0`` to get exactly scikit-learn's
         ``LedoitWolf`` / ``OAS`` covariances.
     shrinkage : {None, "ledoit-wolf", "oas"}, default None
-        ``None``: the unbiased sample covariance (divide by N - 1), anomalib's estimator.
+        ``None``: the unbiased sample covariance (divide by N - 1), anomalib's settings.
         ``"ledoit-wolf"`` / ``"oas"``: scikit-learn's shrinkage estimators, patch by patch. Like
         scikit-learn, these start from the *biased* maximum-likelihood covariance (divide by N) and shrink
         it towards ``trace / C · I``; the fitted coefficients are in :attr:`shrinkage_`.
@@ -97,7 +97,7 @@ class MultiVariateGaussian:
         Stream with the memory-lean accumulator (see *Low-memory streaming* below): only the packed
         upper triangle of each patch's second moments is kept, in float64, and the fit keeps only the
         mean, precision and log-determinants (``store_covariance`` is ignored: :attr:`covariance` and
-        :attr:`cholesky` are not available). Supports the default estimator only (``shrinkage=None``).
+        :attr:`cholesky` are not available). Supports the default settings only (``shrinkage=None``).
         The first use of a fitted quantity *consumes* the streamed moments: no :meth:`partial_fit` or
         :meth:`merge` after it.
 
@@ -232,7 +232,7 @@ class MultiVariateGaussian:
         self.low_memory = bool(low_memory)
         if self.low_memory and self.shrinkage is not None:
             raise ValueError(
-                f"low_memory=True supports only the default estimator (shrinkage=None), got "
+                f"low_memory=True supports only the default settings (shrinkage=None), got "
                 f"shrinkage={self.shrinkage!r}; use low_memory=False for shrinkage"
             )
         self.memory_budget = check_memory_budget(memory_budget)
@@ -243,7 +243,7 @@ class MultiVariateGaussian:
     def _reset(self) -> None:
         self.n_features: int | None = None
         self.spatial_shape: tuple[int, ...] | None = None
-        self._moments: RunningMoments | PackedGaussianAccumulator | None = None
+        self._moments: PatchMoments | None = None
         self._consumed = False  # low_memory: the streamed moments were spent by finalisation
         self._stale = False  # True when partial_fit/merge brought data not yet folded into the outputs
         self._mean: NDArray | None = None
@@ -333,23 +333,6 @@ class MultiVariateGaussian:
             f"store_covariance={self.store_covariance}{', low_memory=True' if self.low_memory else ''})"
         )
 
-    def _allocate(self, n_patches: int, n_features: int) -> PatchOutputs:
-        stack = (n_patches, n_features, n_features)
-
-        def stack_array() -> NDArray:
-            # Left untouched: the worker threads fault the pages in as they write their own patches
-            # (measured: faster than a sequential fill first, now that the LAPACK calls of the
-            # threads overlap; see anomstats._lapack).
-            return np.empty(stack, dtype=self.dtype)
-
-        return PatchOutputs(
-            precision=stack_array(),
-            log_det=np.empty(n_patches, dtype=np.float64),
-            shrinkage=np.zeros(n_patches, dtype=np.float64),
-            covariance=stack_array() if self.store_covariance else None,
-            cholesky=stack_array() if self.store_covariance else None,
-        )
-
     # ------------------------------------------------------------------ dask protocol (anomstats._dask)
     def empty_like(self) -> MultiVariateGaussian:
         """A new, unfitted model with this one's configuration.
@@ -432,13 +415,13 @@ class MultiVariateGaussian:
         if self.low_memory:
             return self._fit_low_memory(x.reshape(n, c, n_patches), spatial)
         x3 = x.reshape(n, c, n_patches)
-        estimator = Estimator(self.ridge, self.shrinkage, n, spatial)
+        settings = self._settings(n, spatial)
         mean = np.empty((c, n_patches), dtype=self.dtype)
-        outputs = self._allocate(n_patches, c)
+        outputs = PatchOutputs.allocate(n_patches, c, self.dtype, keep_covariance=settings.keep_covariance)
         bytes_per_patch = n * c * self.dtype.itemsize
-        chunks = plan_chunks(n_patches, bytes_per_patch, self.memory_budget, self.workers, FIT_CHUNK_PATCHES)
+        chunks = plan_patch_chunks(n_patches, bytes_per_patch, self.memory_budget, self.workers, FIT_CHUNK_PATCHES)
         scratch = ThreadScratch()
-        run_chunks(lambda ch: fit_chunk(x3, *ch, mean, outputs, estimator, self.dtype, scratch), chunks, self.workers)
+        run_chunks(lambda ch: fit_chunk(x3, *ch, mean, outputs, settings, self.dtype, scratch), chunks, self.workers)
         self._reset()
         self.n_features, self.spatial_shape = c, spatial
         self._mean, self._outputs, self._n_seen = mean, outputs, n
@@ -466,29 +449,11 @@ class MultiVariateGaussian:
                 )
             if c != self.n_features or spatial != self.spatial_shape:
                 check_score_shape(x.shape, self.n_features, self.spatial_shape, name="batch")
-        n_patches = math.prod(spatial)
-        x3 = x.reshape(n, c, n_patches)
-        if not np.isfinite(x3).all():
-            bad_patch = int(np.argmax(~np.isfinite(x3).all(axis=(0, 1))))
-            raise ValueError(
-                f"batch contains non-finite values (NaN or infinity) in {describe_patch(bad_patch, spatial)}; "
-                "remove or replace them before fitting"
-            )
-        if self.shrinkage == "ledoit-wolf":
-            # Augment each observation with its squared norm: the moments of (||x||², x) give the
-            # sum of ||x - mean||⁴ that the Ledoit-Wolf coefficient needs, and merge like any moments.
-            data = np.empty((n, c + 1, n_patches), dtype=np.float64)
-            data[:, 1:] = x3
-            np.einsum("ncp,ncp->np", data[:, 1:], data[:, 1:], out=data[:, 0])
-        else:
-            data = x3
+        x3 = _finite_patches(x, n, c, spatial, "batch")
         if self._moments is None:
-            self._moments = self._new_moments(c, n_patches)
+            self._moments = self._new_moments(c, x3.shape[2])
             self.n_features, self.spatial_shape = c, spatial
-        if self.low_memory:
-            _stream_packed(self._moments, data)
-        else:
-            self._moments.update(data)
+        self._moments.update(x3)
         self._stale = True
         return self
 
@@ -514,8 +479,8 @@ class MultiVariateGaussian:
         if self.low_memory and other is self:
             raise ValueError("cannot merge a low_memory=True MultiVariateGaussian into itself")
         if self._moments is None:
-            self._moments = self._new_moments(other.n_features, math.prod(other.spatial_shape))
             self.n_features, self.spatial_shape = other.n_features, other.spatial_shape
+            self._moments = self._new_moments(other.n_features, math.prod(other.spatial_shape))
         elif (self.n_features, self.spatial_shape) != (other.n_features, other.spatial_shape):
             raise ValueError(
                 f"cannot merge models of different shapes: C={self.n_features}, spatial={self.spatial_shape} and "
@@ -533,115 +498,50 @@ class MultiVariateGaussian:
             )
         return "was fitted with fit(), which keeps no running moments"
 
-    def _new_moments(self, n_features: int, n_patches: int) -> RunningMoments | PackedGaussianAccumulator:
-        # float64 accumulation whatever the working dtype: the state is summed over many batches.
+    def _new_moments(self, n_features: int, n_patches: int) -> PatchMoments:
         if self.low_memory:
             return PackedGaussianAccumulator(n_features, n_patches, np.float64, memory_budget=self.memory_budget)
-        return RunningMoments(
-            obs_axis=0, var_axis=1, dtype=np.float64, memory_budget=self.memory_budget, workers=self.workers
+        return DensePatchMoments(
+            augmented=self.shrinkage == "ledoit-wolf", memory_budget=self.memory_budget, workers=self.workers
         )
 
+    def _settings(self, n_samples: int, spatial: tuple[int, ...]) -> PatchFitSettings:
+        keep = self.store_covariance and not self.low_memory
+        return PatchFitSettings(self.ridge, self.shrinkage, n_samples, spatial, keep_covariance=keep)
+
     def _fit_low_memory(self, x3: NDArray, spatial: tuple[int, ...]) -> MultiVariateGaussian:
-        """:meth:`fit` with ``low_memory=True``: stream ``x3`` ``(N, C, P)`` in slices, then finalise."""
-        n, c, n_patches = x3.shape
-        if not np.isfinite(x3).all():  # checked first, so a rejected fit leaves the object unchanged
-            bad_patch = int(np.argmax(~np.isfinite(x3).all(axis=(0, 1))))
-            raise ValueError(
-                f"embedding contains non-finite values (NaN or infinity) in {describe_patch(bad_patch, spatial)}; "
-                "remove or replace them before fitting"
-            )
-        accumulator = self._new_moments(c, n_patches)
-        _stream_packed(accumulator, x3)
-        mean, outputs = self._finalise_packed(accumulator, spatial)
+        """:meth:`fit` with ``low_memory=True``: stream ``x3`` ``(N, C, P)`` through the packed accumulator."""
+        n, c, _ = x3.shape
+        x3 = _finite_patches(x3, n, c, spatial, "embedding")  # first, so a rejected fit changes nothing
+        moments = self._new_moments(c, math.prod(spatial)).update(x3)
+        mean, outputs = moments.finalise_patches(self._settings(n, spatial), self.dtype, self.memory_budget, self.workers)
         self._reset()
         self.n_features, self.spatial_shape = c, spatial
         self._mean, self._outputs, self._n_seen = mean, outputs, n
         return self
 
-    def _finalise_packed(
-        self, accumulator: PackedGaussianAccumulator, spatial: tuple[int, ...]
-    ) -> tuple[NDArray, PatchOutputs]:
-        """Finalise a packed accumulator into (mean, outputs); the accumulator is spent afterwards.
-
-        With a float32 result the precision is written in place over the packed float64 moments (the
-        leanest peak); with float64 it is a new stack. On a failure the caller must not reuse it.
-        """
-        n = int(accumulator.count)
-        if n < 2:
-            raise ValueError(f"partial_fit has seen {n} observation(s); a Gaussian fit needs at least 2 observations")
-        in_place = self.dtype == np.float32
-        mean, precision, log_det = accumulator.finalize(
-            self.ridge, out_dtype=self.dtype, in_place=in_place, return_log_det=True
-        )
-        if not np.isfinite(log_det).all():  # moments that overflowed float64 factor to NaN/inf, not an error
-            bad_patch = int(np.argmax(~np.isfinite(log_det)))
-            raise ValueError(
-                f"the covariance of {describe_patch(bad_patch, spatial)} overflowed to a non-finite value; "
-                "rescale the embedding"
-            )
-        n_patches = math.prod(spatial)
-        outputs = PatchOutputs(
-            precision=precision, log_det=log_det, shrinkage=np.zeros(n_patches, dtype=np.float64)
-        )
-        return mean, outputs
-
     def _finalise(self) -> None:
         """Turn the running moments into the fitted Gaussians (chunked like :meth:`fit`)."""
         moments = self._moments
-        if self.low_memory:
-            n = int(moments.count)
-            if n < 2:  # nothing spent yet: streaming may go on
-                raise ValueError(
-                    f"partial_fit has seen {n} observation(s); a Gaussian fit needs at least 2 observations"
-                )
-            # Spent from here on, whether finalisation succeeds or not (in place, the moments are
-            # partly overwritten when a patch fails); the model keeps only the fitted outputs.
-            self._moments, self._n_seen, self._consumed = None, n, True
-            try:
-                mean, outputs = self._finalise_packed(moments, self.spatial_shape)
-            except (ValueError, np.linalg.LinAlgError) as error:
-                self._reset()
-                raise type(error)(
-                    f"{error}. low_memory=True: this failed finalisation spent the streamed moments and the "
-                    "model is reset to unfitted; stream the data again"
-                ) from error
-            self._mean, self._outputs, self._stale = mean, outputs, False
-            return
         n = int(moments.count)
-        if n < 2:
-            raise ValueError(f"partial_fit has seen {n} observation(s); a Gaussian fit needs at least 2 observations")
-        c, spatial = self.n_features, self.spatial_shape
-        n_patches = math.prod(spatial)
-        estimator = Estimator(self.ridge, self.shrinkage, n, spatial)
-        offset = 1 if self.shrinkage == "ledoit-wolf" else 0
-        raw_mean = moments.mean.reshape(n_patches, c + offset)
-        # The accumulator's own centred sums, read patch by patch: no full-size covariance copy.
-        sums = moments.centred_sums.reshape(n_patches, c + offset, c + offset)
-        fourth = None
-        if offset:
-            mu = raw_mean[:, 1:]
-            scatter = sums[:, 1:, 1:]  # n times the biased covariance S of x (a view, no copy)
-            # q = ||x - mu||² = (||x||², x) · (1, -2 mu) + ||mu||²: its variance from the augmented
-            # moments, its mean = trace(S); sum q² = n (var q + mean q²).
-            var_q = (
-                sums[:, 0, 0]
-                - 4.0 * np.einsum("pc,pc->p", mu, sums[:, 1:, 0])
-                + 4.0 * np.einsum("pc,pc->p", np.einsum("pcd,pd->pc", scatter, mu), mu)
-            ) / n
-            trace = np.einsum("pcc->p", scatter) / n
-            fourth = n * (var_q + trace**2)
-        mean = np.ascontiguousarray(raw_mean[:, offset:].T, dtype=self.dtype)
-        outputs = self._allocate(n_patches, c)
-        scale = 1.0 / (n - estimator.ddof)
-        bytes_per_patch = 3 * c * c * self.dtype.itemsize
-        chunks = plan_chunks(n_patches, bytes_per_patch, self.memory_budget, self.workers)
-        scratch = ThreadScratch()
-        run_chunks(
-            lambda ch: finish_chunk(sums, scale, offset, *ch, fourth, outputs, estimator, self.dtype, scratch),
-            chunks,
-            self.workers,
-        )
-        self._mean, self._outputs, self._stale = mean, outputs, False
+        require_observations(n, name="partial_fit", streamed=True)  # nothing spent yet: streaming may go on
+        settings = self._settings(n, self.spatial_shape)
+        if not moments.spent_by_finalise:
+            self._mean, self._outputs = moments.finalise_patches(settings, self.dtype, self.memory_budget, self.workers)
+            self._stale = False
+            return
+        # Spent from here on, whether finalisation succeeds or not (in place, the moments are partly
+        # overwritten when a patch fails); the model keeps only the fitted outputs.
+        self._moments, self._n_seen, self._consumed = None, n, True
+        try:
+            self._mean, self._outputs = moments.finalise_patches(settings, self.dtype, self.memory_budget, self.workers)
+        except (ValueError, np.linalg.LinAlgError) as error:
+            self._reset()
+            raise type(error)(
+                f"{error}. low_memory=True: this failed finalisation spent the streamed moments and the "
+                "model is reset to unfitted; stream the data again"
+            ) from error
+        self._stale = False
 
     # ------------------------------------------------------------------ scoring
     def _squared_distances(self, x: ArrayLike) -> tuple[NDArray, int]:
@@ -652,7 +552,7 @@ class MultiVariateGaussian:
         x3 = array.reshape(m, self.n_features, n_patches)
         out = np.empty((m, n_patches), dtype=self.dtype)
         bytes_per_patch = 2 * m * self.n_features * self.dtype.itemsize
-        chunks = plan_chunks(n_patches, bytes_per_patch, self.memory_budget, self.workers)
+        chunks = plan_patch_chunks(n_patches, bytes_per_patch, self.memory_budget, self.workers)
         mean, scratch = self._mean, ThreadScratch()
         run_chunks(
             lambda ch: score_chunk(x3, *ch, mean, outputs.precision, out, self.dtype, scratch), chunks, self.workers
@@ -711,12 +611,10 @@ class MultiVariateGaussian:
         return result.reshape((m,) + self.spatial_shape)
 
 
-def _stream_packed(accumulator: PackedGaussianAccumulator, x3: NDArray) -> None:
-    """Feed validated observations ``(n, C, P)`` to a packed accumulator a fold's worth at a time.
-
-    The accumulator copies what it buffers; slicing a large batch keeps that copy to one fold
-    (``fold_every`` observations) rather than the whole batch.
-    """
-    step = accumulator.fold_every
-    for start in range(0, x3.shape[0], step):
-        accumulator.update(x3[start : start + step])
+def _finite_patches(x: NDArray, n: int, c: int, spatial: tuple[int, ...], name: str) -> NDArray:
+    """``x`` as ``(n, C, P)``, after checking that it holds only finite values (naming the first bad patch)."""
+    x3 = x.reshape(n, c, math.prod(spatial))
+    finite = bool(np.isfinite(x3).all())
+    where = "" if finite else f" in {describe_patch(int(np.argmax(~np.isfinite(x3).all(axis=(0, 1)))), spatial)}"
+    require_finite(finite, name, where=where)
+    return x3

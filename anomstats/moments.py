@@ -23,7 +23,7 @@ from numpy.typing import ArrayLike, DTypeLike
 from . import _dask
 from ._axes import batch_view, check_axis_index, normalise_axis
 from ._budget import DEFAULT_MEMORY_BUDGET, batch_chunks, items_per_chunk
-from ._moment_kernels import centred_copy, gram, plan_chunks
+from ._moment_kernels import centred_copy, gram, plan_moment_chunks
 from ._parallel import resolve_workers, run_chunks
 from ._rules import chan_merge_weights, degrees_of_freedom
 from ._validation import (
@@ -385,7 +385,7 @@ class RunningMoments:
         w_a = self._sum_w
         chan = chan_merge_weights(w_a, w_b)
         shift_scale = np.sqrt(chan.cross)
-        chunks = plan_chunks(
+        chunks = plan_moment_chunks(
             # Scratch per item: the appended row and the chunk's sums of products.
             view, acc, self.memory_budget, self.workers, extra_per_item=(n_var * n_var + n_var) * acc.itemsize
         )

@@ -92,7 +92,7 @@ def fit_ours_float32_accumulation(
     acc = PackedGaussianAccumulator(channels, patches, dtype=np.float32)
     for x in batches:
         acc.update(x)
-    return acc.finalize(out_dtype=np.float32)
+    return acc.finalise(out_dtype=np.float32)
 
 
 def fit_anomalib(batches: Iterator[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

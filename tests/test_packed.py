@@ -50,7 +50,7 @@ def test_any_split_equals_one_shot_float64(cuts: list[int], merge_at: int, budge
         right.update(b)
     left.merge(right)
     assert left.count == 40
-    mean, prec = left.finalize(out_dtype=np.float64)
+    mean, prec = left.finalise(out_dtype=np.float64)
     ref_mean, ref_prec = _reference(emb)
     assert mean.shape == (5, 6) and prec.shape == (6, 5, 5)
     assert _rel(mean, ref_mean) < 1e-13
@@ -64,9 +64,9 @@ def test_float32_result_is_the_rounded_float64_one_and_in_place_is_identical() -
     for acc in accs:
         for b in np.split(emb, 4):
             acc.update(b)
-    _, p64 = accs[0].finalize(out_dtype=np.float64)
-    m32, p32 = accs[1].finalize()
-    m32_in, p32_in = accs[2].finalize(in_place=True)
+    _, p64 = accs[0].finalise(out_dtype=np.float64)
+    m32, p32 = accs[1].finalise()
+    m32_in, p32_in = accs[2].finalise(in_place=True)
     assert p32.dtype == np.float32 and m32.dtype == np.float32
     np.testing.assert_array_equal(p32, p64.astype(np.float32))
     np.testing.assert_array_equal(p32_in, p32)
@@ -82,7 +82,7 @@ def test_float32_accumulation_is_close_and_stores_half() -> None:
     for b in np.split(emb, 5):
         acc.update(b)
     assert acc.nbytes == packed_state_bytes(6, 4, np.float32) == 4 * 4 * (21 + 6)
-    mean, prec = acc.finalize(out_dtype=np.float64)
+    mean, prec = acc.finalise(out_dtype=np.float64)
     ref_mean, ref_prec = _reference(emb)
     assert _rel(prec, ref_prec) < 1e-4
     assert _rel(mean, ref_mean) < 1e-6
@@ -101,7 +101,8 @@ def test_inputs_never_modified_and_mean_layout() -> None:
     before = emb.copy()
     acc = PackedGaussianAccumulator(5, 6).update(emb)
     np.testing.assert_array_equal(emb, before)
-    np.testing.assert_allclose(acc.mean, emb.astype(np.float64).reshape(40, 5, 6).mean(axis=0), rtol=1e-13)
+    # (P, C): the layout of every streaming accumulator's running mean (RunningMoments.mean), issue 10.
+    np.testing.assert_allclose(acc.mean, emb.astype(np.float64).reshape(40, 5, 6).mean(axis=0).T, rtol=1e-13)
     other = PackedGaussianAccumulator(5, 6).update(emb[:10])
     snapshot = (other.count, other.mean)
     acc.merge(other)
@@ -112,7 +113,7 @@ def test_inputs_never_modified_and_mean_layout() -> None:
 def test_ridge_is_applied() -> None:
     emb = _embedding()
     acc = PackedGaussianAccumulator(5, 6).update(emb)
-    _, prec = acc.finalize(ridge=0.5, out_dtype=np.float64)
+    _, prec = acc.finalise(ridge=0.5, out_dtype=np.float64)
     assert _rel(prec, _reference(emb, ridge=0.5)[1]) < 1e-12
 
 
@@ -129,15 +130,15 @@ def test_errors_name_the_problem() -> None:
     assert acc.count == 0  # a rejected batch leaves the state untouched
     acc.update(_embedding(n=1))
     with pytest.raises(ValueError, match="at least 2 observations"):
-        acc.finalize()
+        acc.finalise()
     acc.update(_embedding(n=3))
     with pytest.raises(ValueError, match="ridge must be a finite number"):
-        acc.finalize(ridge=-1.0)
+        acc.finalise(ridge=-1.0)
     with pytest.raises(ValueError, match="in_place=True needs float64 accumulation"):
-        acc.finalize(out_dtype=np.float64, in_place=True)
+        acc.finalise(out_dtype=np.float64, in_place=True)
     # 4 observations of 5 channels: singular without a ridge.
     with pytest.raises(np.linalg.LinAlgError, match="patch 0 .*larger ridge"):
-        acc.finalize(ridge=0.0)
+        acc.finalise(ridge=0.0)
     with pytest.raises(ValueError, match="same n_features, n_patches and dtype"):
         acc.merge(PackedGaussianAccumulator(5, 7))
     with pytest.raises(TypeError, match="must be a PackedGaussianAccumulator"):
@@ -153,12 +154,12 @@ def test_empty_batch_is_a_no_op() -> None:
     assert acc.count == 0
 
 
-def test_failed_in_place_finalize_refuses_further_use() -> None:
+def test_failed_in_place_finalise_refuses_further_use() -> None:
     acc = PackedGaussianAccumulator(5, 6).update(_embedding(n=3))
     with pytest.raises(np.linalg.LinAlgError, match="partly overwritten"):
-        acc.finalize(ridge=0.0, in_place=True)
+        acc.finalise(ridge=0.0, in_place=True)
     with pytest.raises(RuntimeError, match="create a new PackedGaussianAccumulator"):
-        acc.finalize()
+        acc.finalise()
 
 
 def test_buffered_batches_are_private_copies() -> None:
@@ -169,7 +170,7 @@ def test_buffered_batches_are_private_copies() -> None:
         reused[...] = batch  # a DataLoader may hand out the same buffer every time
         acc.update(reused)
     assert acc.count == 40
-    _, prec = acc.finalize(out_dtype=np.float64)
+    _, prec = acc.finalise(out_dtype=np.float64)
     assert _rel(prec, _reference(emb)[1]) < 1e-10
 
 

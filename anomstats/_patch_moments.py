@@ -1,0 +1,137 @@
+"""The streaming accumulators of :class:`anomstats.MultiVariateGaussian`, behind one interface.
+
+Two accumulators keep a per-patch Gaussian's sufficient statistics over a stream of batches:
+
+* :class:`DensePatchMoments` (the default): a :class:`~anomstats.RunningMoments` of full ``(P, C, C)``
+  float64 centred sums, any estimator (with Ledoit-Wolf, of the augmented vector ``(‖x‖², x)``);
+* :class:`anomstats._packed.PackedGaussianAccumulator` (``low_memory=True``): one packed upper triangle
+  per patch, default estimator only, whose finalisation may spend the moments.
+
+Both implement :class:`PatchMoments`: the model streams into either without knowing which.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ._parallel import run_chunks
+from ._patch_kernels import PatchFitSettings, PatchOutputs, ThreadScratch, finish_chunk, plan_patch_chunks
+from .moments import RunningMoments
+
+__all__ = ["PatchMoments", "DensePatchMoments"]
+
+
+class PatchMoments(Protocol):
+    """What :class:`anomstats.MultiVariateGaussian` needs of a streaming accumulator."""
+
+    #: True when :meth:`finalise_patches` consumes the moments (no streaming after it).
+    spent_by_finalise: bool
+
+    @property
+    def count(self) -> int:
+        """Observations accumulated so far."""
+
+    @property
+    def mean(self) -> NDArray[np.float64]:
+        """Running per-patch means, ``(P, C)`` (the layout of :attr:`anomstats.RunningMoments.mean`)."""
+
+    def update(self, batch: NDArray) -> PatchMoments:
+        """Fold a validated, finite batch ``(n, C, P)`` in."""
+
+    def merge(self, other: PatchMoments) -> PatchMoments:
+        """Fold another accumulator of the same kind and shape in."""
+
+    def finalise_patches(
+        self, settings: PatchFitSettings, dtype: np.dtype, memory_budget: int, workers: int
+    ) -> tuple[NDArray, PatchOutputs]:
+        """The fitted ``(mean (C, P), outputs)`` in ``dtype``."""
+
+
+class DensePatchMoments:
+    """Per-patch running moments in a :class:`~anomstats.RunningMoments` (full float64 ``(P, C, C)`` sums).
+
+    With ``augmented=True`` (Ledoit-Wolf) each observation ``x`` is stored as ``(‖x‖², x)``: the moments of
+    the augmented vector give the ``Σ‖x − μ‖⁴`` that the Ledoit-Wolf coefficient needs, and merge like any
+    moments.
+
+    Examples
+    --------
+    >>> acc = DensePatchMoments(augmented=False, memory_budget=2**20, workers=1)
+    >>> _ = acc.update(np.arange(24.0).reshape(4, 3, 2) ** 1.5)
+    >>> acc.count, acc.mean.shape
+    (4, (2, 3))
+    """
+
+    spent_by_finalise = False
+
+    def __init__(self, *, augmented: bool, memory_budget: int, workers: int) -> None:
+        self.augmented = augmented
+        # float64 accumulation whatever the working dtype: the state is summed over many batches.
+        self.moments = RunningMoments(0, 1, dtype=np.float64, memory_budget=memory_budget, workers=workers)
+
+    @property
+    def count(self) -> int:
+        return self.moments.count
+
+    @property
+    def mean(self) -> NDArray[np.float64]:
+        return self.moments.mean[:, 1:] if self.augmented else self.moments.mean
+
+    def update(self, batch: NDArray) -> DensePatchMoments:
+        if self.augmented:
+            n, c, n_patches = batch.shape
+            data = np.empty((n, c + 1, n_patches), dtype=np.float64)
+            data[:, 1:] = batch
+            np.einsum("ncp,ncp->np", data[:, 1:], data[:, 1:], out=data[:, 0])
+            batch = data
+        self.moments.update(batch)
+        return self
+
+    def merge(self, other: DensePatchMoments) -> DensePatchMoments:
+        self.moments.merge(other.moments)
+        return self
+
+    def _sum_fourth_powers(self) -> NDArray[np.float64]:
+        """``Σ_n ‖x_n − μ‖⁴`` per patch, from the augmented moments.
+
+        With ``q = ‖x − μ‖² = (‖x‖², x)·(1, −2μ) + ‖μ‖²``: its variance comes from the augmented centred
+        sums, its mean is ``trace(S)``, and ``Σ q² = n (var q + mean q²)``.
+        """
+        n = self.count
+        raw_mean, sums = self.moments.mean, self.moments.centred_sums
+        mu = raw_mean[:, 1:]
+        scatter = sums[:, 1:, 1:]  # n times the biased covariance S of x (a view, no copy)
+        var_q = (
+            sums[:, 0, 0]
+            - 4.0 * np.einsum("pc,pc->p", mu, sums[:, 1:, 0])
+            + 4.0 * np.einsum("pc,pc->p", np.einsum("pcd,pd->pc", scatter, mu), mu)
+        ) / n
+        trace = np.einsum("pcc->p", scatter) / n
+        return n * (var_q + trace**2)
+
+    def finalise_patches(
+        self, settings: PatchFitSettings, dtype: np.dtype, memory_budget: int, workers: int
+    ) -> tuple[NDArray, PatchOutputs]:
+        """Regularise, factor and invert every patch from the accumulator's own centred sums.
+
+        The sums are read patch by patch, chunked like a fit: no full-size covariance copy.
+        """
+        offset = 1 if self.augmented else 0
+        sums = self.moments.centred_sums
+        n_patches, c = sums.shape[0], sums.shape[-1] - offset
+        fourth = self._sum_fourth_powers() if self.augmented else None
+        mean = np.ascontiguousarray(self.mean.T, dtype=dtype)
+        outputs = PatchOutputs.allocate(n_patches, c, dtype, keep_covariance=settings.keep_covariance)
+        scale = 1.0 / (self.count - settings.ddof)
+        chunks = plan_patch_chunks(n_patches, 3 * c * c * dtype.itemsize, memory_budget, workers)
+        scratch = ThreadScratch()
+        run_chunks(
+            lambda ch: finish_chunk(sums, scale, offset, *ch, fourth, outputs, settings, dtype, scratch),
+            chunks,
+            workers,
+        )
+        return mean, outputs
+
