@@ -55,7 +55,7 @@ from ._lapack import ScratchKernels
 from ._moment_kernels import gather
 from ._patch_kernels import PatchFinisher, PatchFitSettings, PatchOutputs
 from ._rules import DEFAULT_RIDGE, chan_merge_weights
-from ._validation import check_memory_budget, check_positive_int, check_ridge, require_observations
+from ._validation import check_memory_budget, check_positive_int, check_ridge, require_finite, require_observations
 
 __all__ = ["PackedGaussianAccumulator", "packed_state_bytes"]
 
@@ -205,11 +205,7 @@ class PackedGaussianAccumulator:
             return self
         x3 = x.reshape(n_b, c, p)
         finite = np.isfinite(x3).all(axis=(0, 1))
-        if not finite.all():
-            raise ValueError(
-                f"batch holds non-finite values (first at patch {int(np.argmin(finite))}); "
-                "remove or replace them before fitting"
-            )
+        require_finite(bool(finite.all()), "batch", where=f" (first at patch {int(np.argmin(finite))})")
         # Private copies (the caller may reuse its buffer), in the input's own float dtype, a fold's
         # worth at a time: the buffer never holds more than fold_every + one slice of observations.
         for start in range(0, n_b, self.fold_every):

@@ -26,7 +26,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ._budget import plan_chunks
-from ._validation import describe_patch
+from ._validation import describe_patch, require_finite
 from ._lapack import ScratchKernels
 from ._moment_kernels import gather
 from ._shrinkage import ledoit_wolf_coefficient, oas_coefficient, shrink_in_place
@@ -248,10 +248,7 @@ def fit_chunk(
         where = describe_patch(start + k, settings.spatial)
         if not np.isfinite(work[k]).all():
             obs, feature = (int(i) for i in np.argwhere(~np.isfinite(work[k]))[0])
-            raise ValueError(
-                f"embedding contains non-finite values (NaN or infinity) in {where}, first at observation "
-                f"{obs}, feature {feature}; remove or replace them before fitting"
-            )
+            require_finite(False, "embedding", where=f" in {where}, first at observation {obs}, feature {feature}")
         raise ValueError(f"the mean of {where} overflowed; rescale the embedding before fitting")
     mean_out[:, start:stop] = chunk_mean.T
     work -= chunk_mean[:, None, :]

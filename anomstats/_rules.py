@@ -44,29 +44,35 @@ LOG_2PI: float = math.log(2.0 * math.pi)
 DOF_WARNING: str = "Degrees of freedom <= 0 for slice"
 
 
-def covariance_normalisation(sum_weights: float, sum_squared_weights: float, ddof: int) -> float:
+def covariance_normalisation(sum_weights: Any, sum_squared_weights: Any, ddof: int) -> Any:
     """What the centred sums of products are divided by: ``Σw − ddof·Σw²/Σw`` (``Σw`` when ddof is 0).
 
-    This is numpy's rule for ``aweights``; with unit weights (``Σw = Σw² = N``) it is ``N − ddof``.
+    This is numpy's rule for ``aweights``. ``sum_squared_weights=None`` means unit or frequency weights
+    (``Σw²/Σw = 1`` per observation): then it is ``Σw − ddof``, e.g. ``N − ddof``, computed as such.
 
     Examples
     --------
+    >>> covariance_normalisation(10, None, 1)
+    9
     >>> covariance_normalisation(10.0, 10.0, 1)
     9.0
     >>> covariance_normalisation(3.0, 5.0, 0)
     3.0
     """
     if ddof == 0:
-        return float(sum_weights)
+        return sum_weights
+    if sum_squared_weights is None:
+        return sum_weights - ddof
     if sum_weights == 0:
         return -math.inf if ddof > 0 else math.inf
-    # numpy's order of operations (ddof·Σw² first), so results agree with numpy.cov to the last bit.
-    return float(sum_weights - ddof * sum_squared_weights / sum_weights)
+    # numpy's order of operations (ddof·Σw² first) and the operands' own types (a long double or
+    # complex total stays one), so results agree with numpy.cov to the last bit.
+    return sum_weights - ddof * sum_squared_weights / sum_weights
 
 
 def degrees_of_freedom(
-    sum_weights: float, sum_squared_weights: float, ddof: int, *, on_nonpositive: str = "warn", count: int | None = None
-) -> float:
+    sum_weights: Any, sum_squared_weights: Any, ddof: int, *, on_nonpositive: str = "warn", count: int | None = None
+) -> Any:
     """:func:`covariance_normalisation` with the library's policy for a normalisation ``<= 0``.
 
     Parameters
@@ -93,7 +99,7 @@ def degrees_of_freedom(
     ValueError: ddof=1 leaves no degrees of freedom: the normalisation sum_weights - ddof*sum_squared_weights/sum_weights is 0 with count=1 observations; use a smaller ddof or update with more observations
     """
     norm = covariance_normalisation(sum_weights, sum_squared_weights, ddof)
-    if norm > 0:
+    if not norm <= 0:  # NaN (from NaN weights) passes, as in numpy
         return norm
     if on_nonpositive == "raise":
         raise ValueError(

@@ -31,6 +31,7 @@ __all__ = [
     "check_bool",
     "check_ddof",
     "check_memory_budget",
+    "check_patch_score_shape",
     "check_positive_int",
     "check_workers",
     "require_finite",
@@ -185,6 +186,32 @@ def check_score_shape(shape: Sequence[int], n_features: int, spatial: Sequence[i
     return shape[0]
 
 
+def check_patch_score_shape(shape: Sequence[int], n_features: int, n_patches: int, *, name: str = "embedding") -> int:
+    """Validate embeddings ``(M, C, *spatial)`` against a fit known by its C and P = prod(spatial) only.
+
+    The torch adapter's fitted buffers (anomalib's ``mean`` (C, P)) do not record the spatial shape, so
+    any grid of P patches is accepted. Returns M.
+
+    Examples
+    --------
+    >>> check_patch_score_shape((8, 100, 56, 56), 100, 3136)
+    8
+    >>> check_patch_score_shape((8, 99, 56, 56), 100, 3136)
+    Traceback (most recent call last):
+    ...
+    ValueError: embedding has C=99 channels and 3136 patches, the fit has C=100 and 3136; shape must be (B, 100, *spatial) with prod(spatial) = 3136
+    """
+    shape = tuple(int(s) for s in shape)
+    spatial_size = math.prod(shape[2:])
+    if len(shape) < 2 or shape[1] != n_features or spatial_size != n_patches:
+        channels = shape[1] if len(shape) > 1 else None
+        raise ValueError(
+            f"{name} has C={channels} channels and {spatial_size} patches, the fit has C={n_features} "
+            f"and {n_patches}; shape must be (B, {n_features}, *spatial) with prod(spatial) = {n_patches}"
+        )
+    return shape[0]
+
+
 def check_ridge(ridge: float) -> float:
     """Validate the ridge constant added to every covariance diagonal.
 
@@ -265,7 +292,9 @@ def describe_patch(index: int, spatial: Sequence[int]) -> str:
     return f"patch {int(index)} (position {_shape_text(position)} of the {grid} grid)"
 
 
-def require_finite(all_finite: bool, name: str, *, where: str = "", remedy: str = "remove or replace them before fitting") -> None:
+def require_finite(
+    all_finite: bool, name: str, *, where: str = "", remedy: str = "remove or replace the NaN or infinite values before fitting"
+) -> None:
     """Raise ``ValueError`` naming ``name`` when the caller found NaN or infinity in it.
 
     The caller computes ``all_finite`` (``np.isfinite(x).all()`` or its torch twin), so this one message
@@ -277,7 +306,7 @@ def require_finite(all_finite: bool, name: str, *, where: str = "", remedy: str 
     >>> require_finite(False, "embedding", where=" in patch 3")
     Traceback (most recent call last):
     ...
-    ValueError: embedding contains non-finite values (NaN or infinity) in patch 3; remove or replace them before fitting
+    ValueError: embedding contains non-finite values (NaN or infinity) in patch 3; remove or replace the NaN or infinite values before fitting
     """
     if not all_finite:
         raise ValueError(f"{name} contains non-finite values (NaN or infinity){where}; {remedy}")
@@ -324,8 +353,8 @@ def check_positive_int(value: Any, name: str, *, unit: str = "") -> int:
     return count
 
 
-def check_memory_budget(memory_budget: Any) -> int:
-    """Return ``memory_budget`` as a positive number of bytes, or raise naming the argument.
+def check_memory_budget(memory_budget: Any, name: str = "memory_budget") -> int:
+    """Return a memory budget as a positive number of bytes, or raise naming the argument (``name``).
 
     Examples
     --------
@@ -337,15 +366,13 @@ def check_memory_budget(memory_budget: Any) -> int:
     ValueError: memory_budget must be a positive number of bytes, got 0
     """
     if isinstance(memory_budget, (bool, np.bool_)):
-        raise TypeError(f"memory_budget must be an integer number of bytes, got {memory_budget!r}")
+        raise TypeError(f"{name} must be an integer number of bytes, got {memory_budget!r}")
     try:
         budget = operator.index(memory_budget)
     except TypeError:
-        raise TypeError(
-            f"memory_budget must be an integer number of bytes, got {memory_budget!r}"
-        ) from None
+        raise TypeError(f"{name} must be an integer number of bytes, got {memory_budget!r}") from None
     if budget <= 0:
-        raise ValueError(f"memory_budget must be a positive number of bytes, got {budget}")
+        raise ValueError(f"{name} must be a positive number of bytes, got {budget}")
     return budget
 
 
@@ -374,8 +401,12 @@ def check_workers(workers: Any) -> int | None:
     return count
 
 
-def check_ddof(ddof: Any) -> int:
+def check_ddof(ddof: Any, *, numpy_exact: bool = False) -> Any:
     """Return an integer-valued ``ddof`` as ``int`` (``2.0`` is fine, ``1.5`` is not), as numpy does.
+
+    ``numpy_exact=True`` is :func:`numpy.cov`'s own check, for the numpy drop-ins: ``None`` passes, the
+    message is numpy's (``"ddof must be integer"``), and ``int(ddof)`` raises numpy's errors for NaN,
+    infinity, complex or multi-element input; ``ddof`` is returned unchanged.
 
     Examples
     --------
@@ -386,6 +417,10 @@ def check_ddof(ddof: Any) -> int:
     ...
     ValueError: ddof must be integer, got 1.5
     """
+    if numpy_exact:
+        if ddof is not None and ddof != int(ddof):
+            raise ValueError("ddof must be integer")
+        return ddof
     try:
         value = int(ddof)
     except (TypeError, ValueError):

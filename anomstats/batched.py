@@ -35,10 +35,10 @@ __all__ = ["batched_cov"]
 
 def _checked_weights(
     aweights: ArrayLike | None, n_obs: int
-) -> tuple[NDArray[np.float64] | None, float, float]:
-    """``(weights, Σw, Σw²)`` of validated ``aweights`` (unit weights when ``None``); a zero sum raises."""
+) -> tuple[NDArray[np.float64] | None, float, float | None]:
+    """``(weights, Σw, Σw²)`` of validated ``aweights`` (``Σw² = None`` for unit weights); a zero sum raises."""
     if aweights is None:
-        return None, float(n_obs), float(n_obs)
+        return None, float(n_obs), None  # unit weights: N - ddof
     weights = check_weights(np.asarray(aweights), n_obs, "aweights")  # dask weights are small: computed
     w_sum, w2_sum = float(weights.sum()), float(np.dot(weights, weights))
     if w_sum == 0.0:

@@ -14,24 +14,16 @@ practice bit for bit, rather than merely within a loose tolerance.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import numpy as np
 from numpy.typing import DTypeLike, NDArray
 
+from ._rules import degrees_of_freedom
+from ._validation import check_ddof
 from ._weights import as_analytic_weights, as_frequency_weights
 
 __all__ = ["cov", "corrcoef"]
-
-
-def _check_ddof(ddof: Any) -> None:
-    """Reject a non-integral ``ddof`` the way numpy does (``2.0`` is fine, ``1.5`` is not).
-
-    ``int(ddof)`` itself raises numpy's errors for NaN, infinity, complex or multi-element input.
-    """
-    if ddof is not None and ddof != int(ddof):
-        raise ValueError("ddof must be integer")
 
 
 def _variables_by_rows(
@@ -213,7 +205,7 @@ def cov(
     >>> cov([1.0, 2.0, 4.0], fweights=[1, 2, 1], bias=True)
     array(1.1875)
     """
-    _check_ddof(ddof)
+    check_ddof(ddof, numpy_exact=True)
     variables = _variables_by_rows(m, y, rowvar, dtype)
     if variables is None:
         return np.array([]).reshape(0, 0)
@@ -225,17 +217,15 @@ def cov(
     weights, analytic = _observation_weights(fweights, aweights, n_obs)
     means, total = _row_means(variables, weights)
 
-    # Normalisation: N - ddof, generalised to weights (see Notes).
+    # Normalisation: N - ddof, generalised to weights (see Notes), by the library's one rule.
     if weights is None:
-        denominator = n_obs - ddof
-    elif ddof == 0:
-        denominator = total
+        sum_w, sum_w2 = n_obs, None  # N - ddof
     elif analytic is None:
-        denominator = total - ddof
+        sum_w, sum_w2 = total, None  # frequency weights only: sum(f) - ddof
     else:
-        denominator = total - ddof * np.sum(weights * analytic) / total
+        sum_w, sum_w2 = total, np.sum(weights * analytic)
+    denominator = degrees_of_freedom(sum_w, sum_w2, ddof)  # numpy's warning when not positive
     if denominator <= 0:
-        warnings.warn("Degrees of freedom <= 0 for slice", RuntimeWarning, stacklevel=2)
         denominator = 0.0
 
     variables -= means[:, None]

@@ -14,8 +14,11 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from anomstats._budget import DEFAULT_MEMORY_BUDGET, items_per_chunk
+from anomstats._validation import require_finite
+
 #: Default budget, in bytes, for the temporaries of one chunk of a hot kernel.
-DEFAULT_CHUNK_BYTES = 64 * 2**20
+DEFAULT_CHUNK_BYTES = DEFAULT_MEMORY_BUDGET
 
 #: While tracing/exporting the batch size is symbolic, so chunk sizes are planned for this many rows
 #: (the recorded graph must not depend on the example's batch size).
@@ -52,8 +55,7 @@ def check_finite(value: Tensor, name: str) -> None:
     """Raise ``ValueError`` naming ``name`` if ``value`` holds NaN or infinity (skipped while tracing)."""
     if is_tracing() or not value.is_floating_point():
         return
-    if not bool(torch.isfinite(value).all()):
-        raise ValueError(f"{name} contains NaN or infinite values; remove or impute them before fitting")
+    require_finite(bool(torch.isfinite(value).all()), name)
 
 
 def is_tracing() -> bool:
@@ -89,12 +91,5 @@ def static_shapes_while_tracing() -> Iterator[None]:
 
 
 def rows_per_chunk(bytes_per_row: int, chunk_bytes: int, total: int) -> int:
-    """How many rows of ``bytes_per_row`` fit in ``chunk_bytes`` (at least 1, at most ``total``)."""
-    return max(1, min(int(total), int(chunk_bytes) // max(1, int(bytes_per_row))))
-
-
-def check_chunk_bytes(chunk_bytes: int) -> int:
-    """Validate a memory budget keyword."""
-    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
-        raise ValueError(f"chunk_bytes must be a positive int (bytes), got {chunk_bytes!r}")
-    return chunk_bytes
+    """How many rows of ``bytes_per_row`` fit in ``chunk_bytes`` (the core's rule; at least 1, at most ``total``)."""
+    return max(1, min(int(total), items_per_chunk(int(bytes_per_row), int(chunk_bytes))))

@@ -1,23 +1,36 @@
 """Per-patch multivariate Gaussian (PaDiM) as a torch module: a drop-in for anomalib's ``MultiVariateGaussian``.
 
-The ridge comes from :mod:`anomstats.gaussian`; covariance accumulation, batched Cholesky and Mahalanobis
-scoring run as batched torch operations on the tensors' device, chunked over patches under a memory budget.
+Every scalar and shape rule comes from the NumPy core: the ridge, the covariance normalisation and its
+degrees-of-freedom policy, Chan's pairwise merge (:mod:`anomstats._rules`), and the validation vocabulary
+(shapes, observations, finiteness, budgets, not fitted: :mod:`anomstats._validation`). Covariance
+accumulation, batched Cholesky and Mahalanobis scoring run as batched torch operations on the tensors'
+device, chunked over patches under a memory budget.
 """
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 
-from anomstats.gaussian import DEFAULT_RIDGE, check_fit_shape, check_ridge, describe_patch
+from anomstats._rules import DEFAULT_RIDGE, chan_merge_weights, covariance_normalisation, degrees_of_freedom
+from anomstats._validation import (
+    NotFittedError,
+    check_ddof,
+    check_fit_shape,
+    check_memory_budget,
+    check_patch_score_shape,
+    check_positive_int,
+    check_ridge,
+    describe_patch,
+    require_finite,
+    require_observations,
+)
+from anomstats._weights import as_analytic_weights
 
 from ._policy import (
     DEFAULT_CHUNK_BYTES,
     TRACE_PLANNING_ROWS,
     as_float_tensor,
-    check_chunk_bytes,
     is_tracing,
     rows_per_chunk,
     static_shapes_while_tracing,
@@ -80,9 +93,11 @@ def _prod(sizes: tuple[int, ...]) -> int:
 
 def _check_mean_finite(mean: Tensor) -> None:
     # Any NaN/inf in the data makes its mean non-finite: one cheap check on (C, P) instead of a full pass.
-    if not bool(torch.isfinite(mean).all()):
-        raise ValueError("embedding contains NaN or infinite values (or values so large that their mean "
-                         "overflows); remove or impute them before fitting")
+    require_finite(
+        bool(torch.isfinite(mean).all()), "embedding",
+        remedy="remove or replace the NaN or infinite values before fitting (or rescale values so large that "
+        "their mean overflows)",
+    )
 
 
 class MultiVariateGaussian(DynamicBufferModule):
@@ -165,15 +180,14 @@ class MultiVariateGaussian(DynamicBufferModule):
         if accumulate_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"accumulate_dtype must be torch.float32 or torch.float64, got {accumulate_dtype!r}")
         self.ridge = check_ridge(ridge)
-        self.chunk_bytes = check_chunk_bytes(chunk_bytes)
+        self.chunk_bytes = check_memory_budget(chunk_bytes, "chunk_bytes")
         self.accumulate_dtype = accumulate_dtype
         if n_features is None:
             self.register_buffer("mean", torch.empty(0))
             self.register_buffer("inv_covariance", torch.empty(0))
         else:
-            for name, value in (("n_features", n_features), ("n_patches", n_patches)):
-                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                    raise ValueError(f"{name} must be a positive int, got {value!r}")
+            n_features = check_positive_int(n_features, "n_features")
+            n_patches = check_positive_int(n_patches, "n_patches")
             self.register_buffer("mean", torch.zeros(n_features, n_patches))
             self.register_buffer("inv_covariance", torch.eye(n_features).repeat(n_patches, 1, 1))
         self.reset()
@@ -215,25 +229,25 @@ class MultiVariateGaussian(DynamicBufferModule):
             x = x.reshape(1, -1)
         elif not rowvar:
             x = x.mT
+        check_ddof(ddof, numpy_exact=True)
         if ddof is None:
             ddof = 0 if bias else 1
         n = x.shape[1]
         if aweights is None:
             mean = x.mean(dim=1, keepdim=True)
-            dof = float(n - ddof)
+            dof = degrees_of_freedom(n, None, ddof)
             weighted = x - mean
         else:
-            w = as_float_tensor(aweights, "aweights").to(device=x.device, dtype=x.dtype)
-            if w.ndim != 1 or w.shape[0] != n:
-                raise ValueError(f"aweights must be 1-D with one weight per observation ({n}), got {tuple(w.shape)}")
-            if bool((w < 0).any()):
-                raise ValueError("aweights cannot be negative")
+            # numpy's checks, types and messages (anomstats._weights), on a host copy of the small vector.
+            as_analytic_weights(as_float_tensor(aweights, "aweights").detach().cpu().double().numpy(), n)
+            w = aweights.to(device=x.device, dtype=x.dtype)
             w_sum = w.sum()
+            if float(w_sum) == 0.0:
+                raise ZeroDivisionError("Weights sum to zero, can't be normalized")
             mean = (x * w).sum(dim=1, keepdim=True) / w_sum
-            dof = float(w_sum - ddof * (w * w).sum() / w_sum)
+            dof = degrees_of_freedom(float(w_sum), float((w * w).sum()), ddof)
             weighted = (x - mean) * w
-        if dof <= 0:
-            warnings.warn("Degrees of freedom <= 0 for slice", RuntimeWarning, stacklevel=2)
+        if dof <= 0:  # degrees_of_freedom warned, as numpy does; numpy's 1/0 gives inf/nan entries
             dof = 0.0
         return ((x - mean) @ weighted.mT / dof).squeeze()
 
@@ -263,7 +277,7 @@ class MultiVariateGaussian(DynamicBufferModule):
         for p0 in range(0, patches, block):
             p1 = min(p0 + block, patches)
             centred = _centred_patches(vectors[:, :, p0:p1], mean[:, p0:p1], dtype)
-            covariance = torch.baddbmm(ridge, centred.mT, centred, alpha=1.0 / (batch - 1))
+            covariance = torch.baddbmm(ridge, centred.mT, centred, alpha=1.0 / covariance_normalisation(batch, None, 1))
             _precision_into(covariance, precision[p0:p1], p0, spatial)
         self.mean = mean
         self.inv_covariance = precision
@@ -313,8 +327,7 @@ class MultiVariateGaussian(DynamicBufferModule):
         batch_mean = vectors.mean(dim=0, dtype=acc_dtype)
         _check_mean_finite(batch_mean)
         delta = batch_mean - self._running_mean
-        total = self._count + batch
-        cross_weight = self._count * batch / total
+        chan = chan_merge_weights(self._count, batch)
         per_patch = (batch * channels * 2 + channels * channels) * self._running_m2.element_size()
         block = rows_per_chunk(per_patch, self.chunk_bytes, patches)
         for p0 in range(0, patches, block):
@@ -322,11 +335,11 @@ class MultiVariateGaussian(DynamicBufferModule):
             centred = _centred_patches(vectors[:, :, p0:p1], batch_mean[:, p0:p1], acc_dtype)
             m2 = self._running_m2[p0:p1]
             m2.baddbmm_(centred.mT, centred)
-            if cross_weight:
+            if chan.cross:
                 step = delta[:, p0:p1].mT
-                m2.baddbmm_(step.unsqueeze(2), step.unsqueeze(1), alpha=cross_weight)
-        self._running_mean += delta * (batch / total)
-        self._count = total
+                m2.baddbmm_(step.unsqueeze(2), step.unsqueeze(1), alpha=chan.cross)
+        self._running_mean += delta * chan.mean_step
+        self._count = int(chan.total)
 
     def compute(self) -> list[Tensor]:
         """Set the buffers from the streamed moments; returns ``[mean, inv_covariance]``.
@@ -338,10 +351,7 @@ class MultiVariateGaussian(DynamicBufferModule):
         count, mean, m2, wide_input = _distributed.global_moments(
             self._count, self._running_mean, self._running_m2, self._input_dtype == torch.float64
         )
-        if count < 2:
-            raise ValueError(
-                f"compute needs at least 2 embeddings in total, got {count}: call update() with more data"
-            )
+        require_observations(count, name="compute: the stream", streamed=True, where="; call update() with more data")
         dtype = working_dtype(self.mean.dtype, torch.float64 if wide_input else torch.float32)
         patches, channels = m2.shape[0], m2.shape[1]
         spatial = self._spatial if len(self._spatial) and _prod(self._spatial) == patches else (patches,)
@@ -349,7 +359,7 @@ class MultiVariateGaussian(DynamicBufferModule):
         block = rows_per_chunk(channels * channels * 3 * m2.element_size(), self.chunk_bytes, patches)
         for p0 in range(0, patches, block):
             p1 = min(p0 + block, patches)
-            covariance = m2[p0:p1] / (count - 1)
+            covariance = m2[p0:p1] / covariance_normalisation(count, None, 1)
             covariance.diagonal(dim1=-2, dim2=-1).add_(self.ridge)
             if covariance.dtype == dtype:
                 _precision_into(covariance, precision[p0:p1], p0, spatial)
@@ -380,15 +390,13 @@ class MultiVariateGaussian(DynamicBufferModule):
     def _mahalanobis(self, embedding: Tensor) -> Tensor:
         x = as_float_tensor(embedding, "embedding")
         if self.mean.ndim != 2 or self.inv_covariance.ndim != 3:
-            raise RuntimeError("MultiVariateGaussian is not fitted: call fit()/compute() or load a state dict")
+            raise NotFittedError(
+                "this MultiVariateGaussian is not fitted yet; call fit(embedding), update(batch) and compute(), "
+                "or load a state dict first"
+            )
         channels, patches = self.mean.shape
         spatial = tuple(int(size) for size in x.shape[2:])
-        n_spatial = _prod(spatial)
-        if x.ndim < 2 or x.shape[1] != channels or n_spatial != patches:
-            raise ValueError(
-                f"embedding has C={x.shape[1]} channels and {n_spatial} patches, the fit has C={channels} "
-                f"and {patches}; shape must be (B, {channels}, *spatial) with prod(spatial) = {patches}"
-            )
+        check_patch_score_shape(tuple(x.shape), channels, patches)
         dtype = working_dtype(self.mean.dtype, x.dtype)
         vectors = _as_patches(x).to(device=self.mean.device)
         tracing = is_tracing()

@@ -11,13 +11,13 @@ import math
 import torch
 from torch import Tensor
 
+from anomstats._validation import check_memory_budget
 from anomstats.bandwidth import scotts_factor, silverman_factor
 
 from ._policy import (
     DEFAULT_CHUNK_BYTES,
     TRACE_PLANNING_ROWS,
     as_float_tensor,
-    check_chunk_bytes,
     check_finite,
     is_tracing,
     rows_per_chunk,
@@ -160,7 +160,7 @@ class GaussianKDE(DynamicBufferModule):
         elif isinstance(bw_method, bool) or not isinstance(bw_method, (int, float)) or not bw_method > 0:
             raise ValueError(f"bw_method must be 'scott', 'silverman' or a positive float, got {bw_method!r}")
         self.bw_method = bw_method
-        self.chunk_bytes = check_chunk_bytes(chunk_bytes)
+        self.chunk_bytes = check_memory_budget(chunk_bytes, "chunk_bytes")
         self.register_buffer("bw_transform", torch.empty(0))
         self.register_buffer("dataset", torch.empty(0))
         self.register_buffer("norm", torch.empty(0))

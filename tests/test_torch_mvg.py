@@ -203,7 +203,8 @@ def test_static_cov_details():
         MultiVariateGaussian._cov(torch.tensor([5.0]))  # one observation
     with pytest.raises(ValueError, match="aweights cannot be negative"):
         MultiVariateGaussian._cov(obs, aweights=torch.tensor([1.0, -1.0, 1.0]))
-    with pytest.raises(ValueError, match="aweights must be 1-D"):
+    # numpy.cov's exception type and message for the wrong number of weights (one vocabulary, issue 10).
+    with pytest.raises(RuntimeError, match="incompatible numbers of samples and aweights"):
         MultiVariateGaussian._cov(obs, aweights=torch.ones(2))
 
 
