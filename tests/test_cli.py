@@ -14,10 +14,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import anomstats
-from anomstats import validate
-from anomstats.__main__ import main
-from anomstats._progress import ProgressBar
-from anomstats.validate import Check, Comparison, Row, compare, format_table, run_validation
+from anomstats.cli import _optional, main, validate
+from anomstats.cli.progress import ProgressBar
+from anomstats.cli.validate import Check, Comparison, Row, compare, format_table, run_validation
 
 ROW_KEYS = {"what", "case", "max_abs_error", "max_rel_error", "tolerance", "status", "reason", "seconds"}
 
@@ -138,8 +137,8 @@ def test_battery_covers_every_case_kind_for_every_component():
 
 
 def test_torch_rows_are_skipped_when_torch_is_missing(monkeypatch):
-    real = validate.importlib.util.find_spec
-    monkeypatch.setattr(validate.importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    real = _optional.is_installed
+    monkeypatch.setattr(_optional, "is_installed", lambda name: name != "torch" and real(name))
     checks = validate.build_battery(quick=True)
     torch_checks = [c for c in checks if c.what.startswith("anomstats_torch")]
     assert torch_checks and all(c.skip_reason and "torch is not installed" in c.skip_reason for c in torch_checks)

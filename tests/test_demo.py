@@ -11,9 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import anomstats
-from anomstats import demo
-from anomstats.__main__ import main
-from anomstats.demo import DemoError, auroc, neighbourhood_features, paste_defect, run_demo
+from anomstats.cli import _optional, demo, main
+from anomstats.cli.demo import DemoError, auroc, neighbourhood_features, paste_defect, run_demo
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -67,7 +66,7 @@ def core(monkeypatch):
 
 
 def _torch_adapter_ready() -> bool:
-    if demo._torch_unavailable_reason() is not None:
+    if _optional.torch_adapter_unavailable_reason() is not None:
         return False
     import anomstats_torch
 
@@ -158,7 +157,7 @@ def test_unknown_backend_is_refused():
 
 
 def test_torch_backend_requested_but_unavailable(monkeypatch):
-    monkeypatch.setattr(demo, "_torch_unavailable_reason", lambda: "torch is not installed")
+    monkeypatch.setattr(_optional, "torch_adapter_unavailable_reason", lambda: "torch is not installed")
     with pytest.raises(DemoError, match=r"--backend torch: torch is not installed; install it with pip"):
         run_demo(backend="torch")
     impl, note = demo._pick_backend("auto")

@@ -26,16 +26,20 @@ Examples
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Sequence, TextIO
 
 import numpy as np
+import scipy
+import scipy.linalg
+import scipy.stats
 
-from ._progress import ProgressBar
+import anomstats
+
+from . import _optional
+from .progress import ProgressBar
 
 __all__ = ["Comparison", "Check", "Row", "compare", "build_battery", "run_validation", "format_table"]
 
@@ -234,184 +238,213 @@ def _exp_condition(log_values: np.ndarray) -> float:
     return float(max(1.0, finite.max())) if finite.size else 1.0
 
 
+# ---- the core against NumPy, SciPy and scikit-learn ------------------------------------------------
+
+_COV_CASES = ("random", "offset", "nearly singular", "weighted", "high-dimensional", "float32")
+_BATCHED_CASES = ("random", "offset", "weighted", "high-dimensional", "float32")
+_MVG_CASES = ("random", "offset", "nearly singular", "high-dimensional", "float32")
+
+
+def _cov_check(sizes: _Sizes, seed: int, case: str) -> Callable[[], list[Comparison]]:
+    """``cov`` and ``corrcoef`` against numpy's, with and without ``bias``."""
+
+    def run() -> list[Comparison]:
+        rng = np.random.default_rng(seed)
+        d, n = (sizes.d_high, sizes.n_high) if case == "high-dimensional" else (5, sizes.n)
+        x, w = _data(case, d, n, rng)
+        weight_kwargs = {}
+        if w is not None:
+            weight_kwargs = {"aweights": w, "fweights": rng.integers(1, 4, n)}
+        out = [Comparison("cov", anomstats.cov(x, **weight_kwargs), np.cov(x, **weight_kwargs), 1e-12, "normwise")]
+        out.append(
+            Comparison(
+                "cov(bias=True)",
+                anomstats.cov(x, bias=True, **weight_kwargs),
+                np.cov(x, bias=True, **weight_kwargs),
+                1e-12,
+                "normwise",
+            )
+        )
+        if w is None:
+            out.append(Comparison("corrcoef", anomstats.corrcoef(x), np.corrcoef(x), 1e-12, "normwise"))
+        return out
+
+    return run
+
+
+def _batched_check(sizes: _Sizes, seed: int, case: str) -> Callable[[], list[Comparison]]:
+    """``batched_cov`` and ``RunningMoments`` against a per-patch loop of ``numpy.cov``."""
+
+    def run() -> list[Comparison]:
+        rng = np.random.default_rng(seed)
+        c = 32 if case == "high-dimensional" else 6
+        n = max(sizes.batch, 2 * c)
+        emb = _embedding(case, n, c, sizes.spatial, rng)
+        w = rng.uniform(0.1, 2.0, n) if case == "weighted" else None
+        patches = emb.reshape(n, c, -1)
+        ref = np.stack([np.cov(patches[:, :, p], rowvar=False, aweights=w) for p in range(patches.shape[2])])
+        ref = ref.reshape(*sizes.spatial, c, c)
+        got = anomstats.batched_cov(emb, obs_axis=0, var_axis=1, aweights=w)
+        out = [Comparison("batched_cov", got, ref, 1e-10, "normwise")]
+        if w is None:
+            # Two streams fed in uneven parts, then merged: must equal the one-shot estimate.
+            cut1, cut2 = n // 3, n // 3 + n // 4
+            a = anomstats.RunningMoments(obs_axis=0, var_axis=1)
+            a.update(emb[:cut1])
+            a.update(emb[cut1:cut2])
+            b = anomstats.RunningMoments(obs_axis=0, var_axis=1)
+            b.update(emb[cut2:])
+            a.merge(b)
+            mean_ref = np.moveaxis(emb.astype(np.float64).mean(axis=0), 0, -1)
+            out.append(Comparison("RunningMoments.mean", a.mean, mean_ref, 1e-10, "normwise"))
+            out.append(Comparison("RunningMoments.covariance", a.covariance(), ref, 1e-10, "normwise"))
+        return out
+
+    return run
+
+
+def _kde_tolerance(case: str, dim: int) -> float:
+    """The log-density tolerance of the KDE against scipy on ``case`` in ``dim`` dimensions."""
+    if case == "float32":
+        return 1e-5  # float32 data: agreement to float32 precision is the contract
+    if case == "nearly singular":
+        return 1e-6  # errors scale with cond(covariance) ~1e8 for both implementations
+    return 1e-11 if dim > 16 else 1e-12
+
+
+def _kde_check(sizes: _Sizes, seed: int, case: str, bw_method: object = None, d: int = 3) -> Callable[[], list[Comparison]]:
+    """``GaussianKDE.pdf`` and ``logpdf`` against ``scipy.stats.gaussian_kde``."""
+
+    def run() -> list[Comparison]:
+        rng = np.random.default_rng(seed)
+        if case == "high-dimensional":
+            dim, n, m = sizes.d_high, sizes.n_high, sizes.m // 2
+        else:
+            dim, n, m = d, sizes.n, sizes.m
+        x, w = _data(case, dim, n, rng)
+        pts = _queries_near(x, m, rng)
+        ours = anomstats.GaussianKDE(x, bw_method=bw_method, weights=w)
+        if case == "offset":
+            # scipy whitens coordinates of size 1e3 and loses ~1e-11 of the density doing so
+            # (measured against an extended-precision evaluation); a KDE is translation
+            # invariant and x - 1e3 is exact here, so scipy on the translated problem is the
+            # accurate reference.
+            ref = scipy.stats.gaussian_kde(x - 1e3, bw_method=bw_method, weights=w)
+            ref_pts = pts - 1e3
+        else:
+            ref = scipy.stats.gaussian_kde(x, bw_method=bw_method, weights=w)
+            ref_pts = pts
+        tol = _kde_tolerance(case, dim)
+        ref_log = ref.logpdf(ref_pts)
+        return [
+            Comparison("GaussianKDE.pdf", ours.pdf(pts), ref.pdf(ref_pts), tol * _exp_condition(ref_log)),
+            Comparison("GaussianKDE.logpdf", ours.logpdf(pts), ref_log, tol),
+        ]
+
+    return run
+
+
+def _kde_checks(sizes: _Sizes, seed: int) -> list[Check]:
+    what = "GaussianKDE vs scipy"
+    checks = [Check(what, case, _kde_check(sizes, seed, case), reference="scipy") for case in _COV_CASES]
+    checks.append(Check(what, "random, d=16", _kde_check(sizes, seed, "random", d=16), reference="scipy"))
+    checks.append(
+        Check(what, "random, bw_method='silverman'", _kde_check(sizes, seed, "random", "silverman"), reference="scipy")
+    )
+    checks.append(Check(what, "random, bw_method=0.3", _kde_check(sizes, seed, "random", 0.3), reference="scipy"))
+    return checks
+
+
+def _mvg_check(sizes: _Sizes, seed: int, case: str) -> Callable[[], list[Comparison]]:
+    """``MultiVariateGaussian`` against ``numpy.cov`` + ridge + inverse per patch (and scipy's logpdf)."""
+
+    def run() -> list[Comparison]:
+        from anomstats.gaussian import DEFAULT_RIDGE
+
+        rng = np.random.default_rng(seed)
+        c = 32 if case == "high-dimensional" else 6
+        n = max(sizes.batch, 2 * c)
+        emb = _embedding(case, n, c, sizes.spatial, rng)
+        test = _embedding(case, 5, c, sizes.spatial, np.random.default_rng(seed + 1))
+        model = anomstats.MultiVariateGaussian().fit(emb)
+        p_count = int(np.prod(sizes.spatial))
+        patches = emb.astype(np.float64).reshape(n, c, p_count)
+        tpatches = test.astype(np.float64).reshape(5, c, p_count)
+        mean = patches.mean(axis=0)
+        covs = np.stack([np.cov(patches[:, :, p], rowvar=False) + DEFAULT_RIDGE * np.eye(c) for p in range(p_count)])
+        precs = np.stack([scipy.linalg.inv(s) for s in covs])
+        d2 = np.empty((5, p_count))
+        logp = np.empty((5, p_count))
+        for p in range(p_count):
+            delta = tpatches[:, :, p] - mean[:, p]
+            d2[:, p] = np.einsum("mi,ij,mj->m", delta, precs[p], delta)
+            logp[:, p] = scipy.stats.multivariate_normal(mean[:, p], covs[p]).logpdf(tpatches[:, :, p])
+        tol = 1e-5 if case == "float32" else 1e-9
+        return [
+            Comparison("MultiVariateGaussian.mean", model.mean, mean, tol, "normwise"),
+            Comparison("MultiVariateGaussian.covariance", model.covariance, covs, tol, "normwise"),
+            Comparison("MultiVariateGaussian.precision", model.precision, precs, tol, "normwise"),
+            Comparison(
+                "MultiVariateGaussian.mahalanobis",
+                model.mahalanobis(test),
+                np.sqrt(np.clip(d2, 0, None)).reshape(5, *sizes.spatial),
+                tol,
+            ),
+            Comparison("MultiVariateGaussian.logpdf", model.logpdf(test), logp.reshape(5, *sizes.spatial), tol),
+        ]
+
+    return run
+
+
+def _shrinkage_check(sizes: _Sizes, seed: int, case: str, method: str) -> Callable[[], list[Comparison]]:
+    """The shrinkage estimators against scikit-learn's ``LedoitWolf`` / ``OAS``, patch by patch."""
+
+    def run() -> list[Comparison]:
+        from sklearn.covariance import OAS, LedoitWolf
+
+        rng = np.random.default_rng(seed)
+        c = 32 if case == "high-dimensional" else 6
+        n = sizes.batch
+        emb = _embedding(case, n, c, sizes.spatial, rng)
+        # ridge=0: exactly the shrinkage estimator, as scikit-learn computes it.
+        model = anomstats.MultiVariateGaussian(ridge=0.0, shrinkage=method).fit(emb)
+        patches = emb.reshape(n, c, -1)
+        estimator = LedoitWolf if method == "ledoit-wolf" else OAS
+        ref = np.stack([estimator().fit(patches[:, :, p]).covariance_ for p in range(patches.shape[2])])
+        return [Comparison(f"MultiVariateGaussian(shrinkage={method!r}).covariance", model.covariance, ref, 1e-10, "normwise")]
+
+    return run
+
+
+def _shrinkage_checks(sizes: _Sizes, seed: int) -> list[Check]:
+    no_sklearn = None if _optional.is_installed("sklearn") else "scikit-learn is not installed"
+    return [
+        Check(
+            f"MultiVariateGaussian(shrinkage={method!r}) vs scikit-learn",
+            case,
+            _shrinkage_check(sizes, seed, case, method),
+            skip_reason=no_sklearn,
+            reference="scikit-learn",
+        )
+        for method in ("ledoit-wolf", "oas")
+        for case in ("random", "high-dimensional")
+    ]
+
+
 def _core_checks(sizes: _Sizes, seed: int) -> list[Check]:
-    import scipy.linalg
-    import scipy.stats
-
-    import anomstats
-
-    checks: list[Check] = []
-    cov_cases = ["random", "offset", "nearly singular", "weighted", "high-dimensional", "float32"]
-
-    # ---- cov / corrcoef against numpy -------------------------------------------------------------
-    def cov_check(case: str) -> Callable[[], list[Comparison]]:
-        def run() -> list[Comparison]:
-            rng = np.random.default_rng(seed)
-            d, n = (sizes.d_high, sizes.n_high) if case == "high-dimensional" else (5, sizes.n)
-            x, w = _data(case, d, n, rng)
-            kw = {}
-            if w is not None:
-                kw = {"aweights": w, "fweights": rng.integers(1, 4, n)}
-            out = [Comparison("cov", anomstats.cov(x, **kw), np.cov(x, **kw), 1e-12, "normwise")]
-            out.append(
-                Comparison("cov(bias=True)", anomstats.cov(x, bias=True, **kw), np.cov(x, bias=True, **kw), 1e-12, "normwise")
-            )
-            if w is None:
-                out.append(Comparison("corrcoef", anomstats.corrcoef(x), np.corrcoef(x), 1e-12, "normwise"))
-            return out
-
-        return run
-
-    for case in cov_cases:
-        checks.append(Check("cov vs numpy", case, cov_check(case), reference="numpy"))
-
-    # ---- batched_cov and RunningMoments against a per-patch loop of numpy.cov ---------------------
-    def batched_check(case: str) -> Callable[[], list[Comparison]]:
-        def run() -> list[Comparison]:
-            rng = np.random.default_rng(seed)
-            c = 32 if case == "high-dimensional" else 6
-            n = max(sizes.batch, 2 * c)
-            emb = _embedding(case, n, c, sizes.spatial, rng)
-            w = rng.uniform(0.1, 2.0, n) if case == "weighted" else None
-            patches = emb.reshape(n, c, -1)
-            ref = np.stack([np.cov(patches[:, :, p], rowvar=False, aweights=w) for p in range(patches.shape[2])])
-            ref = ref.reshape(*sizes.spatial, c, c)
-            got = anomstats.batched_cov(emb, obs_axis=0, var_axis=1, aweights=w)
-            out = [Comparison("batched_cov", got, ref, 1e-10, "normwise")]
-            if w is None:
-                # Two streams fed in uneven parts, then merged: must equal the one-shot estimate.
-                cut1, cut2 = n // 3, n // 3 + n // 4
-                a = anomstats.RunningMoments(obs_axis=0, var_axis=1)
-                a.update(emb[:cut1])
-                a.update(emb[cut1:cut2])
-                b = anomstats.RunningMoments(obs_axis=0, var_axis=1)
-                b.update(emb[cut2:])
-                a.merge(b)
-                mean_ref = np.moveaxis(emb.astype(np.float64).mean(axis=0), 0, -1)
-                out.append(Comparison("RunningMoments.mean", a.mean, mean_ref, 1e-10, "normwise"))
-                out.append(Comparison("RunningMoments.covariance", a.covariance(), ref, 1e-10, "normwise"))
-            return out
-
-        return run
-
-    for case in ["random", "offset", "weighted", "high-dimensional", "float32"]:
-        checks.append(Check("batched_cov/RunningMoments vs numpy.cov loop", case, batched_check(case), reference="numpy.cov loop"))
-
-    # ---- GaussianKDE against scipy.stats.gaussian_kde -------------------------------------------
-    def kde_check(case: str, bw_method: object = None, d: int = 3) -> Callable[[], list[Comparison]]:
-        def run() -> list[Comparison]:
-            rng = np.random.default_rng(seed)
-            if case == "high-dimensional":
-                d_, n, m = sizes.d_high, sizes.n_high, sizes.m // 2
-            else:
-                d_, n, m = d, sizes.n, sizes.m
-            x, w = _data(case, d_, n, rng)
-            pts = _queries_near(x, m, rng)
-            ours = anomstats.GaussianKDE(x, bw_method=bw_method, weights=w)
-            if case == "offset":
-                # scipy whitens coordinates of size 1e3 and loses ~1e-11 of the density doing so
-                # (measured against an extended-precision evaluation); a KDE is translation
-                # invariant and x - 1e3 is exact here, so scipy on the translated problem is the
-                # accurate reference.
-                ref = scipy.stats.gaussian_kde(x - 1e3, bw_method=bw_method, weights=w)
-                ref_pts = pts - 1e3
-            else:
-                ref = scipy.stats.gaussian_kde(x, bw_method=bw_method, weights=w)
-                ref_pts = pts
-            if case == "float32":
-                tol = 1e-5  # float32 data: agreement to float32 precision is the contract
-            elif case == "nearly singular":
-                tol = 1e-6  # errors scale with cond(covariance) ~1e8 for both implementations
-            elif d_ > 16:
-                tol = 1e-11
-            else:
-                tol = 1e-12
-            ref_log = ref.logpdf(ref_pts)
-            return [
-                Comparison("GaussianKDE.pdf", ours.pdf(pts), ref.pdf(ref_pts), tol * _exp_condition(ref_log)),
-                Comparison("GaussianKDE.logpdf", ours.logpdf(pts), ref_log, tol),
-            ]
-
-        return run
-
-    for case in cov_cases:
-        checks.append(Check("GaussianKDE vs scipy", case, kde_check(case), reference="scipy"))
-    checks.append(Check("GaussianKDE vs scipy", "random, d=16", kde_check("random", d=16), reference="scipy"))
-    checks.append(Check("GaussianKDE vs scipy", "random, bw_method='silverman'", kde_check("random", "silverman"), reference="scipy"))
-    checks.append(Check("GaussianKDE vs scipy", "random, bw_method=0.3", kde_check("random", 0.3), reference="scipy"))
-
-    # ---- MultiVariateGaussian against numpy.cov + ridge + inverse per patch ----------------------
-    def mvg_check(case: str) -> Callable[[], list[Comparison]]:
-        def run() -> list[Comparison]:
-            from .gaussian import DEFAULT_RIDGE
-
-            rng = np.random.default_rng(seed)
-            c = 32 if case == "high-dimensional" else 6
-            n = max(sizes.batch, 2 * c)
-            emb = _embedding(case, n, c, sizes.spatial, rng)
-            test = _embedding(case, 5, c, sizes.spatial, np.random.default_rng(seed + 1))
-            model = anomstats.MultiVariateGaussian().fit(emb)
-            p_count = int(np.prod(sizes.spatial))
-            patches = emb.astype(np.float64).reshape(n, c, p_count)
-            tpatches = test.astype(np.float64).reshape(5, c, p_count)
-            mean = patches.mean(axis=0)
-            covs = np.stack([np.cov(patches[:, :, p], rowvar=False) + DEFAULT_RIDGE * np.eye(c) for p in range(p_count)])
-            precs = np.stack([scipy.linalg.inv(s) for s in covs])
-            d2 = np.empty((5, p_count))
-            logp = np.empty((5, p_count))
-            for p in range(p_count):
-                delta = tpatches[:, :, p] - mean[:, p]
-                d2[:, p] = np.einsum("mi,ij,mj->m", delta, precs[p], delta)
-                logp[:, p] = scipy.stats.multivariate_normal(mean[:, p], covs[p]).logpdf(tpatches[:, :, p])
-            tol = 1e-5 if case == "float32" else 1e-9
-            return [
-                Comparison("MultiVariateGaussian.mean", model.mean, mean, tol, "normwise"),
-                Comparison("MultiVariateGaussian.covariance", model.covariance, covs, tol, "normwise"),
-                Comparison("MultiVariateGaussian.precision", model.precision, precs, tol, "normwise"),
-                Comparison(
-                    "MultiVariateGaussian.mahalanobis",
-                    model.mahalanobis(test),
-                    np.sqrt(np.clip(d2, 0, None)).reshape(5, *sizes.spatial),
-                    tol,
-                ),
-                Comparison("MultiVariateGaussian.logpdf", model.logpdf(test), logp.reshape(5, *sizes.spatial), tol),
-            ]
-
-        return run
-
-    for case in ["random", "offset", "nearly singular", "high-dimensional", "float32"]:
-        checks.append(Check("MultiVariateGaussian vs numpy/scipy", case, mvg_check(case), reference="numpy/scipy"))
-
-    # ---- shrinkage estimators against scikit-learn, patch by patch --------------------------------
-    def shrinkage_check(case: str, method: str) -> Callable[[], list[Comparison]]:
-        def run() -> list[Comparison]:
-            from sklearn.covariance import OAS, LedoitWolf
-
-            rng = np.random.default_rng(seed)
-            c = 32 if case == "high-dimensional" else 6
-            n = sizes.batch
-            emb = _embedding(case, n, c, sizes.spatial, rng)
-            # ridge=0: exactly the shrinkage estimator, as scikit-learn computes it.
-            model = anomstats.MultiVariateGaussian(ridge=0.0, shrinkage=method).fit(emb)
-            patches = emb.reshape(n, c, -1)
-            estimator = LedoitWolf if method == "ledoit-wolf" else OAS
-            ref = np.stack([estimator().fit(patches[:, :, p]).covariance_ for p in range(patches.shape[2])])
-            return [Comparison(f"MultiVariateGaussian(shrinkage={method!r}).covariance", model.covariance, ref, 1e-10, "normwise")]
-
-        return run
-
-    no_sklearn = None if importlib.util.find_spec("sklearn") is not None else "scikit-learn is not installed"
-    for method in ("ledoit-wolf", "oas"):
-        for case in ("random", "high-dimensional"):
-            checks.append(
-                Check(
-                    f"MultiVariateGaussian(shrinkage={method!r}) vs scikit-learn",
-                    case,
-                    shrinkage_check(case, method),
-                    skip_reason=no_sklearn,
-                    reference="scikit-learn",
-                )
-            )
+    checks = [Check("cov vs numpy", case, _cov_check(sizes, seed, case), reference="numpy") for case in _COV_CASES]
+    checks += [
+        Check(
+            "batched_cov/RunningMoments vs numpy.cov loop", case, _batched_check(sizes, seed, case), reference="numpy.cov loop"
+        )
+        for case in _BATCHED_CASES
+    ]
+    checks += _kde_checks(sizes, seed)
+    checks += [
+        Check("MultiVariateGaussian vs numpy/scipy", case, _mvg_check(sizes, seed, case), reference="numpy/scipy")
+        for case in _MVG_CASES
+    ]
+    checks += _shrinkage_checks(sizes, seed)
     return checks
 
 
@@ -419,88 +452,96 @@ def _core_checks(sizes: _Sizes, seed: int) -> list[Check]:
 # The torch adapter against the core
 # --------------------------------------------------------------------------------------------------
 
+_TORCH_KDE = "anomstats_torch.GaussianKDE vs core"
+_TORCH_MVG = "anomstats_torch.MultiVariateGaussian vs core"
+_TORCH_KDE_CASES = ("random", "offset", "high-dimensional", "float32")
+_TORCH_MVG_CASES = ("random", "offset", "high-dimensional", "float32")
 
-def _torch_checks(sizes: _Sizes, seed: int, device: str = "cpu") -> list[Check]:
-    what_kde = "anomstats_torch.GaussianKDE vs core"
-    what_mvg = "anomstats_torch.MultiVariateGaussian vs core"
-    kde_cases = ["random", "offset", "high-dimensional", "float32"]
-    mvg_cases = ["random", "offset", "high-dimensional", "float32"]
-    if importlib.util.find_spec("torch") is None:
-        reason = "torch is not installed (pip install 'anomstats[torch]')"
-        return [Check(what_kde, c, _never, reason) for c in kde_cases] + [
-            Check(what_mvg, c, _never, reason) for c in mvg_cases
+
+def _torch_kde_check(sizes: _Sizes, seed: int, device: str, case: str) -> Callable[[], list[Comparison]]:
+    """``anomstats_torch.GaussianKDE`` (forward, log_prob) against the core's ``GaussianKDE``."""
+
+    def run() -> list[Comparison]:
+        import torch
+
+        import anomstats_torch
+
+        rng = np.random.default_rng(seed)
+        d, n, m = (sizes.d_high // 2, sizes.n_high, sizes.m // 2) if case == "high-dimensional" else (16, sizes.n, sizes.m)
+        x, _ = _data("offset" if case == "offset" else "random", d, n, rng)
+        pts = _queries_near(x, m, rng)
+        dtype = torch.float32 if case == "float32" else torch.float64
+        module = anomstats_torch.GaussianKDE().to(device=device, dtype=dtype)
+        # The adapter takes anomalib's layout: rows are observations.
+        module.fit(torch.as_tensor(np.ascontiguousarray(x.T), dtype=dtype, device=device))
+        feats = torch.as_tensor(np.ascontiguousarray(pts.T), dtype=dtype, device=device)
+        # The core gets exactly the values the module saw (rounded to float32 in that case).
+        data_seen = x.astype(np.float32).astype(np.float64) if case == "float32" else x
+        ref = anomstats.GaussianKDE(data_seen)
+        ref_log = ref.logpdf(feats.double().cpu().numpy().T)
+        tol = 1e-5 if case == "float32" else 1e-12
+        with torch.no_grad():
+            dens = module(feats)
+            logd = module.log_prob(feats)
+        return [
+            Comparison("torch GaussianKDE.forward", dens, np.exp(ref_log), tol * _exp_condition(ref_log)),
+            Comparison("torch GaussianKDE.log_prob", logd, ref_log, tol),
         ]
 
-    def kde_check(case: str) -> Callable[[], list[Comparison]]:
-        def run() -> list[Comparison]:
-            import torch
+    return run
 
-            import anomstats
-            import anomstats_torch
 
-            rng = np.random.default_rng(seed)
-            d, n, m = (sizes.d_high // 2, sizes.n_high, sizes.m // 2) if case == "high-dimensional" else (16, sizes.n, sizes.m)
-            x, _ = _data("offset" if case == "offset" else "random", d, n, rng)
-            pts = _queries_near(x, m, rng)
-            dtype = torch.float32 if case == "float32" else torch.float64
-            module = anomstats_torch.GaussianKDE().to(device=device, dtype=dtype)
-            # The adapter takes anomalib's layout: rows are observations.
-            module.fit(torch.as_tensor(np.ascontiguousarray(x.T), dtype=dtype, device=device))
-            feats = torch.as_tensor(np.ascontiguousarray(pts.T), dtype=dtype, device=device)
-            # The core gets exactly the values the module saw (rounded to float32 in that case).
-            data_seen = x.astype(np.float32).astype(np.float64) if case == "float32" else x
-            ref = anomstats.GaussianKDE(data_seen)
-            ref_log = ref.logpdf(feats.double().cpu().numpy().T)
-            tol = 1e-5 if case == "float32" else 1e-12
-            with torch.no_grad():
-                dens = module(feats)
-                logd = module.log_prob(feats)
-            return [
-                Comparison("torch GaussianKDE.forward", dens, np.exp(ref_log), tol * _exp_condition(ref_log)),
-                Comparison("torch GaussianKDE.log_prob", logd, ref_log, tol),
-            ]
+def _torch_mvg_tolerances(case: str, core_covariance: np.ndarray) -> tuple[float, float, float]:
+    """Tolerances of the mean, the inverse covariance and the distances of the torch Gaussian."""
+    if case == "float32":
+        # An inverse magnifies the float32 rounding of the covariance by its condition
+        # number; so do the distances computed from it.
+        kappa = float(np.max(np.linalg.cond(np.asarray(core_covariance, dtype=np.float64))))
+        tol_inv = max(1e-5, 10 * float(np.finfo(np.float32).eps) * kappa)
+        return 1e-5, tol_inv, tol_inv
+    # A squared distance is a sum of terms of both signs: allow for its cancellation.
+    return 1e-12, 1e-12, 1e-10
 
-        return run
 
-    def mvg_check(case: str) -> Callable[[], list[Comparison]]:
-        def run() -> list[Comparison]:
-            import torch
+def _torch_mvg_check(sizes: _Sizes, seed: int, device: str, case: str) -> Callable[[], list[Comparison]]:
+    """``anomstats_torch.MultiVariateGaussian`` (fit, mahalanobis) against the core's."""
 
-            import anomstats
-            import anomstats_torch
+    def run() -> list[Comparison]:
+        import torch
 
-            rng = np.random.default_rng(seed)
-            c = 32 if case == "high-dimensional" else 8
-            n = max(sizes.batch, 2 * c)
-            emb = _embedding("offset" if case == "offset" else "random", n, c, sizes.spatial, rng)
-            test = _embedding("offset" if case == "offset" else "random", 4, c, sizes.spatial, np.random.default_rng(seed + 1))
-            dtype = torch.float32 if case == "float32" else torch.float64
-            module = anomstats_torch.MultiVariateGaussian().to(device=device, dtype=dtype)
-            with torch.no_grad():
-                mean, inv_cov = module.fit(torch.as_tensor(emb, dtype=dtype, device=device))
-                dist = module.mahalanobis(torch.as_tensor(test, dtype=dtype, device=device))
-            core = anomstats.MultiVariateGaussian().fit(emb.astype(np.float32) if case == "float32" else emb)
-            core_test = test.astype(np.float32).astype(np.float64) if case == "float32" else test
-            if case == "float32":
-                # An inverse magnifies the float32 rounding of the covariance by its condition
-                # number; so do the distances computed from it.
-                kappa = float(np.max(np.linalg.cond(np.asarray(core.covariance, dtype=np.float64))))
-                tol_mean, tol_inv = 1e-5, max(1e-5, 10 * float(np.finfo(np.float32).eps) * kappa)
-                tol_dist = tol_inv
-            else:
-                tol_mean = tol_inv = 1e-12
-                # A squared distance is a sum of terms of both signs: allow for its cancellation.
-                tol_dist = 1e-10
-            return [
-                Comparison("torch MultiVariateGaussian.mean", mean, core.mean, tol_mean, "normwise"),
-                Comparison("torch MultiVariateGaussian.inv_covariance", inv_cov, core.precision, tol_inv, "normwise"),
-                Comparison("torch MultiVariateGaussian.mahalanobis", dist, core.mahalanobis(core_test), tol_dist),
-            ]
+        import anomstats_torch
 
-        return run
+        rng = np.random.default_rng(seed)
+        c = 32 if case == "high-dimensional" else 8
+        n = max(sizes.batch, 2 * c)
+        data_case = "offset" if case == "offset" else "random"
+        emb = _embedding(data_case, n, c, sizes.spatial, rng)
+        test = _embedding(data_case, 4, c, sizes.spatial, np.random.default_rng(seed + 1))
+        dtype = torch.float32 if case == "float32" else torch.float64
+        module = anomstats_torch.MultiVariateGaussian().to(device=device, dtype=dtype)
+        with torch.no_grad():
+            mean, inv_cov = module.fit(torch.as_tensor(emb, dtype=dtype, device=device))
+            dist = module.mahalanobis(torch.as_tensor(test, dtype=dtype, device=device))
+        core = anomstats.MultiVariateGaussian().fit(emb.astype(np.float32) if case == "float32" else emb)
+        core_test = test.astype(np.float32).astype(np.float64) if case == "float32" else test
+        tol_mean, tol_inv, tol_dist = _torch_mvg_tolerances(case, core.covariance)
+        return [
+            Comparison("torch MultiVariateGaussian.mean", mean, core.mean, tol_mean, "normwise"),
+            Comparison("torch MultiVariateGaussian.inv_covariance", inv_cov, core.precision, tol_inv, "normwise"),
+            Comparison("torch MultiVariateGaussian.mahalanobis", dist, core.mahalanobis(core_test), tol_dist),
+        ]
 
-    return [Check(what_kde, c, kde_check(c), reference="core") for c in kde_cases] + [
-        Check(what_mvg, c, mvg_check(c), reference="core") for c in mvg_cases
+    return run
+
+
+def _torch_checks(sizes: _Sizes, seed: int, device: str = "cpu") -> list[Check]:
+    if not _optional.is_installed("torch"):
+        reason = f"{_optional.TORCH_MISSING} (pip install 'anomstats[torch]')"
+        return [Check(_TORCH_KDE, c, _never, reason) for c in _TORCH_KDE_CASES] + [
+            Check(_TORCH_MVG, c, _never, reason) for c in _TORCH_MVG_CASES
+        ]
+    return [Check(_TORCH_KDE, c, _torch_kde_check(sizes, seed, device, c), reference="core") for c in _TORCH_KDE_CASES] + [
+        Check(_TORCH_MVG, c, _torch_mvg_check(sizes, seed, device, c), reference="core") for c in _TORCH_MVG_CASES
     ]
 
 
@@ -661,15 +702,12 @@ def format_table(rows: Sequence[Row]) -> str:
 
 def versions() -> dict[str, str | None]:
     """Versions of the libraries involved, for the JSON report."""
-    import scipy
+    out: dict[str, str | None] = {"anomstats": anomstats.__version__, "numpy": np.__version__, "scipy": scipy.__version__}
+    out["torch"] = None
+    if _optional.is_installed("torch"):
+        import torch
 
-    from . import __version__
-
-    out: dict[str, str | None] = {"anomstats": __version__, "numpy": np.__version__, "scipy": scipy.__version__}
-    if importlib.util.find_spec("torch") is not None:
-        out["torch"] = importlib.import_module("torch").__version__
-    else:
-        out["torch"] = None
+        out["torch"] = torch.__version__
     return out
 
 

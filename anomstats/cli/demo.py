@@ -23,14 +23,16 @@ Examples
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
+
+import anomstats
+
+from . import _optional
 
 __all__ = ["DemoError", "DemoResult", "auroc", "neighbourhood_features", "paste_defect", "run_demo"]
 
@@ -149,14 +151,10 @@ class _NumpyBackend:
     name = "numpy"
 
     def kde_logpdf(self, train: np.ndarray, query: np.ndarray) -> np.ndarray:
-        import anomstats
-
         # The core takes scipy's layout: variables in rows.
         return np.asarray(anomstats.GaussianKDE(train.T).logpdf(query.T), dtype=np.float64)
 
     def mahalanobis_maps(self, train: np.ndarray, test: np.ndarray) -> np.ndarray:
-        import anomstats
-
         model = anomstats.MultiVariateGaussian().fit(train)
         return np.asarray(model.mahalanobis(test), dtype=np.float64)
 
@@ -191,25 +189,12 @@ class _TorchBackend:
         return out.cpu().double().numpy().reshape(test.shape[0], *test.shape[2:])
 
 
-def _torch_unavailable_reason() -> str | None:
-    if importlib.util.find_spec("torch") is None:
-        return "torch is not installed"
-    try:
-        mod = importlib.import_module("anomstats_torch")
-    except Exception as exc:  # noqa: BLE001 - any import problem means: fall back or report
-        return f"anomstats_torch cannot be imported ({type(exc).__name__}: {exc})"
-    missing = [n for n in ("GaussianKDE", "MultiVariateGaussian") if not hasattr(mod, n)]
-    if missing:
-        return f"anomstats_torch has no {', '.join(missing)} yet"
-    return None
-
-
 def _pick_backend(backend: str) -> tuple[_NumpyBackend | _TorchBackend, str]:
     if backend not in ("auto", "numpy", "torch"):
         raise DemoError(f"backend must be 'auto', 'numpy' or 'torch', got {backend!r}")
     if backend == "numpy":
         return _NumpyBackend(), "numpy (requested)"
-    why_not = _torch_unavailable_reason()
+    why_not = _optional.torch_adapter_unavailable_reason()
     if backend == "torch":
         if why_not:
             raise DemoError(f"--backend torch: {why_not}; install it with pip install 'anomstats[torch]'")
@@ -221,7 +206,7 @@ def _pick_backend(backend: str) -> tuple[_NumpyBackend | _TorchBackend, str]:
 
 def _require(module: str, what: str) -> object:
     try:
-        return importlib.import_module(module)
+        return _optional.optional_module(module)
     except ImportError as exc:
         raise DemoError(
             f"the demo needs {what} ({exc}); install the demo's extras with pip install 'anomstats[bench]' "
@@ -291,11 +276,11 @@ def _padim(backend, images: np.ndarray, y: np.ndarray, digit: int, rng: np.rando
     return pixel, image, (test[:n_bad], test_masks[:n_bad], maps[:n_bad])
 
 
-def _figure(path: str, backend, x, y, digit, k_split, dfkde_auc, padim_auc, examples, title: str) -> None:
+def _figure(path: str, backend, x, y, digit, split, dfkde_auc, padim_auc, examples, title: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    train_idx, test_idx, others = k_split
+    train_idx, test_idx, others = split
     mean, axes = _pca(x[train_idx], 2)
     tr = (x[train_idx] - mean) @ axes.T
     te = (x[test_idx] - mean) @ axes.T
@@ -351,6 +336,58 @@ def _figure(path: str, backend, x, y, digit, k_split, dfkde_auc, padim_auc, exam
     fig.savefig(path, dpi=90)
 
 
+def _silent(*args: object, **kwargs: object) -> None:
+    """A ``print`` that prints nothing (``verbose=False``)."""
+
+
+def _dfkde_table(
+    backend, flat_images: np.ndarray, labels: np.ndarray, classes: Sequence[int], pca_dims: int,
+    max_anomalies: int, seed: int, say: Callable[..., None], result: DemoResult,
+) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Run the DFKDE-style experiment for each normal digit, print its table and fill ``result``.
+
+    Returns each digit's split (train, normal test, anomaly indices), which the figure reuses.
+    """
+    say(f"DFKDE-style: PCA to {pca_dims} dimensions, GaussianKDE log-density as the normality score;")
+    say("one digit is normal (half of it trains, half tests), the other digits are the anomalies.")
+    say(f"{'normal digit':>12}  {'train':>5}  {'test normal':>11}  {'anomalies':>9}  {'AUROC':>6}")
+    splits = {}
+    for digit in classes:
+        rng = np.random.default_rng([seed, digit])
+        auc, split = _dfkde(backend, flat_images, labels, digit, pca_dims, rng, max_anomalies)
+        result.dfkde_auroc[digit] = auc
+        splits[digit] = split
+        train_idx, test_idx, anomaly_idx = split
+        say(f"{digit:>12}  {len(train_idx):>5}  {len(test_idx):>11}  {len(anomaly_idx):>9}  {auc:6.3f}")
+    say(f"{'mean':>12}  {'':>5}  {'':>11}  {'':>9}  {np.mean(list(result.dfkde_auroc.values())):6.3f}")
+    return splits
+
+
+def _padim_table(
+    backend, images: np.ndarray, labels: np.ndarray, classes: Sequence[int], seed: int,
+    say: Callable[..., None], result: DemoResult,
+) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Run the PaDiM-style experiment for each normal digit, print its table and fill ``result``.
+
+    Returns each digit's defective test images, defect masks and anomaly maps, for the figure.
+    """
+    say("PaDiM-style: one MultiVariateGaussian per pixel position on 3x3-neighbourhood features (C=9, 8x8),")
+    say("fitted on normal training images; half the test images get a pasted defect (an inverted square).")
+    say(f"{'normal digit':>12}  {'pixel AUROC':>11}  {'image AUROC':>11}")
+    examples = {}
+    for digit in classes:
+        rng = np.random.default_rng([seed, digit, 1])
+        pixel_auc, image_auc, examples[digit] = _padim(backend, images, labels, digit, rng)
+        result.padim_pixel_auroc[digit] = pixel_auc
+        result.padim_image_auroc[digit] = image_auc
+        say(f"{digit:>12}  {pixel_auc:11.3f}  {image_auc:11.3f}")
+    say(
+        f"{'mean':>12}  {np.mean(list(result.padim_pixel_auroc.values())):11.3f}  "
+        f"{np.mean(list(result.padim_image_auroc.values())):11.3f}"
+    )
+    return examples
+
+
 def run_demo(
     out: str = "anomstats-demo.png",
     *,
@@ -387,57 +424,33 @@ def run_demo(
     datasets = _require("sklearn.datasets", "scikit-learn (for its bundled digits)")
     _require("matplotlib", "matplotlib (for the figure)")
     impl, backend_note = _pick_backend(backend)
-    say = print if verbose else (lambda *a, **k: None)
+    say = print if verbose else _silent
 
     digits = datasets.load_digits()
     images = digits.images / 16.0  # pixel values 0..16 -> [0, 1]
-    x = images.reshape(len(images), -1)
-    y = digits.target
+    flat_images = images.reshape(len(images), -1)
+    labels = digits.target
     classes = [0, 1, 2] if quick else list(range(10))
-    k = 8 if quick else 16  # DFKDE reduces to 16 dimensions
+    pca_dims = 8 if quick else 16  # DFKDE reduces to 16 dimensions
     max_anomalies = 300 if quick else 2000
 
-    from . import __version__
-
-    say(f"anomstats {__version__} demo on scikit-learn's 8x8 digits ({len(x)} images); backend: {backend_note}")
-    say("")
-    say(f"DFKDE-style: PCA to {k} dimensions, GaussianKDE log-density as the normality score;")
-    say("one digit is normal (half of it trains, half tests), the other digits are the anomalies.")
-    say(f"{'normal digit':>12}  {'train':>5}  {'test normal':>11}  {'anomalies':>9}  {'AUROC':>6}")
-    result = DemoResult(backend=impl.name, figure=os.path.abspath(out))
-    splits = {}
-    for d in classes:
-        rng = np.random.default_rng([seed, d])
-        auc, split = _dfkde(impl, x, y, d, k, rng, max_anomalies)
-        result.dfkde_auroc[d] = auc
-        splits[d] = split
-        say(f"{d:>12}  {len(split[0]):>5}  {len(split[1]):>11}  {len(split[2]):>9}  {auc:6.3f}")
-    say(f"{'mean':>12}  {'':>5}  {'':>11}  {'':>9}  {np.mean(list(result.dfkde_auroc.values())):6.3f}")
-    say("")
-    say("PaDiM-style: one MultiVariateGaussian per pixel position on 3x3-neighbourhood features (C=9, 8x8),")
-    say("fitted on normal training images; half the test images get a pasted defect (an inverted square).")
-    say(f"{'normal digit':>12}  {'pixel AUROC':>11}  {'image AUROC':>11}")
-    examples = {}
-    for d in classes:
-        rng = np.random.default_rng([seed, d, 1])
-        pix, img, ex = _padim(impl, images, y, d, rng)
-        result.padim_pixel_auroc[d] = pix
-        result.padim_image_auroc[d] = img
-        examples[d] = ex
-        say(f"{d:>12}  {pix:11.3f}  {img:11.3f}")
     say(
-        f"{'mean':>12}  {np.mean(list(result.padim_pixel_auroc.values())):11.3f}  "
-        f"{np.mean(list(result.padim_image_auroc.values())):11.3f}"
+        f"anomstats {anomstats.__version__} demo on scikit-learn's 8x8 digits ({len(flat_images)} images); "
+        f"backend: {backend_note}"
     )
+    say("")
+    result = DemoResult(backend=impl.name, figure=os.path.abspath(out))
+    splits = _dfkde_table(impl, flat_images, labels, classes, pca_dims, max_anomalies, seed, say, result)
+    say("")
+    examples = _padim_table(impl, images, labels, classes, seed, say, result)
 
-    folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     shown = classes[0]
     _figure(
         out,
         impl,
-        x,
-        y,
+        flat_images,
+        labels,
         shown,
         splits[shown],
         result.dfkde_auroc,
