@@ -201,10 +201,11 @@ def check_patch_score_shape(shape: Sequence[int], n_features: int, n_patches: in
     ...
     ValueError: embedding has C=99 channels and 3136 patches, the fit has C=100 and 3136; shape must be (B, 100, *spatial) with prod(spatial) = 3136
     """
-    shape = tuple(int(s) for s in shape)
-    spatial_size = math.prod(shape[2:])
-    if len(shape) < 2 or shape[1] != n_features or spatial_size != n_patches:
-        channels = shape[1] if len(shape) > 1 else None
+    # The batch size is left as it is (never int()-ed): while torch.export traces, it is symbolic.
+    fixed = tuple(int(s) for s in tuple(shape)[1:])
+    spatial_size = math.prod(fixed[1:])
+    if len(fixed) < 1 or fixed[0] != n_features or spatial_size != n_patches:
+        channels = fixed[0] if fixed else None
         raise ValueError(
             f"{name} has C={channels} channels and {spatial_size} patches, the fit has C={n_features} "
             f"and {n_patches}; shape must be (B, {n_features}, *spatial) with prod(spatial) = {n_patches}"
