@@ -24,7 +24,9 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 __all__ = [
+    "D_GREATER_THAN_N",
     "NotFittedError",
+    "SINGULAR_DATA",
     "SHRINKAGE_METHODS",
     "MIN_FIT_OBSERVATIONS",
     "accumulation_dtype",
@@ -43,6 +45,22 @@ __all__ = [
     "check_dtype",
     "describe_patch",
 ]
+
+# The Gaussian KDE's data faults, in scipy.stats.gaussian_kde's words (both packages' KDEs raise these).
+#: ``ValueError`` when the data have more dimensions than points.
+D_GREATER_THAN_N = (
+    "Number of dimensions is greater than number of samples. This results in a singular data "
+    "covariance matrix, which cannot be treated using the algorithms implemented in `gaussian_kde`. "
+    "Note that `gaussian_kde` interprets each *column* of `dataset` to be a point; consider "
+    "transposing the input to `dataset`. A Gaussian KDE needs more points than dimensions."
+)
+#: ``numpy.linalg.LinAlgError`` when the data covariance is singular.
+SINGULAR_DATA = (
+    "The data appears to lie in a lower-dimensional subspace of the space in which it is expressed. "
+    "This has resulted in a singular data covariance matrix, which cannot be treated using the "
+    "algorithms implemented in `gaussian_kde`. Consider performing principal component analysis / "
+    "dimensionality reduction and using `gaussian_kde` with the transformed data."
+)
 
 #: A Gaussian (or covariance) fit needs at least this many observations (an unbiased covariance of one
 #: observation is undefined).

@@ -22,24 +22,10 @@ from ._budget import DEFAULT_MEMORY_BUDGET
 from ._kernel_sums import WhitenedCentres, kernel_sums
 from ._parallel import single_threaded_blas
 from .covariance import cov
-from ._validation import check_memory_budget, check_workers
+from ._validation import D_GREATER_THAN_N, SINGULAR_DATA, check_memory_budget, check_workers
 from ._weights import kde_weights_of_valid_shape, normalised_kde_weights
 
 __all__ = ["GaussianKDE", "DEFAULT_MEMORY_BUDGET"]
-
-_D_GREATER_THAN_N = (
-    "Number of dimensions is greater than number of samples. This results in a singular data "
-    "covariance matrix, which cannot be treated using the algorithms implemented in `gaussian_kde`. "
-    "Note that `gaussian_kde` interprets each *column* of `dataset` to be a point; consider "
-    "transposing the input to `dataset`."
-)
-_SINGULAR_DATA = (
-    "The data appears to lie in a lower-dimensional subspace of the space in which it is expressed. "
-    "This has resulted in a singular data covariance matrix, which cannot be treated using the "
-    "algorithms implemented in `gaussian_kde`. Consider performing principal component analysis / "
-    "dimensionality reduction and using `gaussian_kde` with the transformed data."
-)
-
 
 class _EvaluationState:
     """What evaluation needs, derived from (dataset, weights, cho_cov) in one working dtype."""
@@ -217,7 +203,7 @@ class GaussianKDE:
         if weights is not None:
             weights = kde_weights_of_valid_shape(weights, self.n)
         if self.d > self.n:
-            raise ValueError(_D_GREATER_THAN_N)
+            raise ValueError(D_GREATER_THAN_N)
         _bw.resolve_bw_method(bw_method)
         if weights is not None:
             self._weights = normalised_kde_weights(weights)
@@ -231,7 +217,7 @@ class GaussianKDE:
         try:
             self.set_bandwidth(bw_method=bw_method)
         except linalg.LinAlgError as exc:
-            raise linalg.LinAlgError(_SINGULAR_DATA) from exc
+            raise linalg.LinAlgError(SINGULAR_DATA) from exc
 
     # ------------------------------------------------------------------ data, weights and caches
 

@@ -1,18 +1,24 @@
 """Gaussian kernel density estimation as a torch module: a drop-in for anomalib's ``GaussianKDE``.
 
-The bandwidth rule comes from :mod:`anomstats.bandwidth`; the kernel sums run as a few matrix products and
-element-wise passes per chunk on the module's device.
+Every scalar rule comes from the NumPy core: the bandwidth rule and its validation (:mod:`anomstats.bandwidth`),
+the Gaussian log-normaliser, the exponent floor and the trusted-sum floor of the log-sum-exp fallback
+(:mod:`anomstats._rules`), the data faults' messages (:mod:`anomstats._validation`, scipy's words, as the core's
+KDE). The kernel sums run as a few matrix products and element-wise passes per chunk on the module's device.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from anomstats._validation import check_memory_budget
-from anomstats.bandwidth import scotts_factor, silverman_factor
+from scipy.linalg import LinAlgError
+
+from anomstats._rules import covariance_normalisation, exp_floor, gaussian_log_normaliser, trusted_sum_floor
+from anomstats._validation import D_GREATER_THAN_N, SINGULAR_DATA, NotFittedError, check_memory_budget
+from anomstats.bandwidth import bandwidth_factor, check_factor, resolve_bw_method
 
 from ._policy import (
     DEFAULT_CHUNK_BYTES,
@@ -35,14 +41,9 @@ _CPU_TILE_ROWS = 256
 _CPU_TILE_BYTES = 4 * 2**20
 
 
-def _exp_floor(dtype: torch.dtype) -> float:
-    """Smallest exponent kept: exp() of anything lower would be subnormal.
-
-    Subnormal results make ``exp`` 20-60x slower on x86 CPUs. Raising such exponents to this floor adds
-    at most ``e * tiny`` per training point, i.e. a relative error below ``e * eps / 16`` on every sum
-    that is trusted without the log-sum-exp fallback (and negligible after the max shift in the fallback).
-    """
-    return math.log(torch.finfo(dtype).tiny) + 1.0
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The NumPy dtype of a working dtype (float32 or float64), for the core's dtype rules."""
+    return np.dtype(np.float64 if dtype == torch.float64 else np.float32)
 
 
 def _whitening_factor(covariance: Tensor, factor: float) -> Tensor:
@@ -55,11 +56,7 @@ def _whitening_factor(covariance: Tensor, factor: float) -> Tensor:
     d = covariance.shape[0]
     reversed_factor, info = torch.linalg.cholesky_ex(covariance.flip(0, 1))
     if int(info) != 0:
-        raise ValueError(
-            "GaussianKDE.fit: the covariance of dataset is singular or not positive definite (a constant "
-            "feature, or features that are linear combinations of others?); drop or combine them, e.g. "
-            "with PCA, before fitting"
-        )
+        raise LinAlgError(SINGULAR_DATA)  # a ValueError, as before; the core KDE's message
     eye = torch.eye(d, dtype=covariance.dtype, device=covariance.device)
     inverse = torch.linalg.solve_triangular(reversed_factor, eye, upper=False)
     return inverse.mT.flip(0, 1) / factor
@@ -82,8 +79,10 @@ class GaussianKDE(DynamicBufferModule):
     ----------
     dataset : torch.Tensor, optional
         Training points (N, D); when given, the module is fitted at construction.
-    bw_method : {"scott", "silverman"} or float, default "scott"
-        Bandwidth factor rule (anomalib uses Scott's), or the factor itself.
+    bw_method : {"scott", "silverman"}, float or callable, default "scott"
+        Bandwidth factor rule (anomalib uses Scott's), the factor itself, or a callable taking this module
+        and returning the factor: the rules, their validation and messages are
+        :func:`anomstats.bandwidth.bandwidth_factor`'s (unweighted: ``neff = N``).
     chunk_bytes : int, default 64 MiB
         Upper bound on the temporaries of one block of the (queries x training points) kernel matrix.
         On CPU blocks are further limited to 4 MiB tiles (256 query rows), which stay in cache; on GPU
@@ -154,11 +153,9 @@ class GaussianKDE(DynamicBufferModule):
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
         super().__init__()
-        if isinstance(bw_method, str):
-            if bw_method not in ("scott", "silverman"):
-                raise ValueError(f"bw_method must be 'scott', 'silverman' or a positive float, got {bw_method!r}")
-        elif isinstance(bw_method, bool) or not isinstance(bw_method, (int, float)) or not bw_method > 0:
-            raise ValueError(f"bw_method must be 'scott', 'silverman' or a positive float, got {bw_method!r}")
+        rule = resolve_bw_method(bw_method)  # the core's rules and message
+        if rule is None or not (isinstance(rule, str) or callable(rule)):
+            check_factor(rule)
         self.bw_method = bw_method
         self.chunk_bytes = check_memory_budget(chunk_bytes, "chunk_bytes")
         self.register_buffer("bw_transform", torch.empty(0))
@@ -173,11 +170,9 @@ class GaussianKDE(DynamicBufferModule):
 
     # ------------------------------------------------------------------ fitting
     def _factor(self, n: int, d: int) -> float:
-        if self.bw_method == "scott":
-            return scotts_factor(n, d)
-        if self.bw_method == "silverman":
-            return silverman_factor(n, d)
-        return float(self.bw_method)
+        factor = bandwidth_factor(self.bw_method, n, d, self)  # the core's rule resolution
+        check_factor(factor)
+        return float(factor)
 
     def fit(self, dataset: Tensor) -> None:
         """Fit the estimate to ``dataset`` (N, D); the input is not modified.
@@ -200,16 +195,14 @@ class GaussianKDE(DynamicBufferModule):
         if x.ndim != 2:
             raise ValueError(f"dataset must be 2-D (N points, D dimensions), got shape {tuple(x.shape)}")
         n, d = x.shape
-        if d == 0 or n <= d:
-            raise ValueError(
-                f"GaussianKDE.fit needs more points than dimensions, got N={n} points in D={d} dimensions "
-                "(the covariance would be singular); add points or reduce D, e.g. with PCA"
-            )
+        if d == 0 or n <= d:  # the covariance would be singular whatever the rounding
+            raise ValueError(f"{D_GREATER_THAN_N} Got N={n} points in D={d} dimensions.")
         check_finite(x, "dataset")
         store_dtype = working_dtype(self.bw_transform.dtype, x.dtype)
         x64 = x.to(torch.float64)
         whitening = _whitening_factor(self.cov(x64.mT), self._factor(n, d))
-        log_norm = torch.log(whitening.diagonal()).sum() - 0.5 * d * math.log(2.0 * math.pi)
+        # L Lᵀ = H⁻¹, so log det H = −2 Σ log diag(L) (never the log of a product, which overflows).
+        log_norm = gaussian_log_normaliser(d, -2.0 * torch.log(whitening.diagonal()).sum())
         centre = x64.mean(dim=0)
         self.bw_transform = whitening.to(store_dtype)
         self.dataset = (x64 @ whitening).to(store_dtype)
@@ -258,7 +251,7 @@ class GaussianKDE(DynamicBufferModule):
         if not x.is_floating_point():
             x = x.to(torch.float32)
         centred = x - x.mean(dim=1, keepdim=True)
-        return centred @ centred.mT / (x.shape[1] - 1)
+        return centred @ centred.mT / covariance_normalisation(x.shape[1], None, 1)
 
     # ------------------------------------------------------------------ evaluation
     def forward(self, features: Tensor) -> Tensor:
@@ -291,7 +284,7 @@ class GaussianKDE(DynamicBufferModule):
 
     def _check_query(self, features: Tensor) -> Tensor:
         if self.dataset.ndim != 2 or self.dataset.shape[0] == 0:
-            raise RuntimeError("GaussianKDE is not fitted: call fit(dataset) or load a state dict first")
+            raise NotFittedError("GaussianKDE is not fitted yet; call fit(dataset) or load a state dict first")
         f = as_float_tensor(features, "features")
         d = self.dataset.shape[1]
         if f.ndim != 2 or f.shape[1] != d:
@@ -343,7 +336,7 @@ class GaussianKDE(DynamicBufferModule):
         Only the training axis (fixed by the buffers) is split, so this is safe to trace.
         """
         block = self._train_chunk(1 if is_tracing() else lhs.shape[0], lhs.element_size())
-        floor = _exp_floor(lhs.dtype)
+        floor = exp_floor(_numpy_dtype(lhs.dtype))
         running_max = torch.full_like(lhs[:, 0], -math.inf)
         running_sum = torch.zeros_like(lhs[:, 0])
         for start in range(0, rhs.shape[0], block):
@@ -362,9 +355,8 @@ class GaussianKDE(DynamicBufferModule):
             return out
         # Below this, a plain sum of exponentials may have lost terms to underflow: redo those rows with
         # the max-shifted log-sum-exp (rare: queries far from every training point).
-        finfo = torch.finfo(lhs.dtype)
-        trusted = 16 * n_train * finfo.tiny / finfo.eps
-        floor = _exp_floor(lhs.dtype)
+        trusted = float(trusted_sum_floor(_numpy_dtype(lhs.dtype), n_train))  # n_train unit weights
+        floor = exp_floor(_numpy_dtype(lhs.dtype))
         if lhs.device.type == "cpu":
             # Cache-sized tiles, reused: ~3x faster than budget-sized blocks that spill out of cache.
             query_block = min(n_queries, _CPU_TILE_ROWS)

@@ -147,3 +147,37 @@ def test_importing_the_core_loads_neither_torch_nor_the_app_layer():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+#: The longest a library function's code may be (its docstring not counted): longer ones are split.
+MAX_FUNCTION_LINES = 80
+
+
+def _function_lengths(path: Path) -> list[tuple[str, int]]:
+    lengths = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            first = node.body[0]
+            has_docstring = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(
+                first.value.value, str
+            )
+            start = first.end_lineno + 1 if has_docstring and len(node.body) > 1 else first.lineno
+            lengths.append((node.name, node.end_lineno - start + 1))
+    return lengths
+
+
+def test_the_length_counter_skips_docstrings(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text('def f():\n    """Doc.\n\n    More.\n    """\n    a = 1\n    return a\n')
+    assert _function_lengths(path) == [("f", 2)]
+
+
+@pytest.mark.parametrize("package", ["anomstats", "anomstats_torch"])
+def test_library_functions_are_short(package):
+    long = [
+        f"{name}.{function} ({length} lines)"
+        for name, path in _sources(package).items()
+        for function, length in _function_lengths(path)
+        if length > MAX_FUNCTION_LINES
+    ]
+    assert not long, long
