@@ -20,6 +20,7 @@ from .moments import RunningMoments
 from . import bandwidth
 from .kde import GaussianKDE
 from .gaussian import MultiVariateGaussian
+from ._validation import NotFittedError
 
 __all__ = [
     "__version__",
@@ -30,4 +31,5 @@ __all__ = [
     "bandwidth",
     "GaussianKDE",
     "MultiVariateGaussian",
+    "NotFittedError",
 ]

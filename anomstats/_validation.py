@@ -348,7 +348,22 @@ def check_bool(value: Any, name: str) -> bool:
     raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
-def check_positive_int(value: Any, name: str, *, unit: str = "") -> int:
+def _positive_integer(value: Any, name: str, expected: str, expected_type: str | None = None) -> int:
+    """``value`` as a positive ``int`` (any integer type, not bool): ``TypeError`` for another type,
+    ``ValueError`` below 1, both saying ``name must be <expected>``."""
+    type_text = expected_type or expected
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be {type_text}, got {value!r}")
+    try:
+        count = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be {type_text}, got {value!r}") from None
+    if count < 1:
+        raise ValueError(f"{name} must be {expected}, got {count}")
+    return count
+
+
+def check_positive_int(value: Any, name: str) -> int:
     """Return ``value`` as a positive ``int`` (Python or NumPy integers; not bool), or raise naming it.
 
     Examples
@@ -360,16 +375,7 @@ def check_positive_int(value: Any, name: str, *, unit: str = "") -> int:
     ...
     ValueError: fold_every must be a positive integer, got 0
     """
-    kind = f"a positive integer{unit}"
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be {kind}, got {value!r}")
-    try:
-        count = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be {kind}, got {value!r}") from None
-    if count < 1:
-        raise ValueError(f"{name} must be {kind}, got {count}")
-    return count
+    return _positive_integer(value, name, "a positive integer")
 
 
 def check_memory_budget(memory_budget: Any, name: str = "memory_budget") -> int:
@@ -384,15 +390,7 @@ def check_memory_budget(memory_budget: Any, name: str = "memory_budget") -> int:
     ...
     ValueError: memory_budget must be a positive number of bytes, got 0
     """
-    if isinstance(memory_budget, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an integer number of bytes, got {memory_budget!r}")
-    try:
-        budget = operator.index(memory_budget)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer number of bytes, got {memory_budget!r}") from None
-    if budget <= 0:
-        raise ValueError(f"{name} must be a positive number of bytes, got {budget}")
-    return budget
+    return _positive_integer(memory_budget, name, "a positive number of bytes", "an integer number of bytes")
 
 
 def check_workers(workers: Any) -> int | None:
@@ -407,17 +405,7 @@ def check_workers(workers: Any) -> int | None:
     ...
     ValueError: workers must be a positive integer or None, got 0
     """
-    if workers is None:
-        return None
-    if isinstance(workers, (bool, np.bool_)):
-        raise TypeError(f"workers must be a positive integer or None, got {workers!r}")
-    try:
-        count = operator.index(workers)
-    except TypeError:
-        raise TypeError(f"workers must be a positive integer or None, got {workers!r}") from None
-    if count < 1:
-        raise ValueError(f"workers must be a positive integer or None, got {count}")
-    return count
+    return None if workers is None else _positive_integer(workers, "workers", "a positive integer or None")
 
 
 def check_ddof(ddof: Any, *, numpy_exact: bool = False) -> Any:

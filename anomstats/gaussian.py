@@ -2,8 +2,8 @@
 
 :class:`MultiVariateGaussian` fits one C-dimensional Gaussian per spatial position ("patch") of an
 embedding ``(N, C, *spatial)`` and scores new embeddings by Mahalanobis distance or log-density.
-The shape checks it uses are module-level functions working on plain shapes (:func:`check_fit_shape`,
-:func:`check_score_shape`, ...), so the PyTorch adapter raises the very same messages.
+The shape checks it uses live in :mod:`anomstats._validation` and work on plain shapes, so the PyTorch
+adapter raises the very same messages.
 """
 
 from __future__ import annotations
@@ -43,19 +43,7 @@ from ._validation import (
 )
 from ._patch_moments import DensePatchMoments, PatchMoments
 
-__all__ = [
-    "DEFAULT_RIDGE",
-    "DEFAULT_MEMORY_BUDGET",
-    "SHRINKAGE_METHODS",
-    "MultiVariateGaussian",
-    "NotFittedError",
-    "check_fit_shape",
-    "check_score_shape",
-    "check_ridge",
-    "check_shrinkage",
-    "check_dtype",
-    "describe_patch",
-]
+__all__ = ["DEFAULT_RIDGE", "DEFAULT_MEMORY_BUDGET", "SHRINKAGE_METHODS", "MultiVariateGaussian", "NotFittedError"]
 
 
 def _as_real_array(data: ArrayLike, name: str) -> NDArray:

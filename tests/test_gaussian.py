@@ -18,13 +18,8 @@ from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 from scipy.stats import multivariate_normal
 
 from anomstats import MultiVariateGaussian
-from anomstats.gaussian import (
-    DEFAULT_RIDGE,
-    NotFittedError,
-    check_fit_shape,
-    check_score_shape,
-    describe_patch,
-)
+from anomstats._validation import check_fit_shape, check_score_shape, describe_patch
+from anomstats.gaussian import DEFAULT_RIDGE, NotFittedError
 
 SPATIAL_SHAPES = [(), (3,), (2, 3)]
 
