@@ -96,14 +96,14 @@ class WhitenedCentres:
             plain[: self.d] = self.scaled.T
             plain[self.d] = 1.0
             plain[self.d + 1] = -half_sq
-            self.plain_t = plain
+            self.plain_rhs = plain
             # [u_x, log w - |u_x|^2] . [2 u_p, 1] = log w - r2 / 2 + |u_p|^2 (row constant added back later).
             shifted = np.empty((self.d + 1, self.n), dtype=self.dtype)
             shifted[: self.d] = self.scaled.T
             shifted[self.d] = self.log_weights - half_sq
-            self.shifted_t = shifted
+            self.shifted_rhs = shifted
         else:
-            self.scaled_t = np.ascontiguousarray(self.scaled.T)
+            self.scaled_by_dim = np.ascontiguousarray(self.scaled.T)
 
 
 def _block_shape(n: int, m: int, itemsize: int, workers: int, memory_budget: int,
@@ -217,7 +217,7 @@ class _Buffers:
 def _direct_half_sq(centres: WhitenedCentres, points: np.ndarray, start: int, stop: int,
                     out: np.ndarray, scratch: np.ndarray) -> None:
     """``out[j, i] = |u_p_j - u_x_i|^2`` (i.e. r2 / 2) for centres ``start:stop``, by direct differences."""
-    coords = centres.scaled_t
+    coords = centres.scaled_by_dim
     np.subtract(points[:, 0:1], coords[0, start:stop], out=out)
     np.square(out, out=out)
     for k in range(1, centres.d):
@@ -245,7 +245,7 @@ def _plain_sums(centres: WhitenedCentres, points: np.ndarray, cols: int, buffers
         stop = min(start + cols, n)
         block, scratch = buffers.views(rows, stop - start)
         if centres.use_products:
-            np.matmul(augmented, centres.plain_t[:, start:stop], out=block)
+            np.matmul(augmented, centres.plain_rhs[:, start:stop], out=block)
         else:
             _direct_half_sq(centres, points, start, stop, block, scratch)
             np.negative(block, out=block)
@@ -270,7 +270,7 @@ def _shifted_log_sums(centres: WhitenedCentres, points: np.ndarray, cols: int, b
         stop = min(start + cols, n)
         block, scratch = buffers.views(rows, stop - start)
         if centres.use_products:
-            np.matmul(augmented, centres.shifted_t[:, start:stop], out=block)
+            np.matmul(augmented, centres.shifted_rhs[:, start:stop], out=block)
         else:
             _direct_half_sq(centres, points, start, stop, block, scratch)
             np.subtract(centres.log_weights[start:stop], block, out=block)

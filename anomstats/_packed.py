@@ -203,14 +203,14 @@ class PackedGaussianAccumulator:
         n_b = x.shape[0]
         if n_b == 0:
             return self
-        x3 = x.reshape(n_b, c, p)
-        finite = np.isfinite(x3).all(axis=(0, 1))
+        flat_embedding = x.reshape(n_b, c, p)
+        finite = np.isfinite(flat_embedding).all(axis=(0, 1))
         require_finite(bool(finite.all()), "batch", where=f" (first at patch {int(np.argmin(finite))})")
         # Private copies (the caller may reuse its buffer), in the input's own float dtype, a fold's
         # worth at a time: the buffer never holds more than fold_every + one slice of observations.
         for start in range(0, n_b, self.fold_every):
-            piece = x3[start : start + self.fold_every]
-            self._pending.append(np.array(piece, dtype=np.result_type(x3.dtype, np.float32)))
+            piece = flat_embedding[start : start + self.fold_every]
+            self._pending.append(np.array(piece, dtype=np.result_type(flat_embedding.dtype, np.float32)))
             self._pending_n += len(piece)
             if self._pending_n >= self.fold_every:
                 self._fold()

@@ -135,7 +135,7 @@ class PatchFinisher:
         self.t = np.zeros((c, c), dtype=dtype)  # strict upper triangle stays zero (see module notes)
         self.kernels = ScratchKernels(self.t)  # potrf/potri/syrk on t, GIL released during each call
 
-    def finish(self, patch: int, fourth: float | None = None) -> None:
+    def finish(self, patch: int, sum_fourth_powers: float | None = None) -> None:
         """Regularise, factor and invert patch ``patch`` whose covariance's lower triangle is in ``t``.
 
         Everything happens in ``t`` (cache-resident); each output stack is written exactly once.
@@ -154,7 +154,7 @@ class PatchFinisher:
             if est.shrinkage == "oas":
                 coef = float(oas_coefficient(trace, frobenius_sq, est.n_samples, c))
             else:
-                coef = float(ledoit_wolf_coefficient(trace, frobenius_sq, fourth, est.n_samples, c))
+                coef = float(ledoit_wolf_coefficient(trace, frobenius_sq, sum_fourth_powers, est.n_samples, c))
             shrink_in_place(t, coef)  # scaling keeps the upper triangle at zero
             out.shrinkage[patch] = coef
         diagonal += est.ridge
@@ -227,7 +227,7 @@ def _first_bad_patch(values: NDArray[np.floating]) -> int:
 
 
 def fit_chunk(
-    x3: NDArray,
+    flat_embedding: NDArray,
     start: int,
     stop: int,
     mean_out: NDArray[np.floating],
@@ -237,10 +237,10 @@ def fit_chunk(
     scratch: ThreadScratch,
 ) -> None:
     """One-shot fit of patches ``start:stop`` of an ``(N, C, P)`` embedding into the output stacks."""
-    n, c = x3.shape[0], x3.shape[1]
+    n, c = flat_embedding.shape[0], flat_embedding.shape[1]
     # The one work buffer: this chunk's patches as (patch, observation, feature) in the working dtype.
     work = scratch.array((stop - start, n, c), dtype)
-    gather(x3.transpose(2, 0, 1)[start:stop], work)  # (patches, N, C): the library's one gather
+    gather(flat_embedding.transpose(2, 0, 1)[start:stop], work)  # (patches, N, C): the library's one gather
     chunk_mean = work.mean(axis=1)
     # Any NaN or infinity in a patch's data makes that patch's mean non-finite: a cheap full check.
     if not np.isfinite(chunk_mean).all():
@@ -252,16 +252,16 @@ def fit_chunk(
         raise ValueError(f"the mean of {where} overflowed; rescale the embedding before fitting")
     mean_out[:, start:stop] = chunk_mean.T
     work -= chunk_mean[:, None, :]
-    fourth = None
+    sum_fourth_powers = None
     if settings.shrinkage == "ledoit-wolf":
         row_sq = np.einsum("pnc,pnc->pn", work, work)
-        fourth = np.einsum("pn,pn->p", row_sq, row_sq, dtype=np.float64)
+        sum_fourth_powers = np.einsum("pn,pn->p", row_sq, row_sq, dtype=np.float64)
 
     finisher = scratch.finisher(outputs, settings, c, dtype)
     alpha = 1.0 / (n - settings.ddof)
     for k in range(stop - start):
         finisher.kernels.syrk(alpha, work[k])  # the GIL is released inside, so worker threads overlap
-        finisher.finish(start + k, None if fourth is None else float(fourth[k]))
+        finisher.finish(start + k, None if sum_fourth_powers is None else float(sum_fourth_powers[k]))
 
 
 def finish_chunk(
@@ -270,7 +270,7 @@ def finish_chunk(
     offset: int,
     start: int,
     stop: int,
-    fourth: NDArray[np.float64] | None,
+    sum_fourth_powers: NDArray[np.float64] | None,
     outputs: PatchOutputs,
     settings: PatchFitSettings,
     dtype: np.dtype,
@@ -286,11 +286,11 @@ def finish_chunk(
     lower = np.tril(np.ones((c, c), dtype=bool))
     for p in range(start, stop):
         np.multiply(centred_sums[p, offset:, offset:], scale, out=finisher.t, where=lower, casting="unsafe")
-        finisher.finish(p, None if fourth is None else float(fourth[p]))
+        finisher.finish(p, None if sum_fourth_powers is None else float(sum_fourth_powers[p]))
 
 
 def score_chunk(
-    x3: NDArray,
+    flat_embedding: NDArray,
     start: int,
     stop: int,
     mean: NDArray[np.floating],
@@ -300,9 +300,9 @@ def score_chunk(
     scratch: ThreadScratch,
 ) -> None:
     """Squared Mahalanobis distances of ``(M, C, P)`` embeddings for patches ``start:stop`` into ``out``."""
-    m, c = x3.shape[0], x3.shape[1]
+    m, c = flat_embedding.shape[0], flat_embedding.shape[1]
     delta = scratch.array((stop - start, m, c), dtype)
-    gather(x3.transpose(2, 0, 1)[start:stop], delta)
+    gather(flat_embedding.transpose(2, 0, 1)[start:stop], delta)
     delta -= mean[:, start:stop].T[:, None, :]
     # The precision is symmetric, so delta @ precision holds (precision @ delta_m) in each row m.
     projected = np.matmul(delta, precision[start:stop])

@@ -122,14 +122,14 @@ class DensePatchMoments:
         offset = 1 if self.augmented else 0
         sums = self.moments.centred_sums
         n_patches, c = sums.shape[0], sums.shape[-1] - offset
-        fourth = self._sum_fourth_powers() if self.augmented else None
+        sum_fourth_powers = self._sum_fourth_powers() if self.augmented else None
         mean = np.ascontiguousarray(self.mean.T, dtype=dtype)
         outputs = PatchOutputs.allocate(n_patches, c, dtype, keep_covariance=settings.keep_covariance)
         scale = 1.0 / (self.count - settings.ddof)
         chunks = plan_patch_chunks(n_patches, 3 * c * c * dtype.itemsize, memory_budget, workers)
         scratch = ThreadScratch()
         run_chunks(
-            lambda ch: finish_chunk(sums, scale, offset, *ch, fourth, outputs, settings, dtype, scratch),
+            lambda ch: finish_chunk(sums, scale, offset, *ch, sum_fourth_powers, outputs, settings, dtype, scratch),
             chunks,
             workers,
         )

@@ -402,14 +402,14 @@ class MultiVariateGaussian:
         n_patches = math.prod(spatial)
         if self.low_memory:
             return self._fit_low_memory(x.reshape(n, c, n_patches), spatial)
-        x3 = x.reshape(n, c, n_patches)
+        flat_embedding = x.reshape(n, c, n_patches)
         settings = self._settings(n, spatial)
         mean = np.empty((c, n_patches), dtype=self.dtype)
         outputs = PatchOutputs.allocate(n_patches, c, self.dtype, keep_covariance=settings.keep_covariance)
         bytes_per_patch = n * c * self.dtype.itemsize
         chunks = plan_patch_chunks(n_patches, bytes_per_patch, self.memory_budget, self.workers, FIT_CHUNK_PATCHES)
         scratch = ThreadScratch()
-        run_chunks(lambda ch: fit_chunk(x3, *ch, mean, outputs, settings, self.dtype, scratch), chunks, self.workers)
+        run_chunks(lambda ch: fit_chunk(flat_embedding, *ch, mean, outputs, settings, self.dtype, scratch), chunks, self.workers)
         self._reset()
         self.n_features, self.spatial_shape = c, spatial
         self._mean, self._outputs, self._n_seen = mean, outputs, n
@@ -437,11 +437,11 @@ class MultiVariateGaussian:
                 )
             if c != self.n_features or spatial != self.spatial_shape:
                 check_score_shape(x.shape, self.n_features, self.spatial_shape, name="batch")
-        x3 = _finite_patches(x, n, c, spatial, "batch")
+        flat_embedding = _finite_patches(x, n, c, spatial, "batch")
         if self._moments is None:
-            self._moments = self._new_moments(c, x3.shape[2])
+            self._moments = self._new_moments(c, flat_embedding.shape[2])
             self.n_features, self.spatial_shape = c, spatial
-        self._moments.update(x3)
+        self._moments.update(flat_embedding)
         self._stale = True
         return self
 
@@ -497,11 +497,11 @@ class MultiVariateGaussian:
         keep = self.store_covariance and not self.low_memory
         return PatchFitSettings(self.ridge, self.shrinkage, n_samples, spatial, keep_covariance=keep)
 
-    def _fit_low_memory(self, x3: NDArray, spatial: tuple[int, ...]) -> MultiVariateGaussian:
-        """:meth:`fit` with ``low_memory=True``: stream ``x3`` ``(N, C, P)`` through the packed accumulator."""
-        n, c, _ = x3.shape
-        x3 = _finite_patches(x3, n, c, spatial, "embedding")  # first, so a rejected fit changes nothing
-        moments = self._new_moments(c, math.prod(spatial)).update(x3)
+    def _fit_low_memory(self, flat_embedding: NDArray, spatial: tuple[int, ...]) -> MultiVariateGaussian:
+        """:meth:`fit` with ``low_memory=True``: stream ``flat_embedding`` ``(N, C, P)`` through the packed accumulator."""
+        n, c, _ = flat_embedding.shape
+        flat_embedding = _finite_patches(flat_embedding, n, c, spatial, "embedding")  # first, so a rejected fit changes nothing
+        moments = self._new_moments(c, math.prod(spatial)).update(flat_embedding)
         mean, outputs = moments.finalise_patches(self._settings(n, spatial), self.dtype, self.memory_budget, self.workers)
         self._reset()
         self.n_features, self.spatial_shape = c, spatial
@@ -537,13 +537,13 @@ class MultiVariateGaussian:
         array = _as_real_array(x, "x")
         m = check_score_shape(array.shape, self.n_features, self.spatial_shape)
         n_patches = math.prod(self.spatial_shape)
-        x3 = array.reshape(m, self.n_features, n_patches)
+        flat_embedding = array.reshape(m, self.n_features, n_patches)
         out = np.empty((m, n_patches), dtype=self.dtype)
         bytes_per_patch = 2 * m * self.n_features * self.dtype.itemsize
         chunks = plan_patch_chunks(n_patches, bytes_per_patch, self.memory_budget, self.workers)
         mean, scratch = self._mean, ThreadScratch()
         run_chunks(
-            lambda ch: score_chunk(x3, *ch, mean, outputs.precision, out, self.dtype, scratch), chunks, self.workers
+            lambda ch: score_chunk(flat_embedding, *ch, mean, outputs.precision, out, self.dtype, scratch), chunks, self.workers
         )
         if not np.isfinite(out).all():
             sample, patch = (int(i) for i in np.argwhere(~np.isfinite(out))[0])
@@ -601,8 +601,8 @@ class MultiVariateGaussian:
 
 def _finite_patches(x: NDArray, n: int, c: int, spatial: tuple[int, ...], name: str) -> NDArray:
     """``x`` as ``(n, C, P)``, after checking that it holds only finite values (naming the first bad patch)."""
-    x3 = x.reshape(n, c, math.prod(spatial))
-    finite = bool(np.isfinite(x3).all())
-    where = "" if finite else f" in {describe_patch(int(np.argmax(~np.isfinite(x3).all(axis=(0, 1)))), spatial)}"
+    flat_embedding = x.reshape(n, c, math.prod(spatial))
+    finite = bool(np.isfinite(flat_embedding).all())
+    where = "" if finite else f" in {describe_patch(int(np.argmax(~np.isfinite(flat_embedding).all(axis=(0, 1)))), spatial)}"
     require_finite(finite, name, where=where)
-    return x3
+    return flat_embedding
