@@ -54,7 +54,7 @@ from ._budget import DEFAULT_MEMORY_BUDGET, items_per_chunk
 from ._lapack import ScratchKernels
 from ._moment_kernels import gather
 from ._patch_kernels import PatchFinisher, PatchFitSettings, PatchOutputs
-from ._rules import DEFAULT_RIDGE, chan_merge_weights
+from ._rules import DEFAULT_RIDGE, chan_merge_weights, covariance_normalisation
 from ._validation import check_memory_budget, check_positive_int, check_ridge, require_finite, require_observations
 
 __all__ = ["PackedGaussianAccumulator", "packed_state_bytes"]
@@ -359,7 +359,7 @@ class PackedGaussianAccumulator:
         )
         settings = PatchFitSettings(ridge, None, self._count, spatial if spatial is not None else (p,))
         try:
-            self._finalise_patches(outputs, settings, 1.0 / (self._count - 1))
+            self._finalise_patches(outputs, settings, 1.0 / covariance_normalisation(self._count, None, 1))
         except (ValueError, np.linalg.LinAlgError) as error:
             if not in_place:
                 raise

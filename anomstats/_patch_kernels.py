@@ -29,6 +29,7 @@ from ._budget import plan_chunks
 from ._validation import describe_patch, require_finite
 from ._lapack import ScratchKernels
 from ._moment_kernels import gather
+from ._rules import covariance_normalisation
 from ._shrinkage import ledoit_wolf_coefficient, oas_coefficient, shrink_in_place
 
 @dataclass
@@ -258,7 +259,7 @@ def fit_chunk(
         sum_fourth_powers = np.einsum("pn,pn->p", row_sq, row_sq, dtype=np.float64)
 
     finisher = scratch.finisher(outputs, settings, c, dtype)
-    alpha = 1.0 / (n - settings.ddof)
+    alpha = 1.0 / covariance_normalisation(n, None, settings.ddof)
     for k in range(stop - start):
         finisher.kernels.syrk(alpha, work[k])  # the GIL is released inside, so worker threads overlap
         finisher.finish(start + k, None if sum_fourth_powers is None else float(sum_fourth_powers[k]))

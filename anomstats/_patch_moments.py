@@ -19,6 +19,7 @@ from numpy.typing import NDArray
 
 from ._parallel import run_chunks
 from ._patch_kernels import PatchFitSettings, PatchOutputs, ThreadScratch, finish_chunk, plan_patch_chunks
+from ._rules import covariance_normalisation
 from .moments import RunningMoments
 
 __all__ = ["PatchMoments", "DensePatchMoments"]
@@ -125,7 +126,7 @@ class DensePatchMoments:
         sum_fourth_powers = self._sum_fourth_powers() if self.augmented else None
         mean = np.ascontiguousarray(self.mean.T, dtype=dtype)
         outputs = PatchOutputs.allocate(n_patches, c, dtype, keep_covariance=settings.keep_covariance)
-        scale = 1.0 / (self.count - settings.ddof)
+        scale = 1.0 / covariance_normalisation(self.count, None, settings.ddof)
         chunks = plan_patch_chunks(n_patches, 3 * c * c * dtype.itemsize, memory_budget, workers)
         scratch = ThreadScratch()
         run_chunks(

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from anomstats._validation import NotFittedError
+
 
 def _is_distributed() -> bool:
     dist = getattr(torch, "distributed", None)
@@ -37,7 +39,7 @@ def global_moments(
     """
     if not _is_distributed():
         if mean is None or m2 is None:
-            raise ValueError("no data: call update(embedding) before compute()")
+            raise NotFittedError("no data: call update(embedding) before compute()")
         return count, mean, m2, wide_input
 
     import torch.distributed as dist
@@ -53,7 +55,7 @@ def global_moments(
     wide_input = bool(shape[4].item())
     c_max, p_max, c_min, p_min = shape[0].item(), shape[1].item(), -shape[2].item(), -shape[3].item()
     if c_max < 0:
-        raise ValueError("no rank has data: call update(embedding) before compute()")
+        raise NotFittedError("no rank has data: call update(embedding) before compute()")
     if (c_max, p_max) != (c_min, p_min):
         raise ValueError(
             f"ranks streamed embeddings of different shapes (C from {c_min} to {c_max}, H*W from {p_min} to "
