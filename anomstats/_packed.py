@@ -55,7 +55,7 @@ from ._lapack import ScratchKernels
 from ._moment_kernels import gather
 from ._patch_kernels import PatchFinisher, PatchFitSettings, PatchOutputs
 from ._rules import DEFAULT_RIDGE, chan_merge_weights, covariance_normalisation
-from ._validation import check_memory_budget, check_positive_int, check_ridge, require_finite, require_observations
+from ._validation import check_dtype, check_memory_budget, check_positive_int, check_ridge, require_finite, require_observations
 
 __all__ = ["PackedGaussianAccumulator", "packed_state_bytes"]
 
@@ -130,9 +130,7 @@ class PackedGaussianAccumulator:
     ) -> None:
         self.n_features = check_positive_int(n_features, "n_features")
         self.n_patches = check_positive_int(n_patches, "n_patches")
-        acc = np.dtype(dtype)
-        if acc not in (np.dtype(np.float64), np.dtype(np.float32)):
-            raise TypeError(f"dtype must be numpy.float64 or numpy.float32, got {acc}")
+        acc = check_dtype(dtype)
         self.dtype = acc
         self.memory_budget = check_memory_budget(memory_budget)
         self.fold_every = check_positive_int(fold_every, "fold_every")
@@ -335,9 +333,7 @@ class PackedGaussianAccumulator:
             A regularised covariance is not positive definite (names the patch).
         """
         self._check_alive()
-        out = np.dtype(out_dtype)
-        if out not in (np.dtype(np.float64), np.dtype(np.float32)):
-            raise TypeError(f"out_dtype must be numpy.float32 or numpy.float64, got {out}")
+        out = check_dtype(out_dtype, "out_dtype")
         ridge = check_ridge(ridge)
         self._fold()
         require_observations(self._count, name="this accumulator", where="; update with more embeddings before finalise")

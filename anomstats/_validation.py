@@ -24,6 +24,7 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 __all__ = [
+    "DTypeError",
     "D_GREATER_THAN_N",
     "NotFittedError",
     "SINGULAR_DATA",
@@ -74,6 +75,10 @@ class NotFittedError(RuntimeError, ValueError, AttributeError):
     moments and the torch modules raised before), a :class:`ValueError` and an :class:`AttributeError`
     (what scikit-learn's ``NotFittedError`` is), so existing ``except`` clauses keep working.
     """
+
+
+class DTypeError(TypeError, ValueError):
+    """An unsupported dtype: a ``TypeError``, as numpy raises for dtype faults, and a ``ValueError``."""
 
 
 #: Accepted values of ``shrinkage`` (``None`` means the plain unbiased covariance).
@@ -272,8 +277,11 @@ def check_shrinkage(shrinkage: str | None) -> str | None:
     raise ValueError(f"shrinkage must be None, 'ledoit-wolf' or 'oas', got {shrinkage!r}")
 
 
-def check_dtype(dtype: object) -> np.dtype:
-    """Validate the working dtype of the fit: float64 or float32.
+def check_dtype(dtype: object, name: str = "dtype") -> np.dtype:
+    """Validate a working or storage dtype that must be float64 or float32 (one check, one message).
+
+    Raises :class:`DTypeError`, both a ``TypeError`` (numpy's type for dtype faults) and a ``ValueError``
+    (what the per-patch Gaussian raised before).
 
     Examples
     --------
@@ -282,14 +290,14 @@ def check_dtype(dtype: object) -> np.dtype:
     >>> check_dtype(np.float16)
     Traceback (most recent call last):
     ...
-    ValueError: dtype must be float64 or float32, got float16
+    anomstats._validation.DTypeError: dtype must be float64 or float32, got float16
     """
     try:
         resolved = np.dtype(dtype)
     except TypeError as err:
-        raise ValueError(f"dtype must be float64 or float32, got {dtype!r}") from err
+        raise DTypeError(f"{name} must be float64 or float32, got {dtype!r}") from err
     if resolved not in (np.dtype(np.float64), np.dtype(np.float32)):
-        raise ValueError(f"dtype must be float64 or float32, got {resolved}")
+        raise DTypeError(f"{name} must be float64 or float32, got {resolved}")
     return resolved
 
 
@@ -453,12 +461,12 @@ def accumulation_dtype(x_dtype: np.dtype[Any], dtype: DTypeLike | None) -> np.dt
     """
     x_dtype = np.dtype(x_dtype)
     if x_dtype.kind not in "biufc":
-        raise TypeError(f"x must hold numbers (bool, integer, floating or complex), got dtype {x_dtype}")
+        raise DTypeError(f"x must hold numbers (bool, integer, floating or complex), got dtype {x_dtype}")
     if dtype is None:
         return np.result_type(x_dtype, np.float64)
     result = check_accumulation_dtype(dtype)
     if x_dtype.kind == "c" and result.kind != "c":
-        raise TypeError(
+        raise DTypeError(
             f"dtype={result} would discard the imaginary part of complex x ({x_dtype}); "
             "pass a complex dtype or leave dtype=None"
         )
@@ -475,9 +483,9 @@ def check_accumulation_dtype(dtype: DTypeLike) -> np.dtype[Any]:
     >>> check_accumulation_dtype(int)
     Traceback (most recent call last):
     ...
-    TypeError: dtype must be a floating or complex dtype, got int64
+    anomstats._validation.DTypeError: dtype must be a floating or complex dtype, got int64
     """
     result = np.dtype(dtype)
     if result.kind not in "fc":
-        raise TypeError(f"dtype must be a floating or complex dtype, got {result}")
+        raise DTypeError(f"dtype must be a floating or complex dtype, got {result}")
     return result

@@ -30,6 +30,7 @@ from ._patch_kernels import (
 from ._rules import DEFAULT_RIDGE, gaussian_log_normaliser
 from ._validation import (
     SHRINKAGE_METHODS,
+    DTypeError,
     NotFittedError,
     check_dtype,
     check_fit_shape,
@@ -49,7 +50,7 @@ __all__ = ["DEFAULT_RIDGE", "DEFAULT_MEMORY_BUDGET", "SHRINKAGE_METHODS", "Multi
 def _as_real_array(data: ArrayLike, name: str) -> NDArray:
     array = np.asarray(data)
     if array.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must hold real numbers (bool, integer or floating), got dtype {array.dtype}")
+        raise DTypeError(f"{name} must hold real numbers (bool, integer or floating), got dtype {array.dtype}")
     return array
 
 

@@ -14,8 +14,10 @@ from torch import Tensor
 
 from anomstats._rules import DEFAULT_RIDGE, chan_merge_weights, covariance_normalisation, degrees_of_freedom
 from anomstats._validation import (
+    DTypeError,
     NotFittedError,
     check_ddof,
+    check_dtype,
     check_fit_shape,
     check_memory_budget,
     check_patch_score_shape,
@@ -177,8 +179,9 @@ class MultiVariateGaussian(DynamicBufferModule):
                 "give both n_features and n_patches (anomalib 0.x form) or neither (anomalib >= 1.0 form), "
                 f"got n_features={n_features!r}, n_patches={n_patches!r}"
             )
-        if accumulate_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"accumulate_dtype must be torch.float32 or torch.float64, got {accumulate_dtype!r}")
+        if accumulate_dtype not in (torch.float32, torch.float64):  # the core's check and message
+            check_dtype(str(accumulate_dtype).removeprefix("torch."), "accumulate_dtype")
+            raise DTypeError(f"accumulate_dtype must be torch.float32 or torch.float64, got {accumulate_dtype!r}")
         self.ridge = check_ridge(ridge)
         self.chunk_bytes = check_memory_budget(chunk_bytes, "chunk_bytes")
         self.accumulate_dtype = accumulate_dtype

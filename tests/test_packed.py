@@ -145,7 +145,7 @@ def test_errors_name_the_problem() -> None:
         acc.merge(object())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="n_features must be a positive integer"):
         PackedGaussianAccumulator(0, 3)
-    with pytest.raises(TypeError, match="dtype must be numpy.float64 or numpy.float32"):
+    with pytest.raises(TypeError, match="dtype must be float64 or float32"):  # one message (issue 10)
         PackedGaussianAccumulator(3, 3, dtype=np.int64)
 
 
