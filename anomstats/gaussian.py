@@ -60,12 +60,12 @@ class MultiVariateGaussian:
     Parameters
     ----------
     ridge : float, default ``DEFAULT_RIDGE`` (= 0.01 + 1e-5)
-        Added to every covariance diagonal, after the settings (and after shrinkage, when there is
+        Added to every covariance diagonal, after the estimator (and after shrinkage, when there is
         one). The default is anomalib 2.x's effective regularisation (0.01·I, then 1e-5·I more). It is
         added on top of the shrinkage estimators too: pass ``ridge=0`` to get exactly scikit-learn's
         ``LedoitWolf`` / ``OAS`` covariances.
     shrinkage : {None, "ledoit-wolf", "oas"}, default None
-        ``None``: the unbiased sample covariance (divide by N - 1), anomalib's settings.
+        ``None``: the unbiased sample covariance (divide by N - 1), anomalib's estimator.
         ``"ledoit-wolf"`` / ``"oas"``: scikit-learn's shrinkage estimators, patch by patch. Like
         scikit-learn, these start from the *biased* maximum-likelihood covariance (divide by N) and shrink
         it towards ``trace / C · I``; the fitted coefficients are in :attr:`shrinkage_`.
@@ -86,7 +86,7 @@ class MultiVariateGaussian:
         Stream with the memory-lean accumulator (see *Low-memory streaming* below): only the packed
         upper triangle of each patch's second moments is kept, in float64, and the fit keeps only the
         mean, precision and log-determinants (``store_covariance`` is ignored: :attr:`covariance` and
-        :attr:`cholesky` are not available). Supports the default settings only (``shrinkage=None``).
+        :attr:`cholesky` are not available). Supports the default estimator only (``shrinkage=None``).
         The first use of a fitted quantity *consumes* the streamed moments: no :meth:`partial_fit` or
         :meth:`merge` after it.
 
@@ -221,7 +221,7 @@ class MultiVariateGaussian:
         self.low_memory = bool(low_memory)
         if self.low_memory and self.shrinkage is not None:
             raise ValueError(
-                f"low_memory=True supports only the default settings (shrinkage=None), got "
+                f"low_memory=True supports only the default estimator (shrinkage=None), got "
                 f"shrinkage={self.shrinkage!r}; use low_memory=False for shrinkage"
             )
         self.memory_budget = check_memory_budget(memory_budget)
