@@ -24,7 +24,6 @@ Examples
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Union
 
 import numpy as np

@@ -6,73 +6,17 @@ import sys
 
 import numpy as np
 import pytest
-import scipy.stats
 from hypothesis import given
 from hypothesis import strategies as st
 
-import anomstats
 from anomstats.cli import _optional, demo, main
 from anomstats.cli.demo import DemoError, auroc, neighbourhood_features, paste_defect, run_demo
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-# ---- stand-ins while the core components are placeholders -------------------------------------------
-
-
-class _ScipyKDE:
-    """scipy's KDE behind the core's interface (used only if anomstats.GaussianKDE is a placeholder)."""
-
-    def __init__(self, dataset, bw_method=None, weights=None):
-        self._kde = scipy.stats.gaussian_kde(dataset, bw_method, weights)
-
-    def logpdf(self, points):
-        return self._kde.logpdf(points)
-
-
-class _LoopMVG:
-    """numpy.cov + ridge + inverse per patch (used only if anomstats.MultiVariateGaussian is a placeholder)."""
-
-    def fit(self, emb):
-        n, c = emb.shape[:2]
-        self._spatial = emb.shape[2:]
-        patches = emb.reshape(n, c, -1)
-        self.mean = patches.mean(axis=0)
-        covs = [np.cov(patches[:, :, p], rowvar=False) + 0.01001 * np.eye(c) for p in range(patches.shape[2])]
-        self.precision = np.linalg.inv(np.stack(covs))
-        return self
-
-    def mahalanobis(self, x):
-        delta = x.reshape(x.shape[0], x.shape[1], -1) - self.mean
-        d2 = np.einsum("mip,pij,mjp->mp", delta, self.precision, delta)
-        return np.sqrt(np.clip(d2, 0, None)).reshape(x.shape[0], *self._spatial)
-
-
-def _is_placeholder(make) -> bool:
-    try:
-        make()
-    except NotImplementedError:
-        return True
-    return False
-
-
-@pytest.fixture
-def core(monkeypatch):
-    """The real core components when they have landed, faithful stand-ins otherwise."""
-    if _is_placeholder(lambda: anomstats.GaussianKDE(np.ones((1, 5)) + np.arange(5))):
-        monkeypatch.setattr(anomstats, "GaussianKDE", _ScipyKDE)
-    if _is_placeholder(lambda: anomstats.MultiVariateGaussian()):
-        monkeypatch.setattr(anomstats, "MultiVariateGaussian", _LoopMVG)
-
-
 def _torch_adapter_ready() -> bool:
-    if _optional.torch_adapter_unavailable_reason() is not None:
-        return False
-    import anomstats_torch
-
-    return not _is_placeholder(lambda: anomstats_torch.GaussianKDE()) and not _is_placeholder(
-        lambda: anomstats_torch.MultiVariateGaussian()
-    )
+    return _optional.torch_adapter_unavailable_reason() is None
 
 
 # ---- AUROC -----------------------------------------------------------------------------------------
@@ -178,7 +122,7 @@ def test_missing_package_fails_loudly(monkeypatch, tmp_path, capsys, module, nam
 # ---- the demo itself -----------------------------------------------------------------------------------
 
 
-def test_quick_demo_numpy_backend(core, tmp_path, capsys):
+def test_quick_demo_numpy_backend(tmp_path, capsys):
     out = tmp_path / "sub" / "demo.png"
     result = run_demo(str(out), backend="numpy", quick=True)
     printed = capsys.readouterr().out
@@ -193,7 +137,7 @@ def test_quick_demo_numpy_backend(core, tmp_path, capsys):
     assert "DFKDE-style" in printed and "PaDiM-style" in printed and "pixel AUROC" in printed
 
 
-def test_demo_command_line_prints_the_figure_path(core, tmp_path, capsys):
+def test_demo_command_line_prints_the_figure_path(tmp_path, capsys):
     out = tmp_path / "cli.png"
     assert main(["demo", "--quick", "--backend", "numpy", "--out", str(out)]) == 0
     assert f"figure written to {out}" in capsys.readouterr().out
@@ -201,7 +145,7 @@ def test_demo_command_line_prints_the_figure_path(core, tmp_path, capsys):
 
 
 @pytest.mark.skipif(not _torch_adapter_ready(), reason="the torch adapter is not available")
-def test_quick_demo_torch_backend_agrees_with_numpy(core, tmp_path):
+def test_quick_demo_torch_backend_agrees_with_numpy(tmp_path):
     torch_run = run_demo(str(tmp_path / "t.png"), backend="torch", quick=True, verbose=False)
     numpy_run = run_demo(str(tmp_path / "n.png"), backend="numpy", quick=True, verbose=False)
     assert torch_run.backend == "torch"

@@ -41,14 +41,6 @@ def _numpy_distance(x, mean, precision):
     return np.sqrt(np.maximum(d2, 0)).reshape((b,) + x.shape[2:])
 
 
-def _core_ready() -> bool:
-    try:
-        anomstats.MultiVariateGaussian().fit(np.zeros((2, 1, 1)))
-    except NotImplementedError:
-        return False
-    return True
-
-
 # --------------------------------------------------------------------------- parity
 @given(b=st.integers(2, 30), c=st.integers(1, 6), p=st.integers(1, 5), offset=st.sampled_from([0.0, 50.0]), seed=st.integers(0, 999))
 def test_float64_fit_and_distances_equal_numpy(b, c, p, offset, seed):
@@ -67,7 +59,6 @@ def test_float64_fit_and_distances_equal_numpy(b, c, p, offset, seed):
     )
 
 
-@pytest.mark.skipif(not _core_ready(), reason="anomstats.MultiVariateGaussian not implemented yet")
 def test_parity_with_the_numpy_core():
     x = _embedding(60, 6, 4, 5, offset=3.0, seed=1)
     q = _embedding(7, 6, 4, 5, offset=3.0, seed=2)
