@@ -213,7 +213,9 @@ def reduce_observations(
     return _tree_reduce(parts, split_every)
 
 
-def lazy_covariance(template: Any, x: Any, obs_axis: int, var_axis: int, weights: Any, ddof: int, dtype: np.dtype) -> Any:
+def lazy_covariance(
+    template: Any, x: Any, obs_axis: int, var_axis: int, weights: Any, ddof: int, dtype: np.dtype
+) -> Any:
     """``template``'s covariance over all of ``x`` as a lazy, one-chunk dask array ``(*batch, C, C)``."""
     dask, da = _dask_modules()
     total = reduce_observations(template, x, obs_axis, weights)

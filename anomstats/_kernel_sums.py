@@ -22,7 +22,8 @@ How it is computed (in blocks whose temporaries stay within a memory budget, so 
 * Rows whose plain sum is tiny (far queries: hundreds of bandwidths away, or thousands of dimensions) are
   computed by a log-sum-exp with a per-query shift, so ``log S`` stays finite wherever the exact value is.
   Rows that are provably far (triangle inequality against the centres' radius) go there directly.
-* ``exp`` arguments are clamped at the dtype's floor (``log(tiny) + 1``, see :mod:`anomstats._rules`) when a block holds smaller ones: results that underflow make
+* ``exp`` arguments are clamped at the dtype's floor (``log(tiny) + 1``, see :mod:`anomstats._rules`) when a
+  block holds smaller ones: results that underflow make
   ``np.exp`` 10-80 times slower, and the clamped terms are negligible against the floor above.
 
 Query blocks are spread over a small thread pool (kept between calls: starting threads costs about as

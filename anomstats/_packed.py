@@ -336,7 +336,9 @@ class PackedGaussianAccumulator:
         out = check_dtype(out_dtype, "out_dtype")
         ridge = check_ridge(ridge)
         self._fold()
-        require_observations(self._count, name="this accumulator", where="; update with more embeddings before finalise")
+        require_observations(
+            self._count, name="this accumulator", where="; update with more embeddings before finalise"
+        )
         c, p = self.n_features, self.n_patches
         if in_place and not (self.dtype == np.float64 and out == np.float32):
             raise ValueError(

@@ -91,7 +91,9 @@ def plan_patch_chunks(
     >>> plan_patch_chunks(10, 1, 10**6, 2)
     [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
     """
-    plan = plan_chunks((n_patches,), bytes_per_patch, memory_budget, workers, max_items=max_patches, chunks_per_worker=4)
+    plan = plan_chunks(
+        (n_patches,), bytes_per_patch, memory_budget, workers, max_items=max_patches, chunks_per_worker=4
+    )
     return [(index[0].start, index[0].stop) for index, _ in plan]
 
 
@@ -113,7 +115,9 @@ class ThreadScratch:
             buffer = self._local.buffer = np.empty(size, dtype=dtype)
         return buffer[:size].reshape(shape)
 
-    def finisher(self, outputs: PatchOutputs, settings: PatchFitSettings, n_features: int, dtype: np.dtype) -> PatchFinisher:
+    def finisher(
+        self, outputs: PatchOutputs, settings: PatchFitSettings, n_features: int, dtype: np.dtype
+    ) -> PatchFinisher:
         """This thread's :class:`PatchFinisher` (created on first use)."""
         finisher = getattr(self._local, "finisher", None)
         if finisher is None:

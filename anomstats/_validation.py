@@ -320,7 +320,11 @@ def describe_patch(index: int, spatial: Sequence[int]) -> str:
 
 
 def require_finite(
-    all_finite: bool, name: str, *, where: str = "", remedy: str = "remove or replace the NaN or infinite values before fitting"
+    all_finite: bool,
+    name: str,
+    *,
+    where: str = "",
+    remedy: str = "remove or replace the NaN or infinite values before fitting",
 ) -> None:
     """Raise ``ValueError`` naming ``name`` when the caller found NaN or infinity in it.
 

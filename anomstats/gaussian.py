@@ -410,7 +410,11 @@ class MultiVariateGaussian:
         bytes_per_patch = n * c * self.dtype.itemsize
         chunks = plan_patch_chunks(n_patches, bytes_per_patch, self.memory_budget, self.workers, FIT_CHUNK_PATCHES)
         scratch = ThreadScratch()
-        run_chunks(lambda ch: fit_chunk(flat_embedding, *ch, mean, outputs, settings, self.dtype, scratch), chunks, self.workers)
+        run_chunks(
+            lambda ch: fit_chunk(flat_embedding, *ch, mean, outputs, settings, self.dtype, scratch),
+            chunks,
+            self.workers,
+        )
         self._reset()
         self.n_features, self.spatial_shape = c, spatial
         self._mean, self._outputs, self._n_seen = mean, outputs, n
@@ -499,11 +503,13 @@ class MultiVariateGaussian:
         return PatchFitSettings(self.ridge, self.shrinkage, n_samples, spatial, keep_covariance=keep)
 
     def _fit_low_memory(self, flat_embedding: NDArray, spatial: tuple[int, ...]) -> MultiVariateGaussian:
-        """:meth:`fit` with ``low_memory=True``: stream ``flat_embedding`` ``(N, C, P)`` through the packed accumulator."""
+        """:meth:`fit` with ``low_memory=True``: ``flat_embedding`` ``(N, C, P)`` through the packed accumulator."""
         n, c, _ = flat_embedding.shape
-        flat_embedding = _finite_patches(flat_embedding, n, c, spatial, "embedding")  # first, so a rejected fit changes nothing
+        # Checked first, so that a rejected fit changes nothing.
+        flat_embedding = _finite_patches(flat_embedding, n, c, spatial, "embedding")
         moments = self._new_moments(c, math.prod(spatial)).update(flat_embedding)
-        mean, outputs = moments.finalise_patches(self._settings(n, spatial), self.dtype, self.memory_budget, self.workers)
+        settings = self._settings(n, spatial)
+        mean, outputs = moments.finalise_patches(settings, self.dtype, self.memory_budget, self.workers)
         self._reset()
         self.n_features, self.spatial_shape = c, spatial
         self._mean, self._outputs, self._n_seen = mean, outputs, n
@@ -544,7 +550,9 @@ class MultiVariateGaussian:
         chunks = plan_patch_chunks(n_patches, bytes_per_patch, self.memory_budget, self.workers)
         mean, scratch = self._mean, ThreadScratch()
         run_chunks(
-            lambda ch: score_chunk(flat_embedding, *ch, mean, outputs.precision, out, self.dtype, scratch), chunks, self.workers
+            lambda ch: score_chunk(flat_embedding, *ch, mean, outputs.precision, out, self.dtype, scratch),
+            chunks,
+            self.workers,
         )
         if not np.isfinite(out).all():
             sample, patch = (int(i) for i in np.argwhere(~np.isfinite(out))[0])
