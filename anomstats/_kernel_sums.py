@@ -35,6 +35,8 @@ more than they bring and would oversubscribe the cores.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import numpy as np
 
 from ._budget import DEFAULT_MEMORY_BUDGET as _DEFAULT_BUDGET
@@ -230,36 +232,65 @@ def _direct_half_sq(centres: WhitenedCentres, points: np.ndarray, start: int, st
 def _plain_sums(centres: WhitenedCentres, points: np.ndarray, cols: int, buffers: _Buffers) -> np.ndarray:
     """``sum_i w_i exp(-r2 / 2)`` for a block of query rows, streaming over column blocks."""
     rows, d = points.shape
-    n = centres.n
     dtype = centres.dtype
     total = np.zeros(rows, dtype=dtype)
     # Every exponent is -r2/2 >= -(|u_p| + radius)^2: when that bound stays above the clamp, the check
     # for small exponents can be skipped.
     reach = (np.sqrt(np.einsum("ij,ij->i", points, points)) + centres.radius) ** 2
     check = bool(reach.max() > -exp_floor(dtype))
+    augmented = None
     if centres.use_products:
         augmented = np.empty((rows, d + 2), dtype=dtype)
         np.multiply(points, 2.0, out=augmented[:, :d])
         augmented[:, d] = -np.einsum("ij,ij->i", points, points)
         augmented[:, d + 1] = 1.0
-    for start in range(0, n, cols):
-        stop = min(start + cols, n)
-        block, scratch = buffers.views(rows, stop - start)
-        if centres.use_products:
-            np.matmul(augmented, centres.plain_rhs[:, start:stop], out=block)
-        else:
-            _direct_half_sq(centres, points, start, stop, block, scratch)
-            np.negative(block, out=block)
+    rhs = centres.plain_rhs if centres.use_products else None
+    for start, stop, block in _exponent_blocks(centres, points, cols, buffers, augmented, rhs, _negate):
         _clamped_exp(block, check=check)
         total += block @ centres.weights[start:stop]
     return total
 
 
+def _negate(centres: WhitenedCentres, block: np.ndarray, start: int, stop: int) -> None:
+    np.negative(block, out=block)  # -r2 / 2
+
+
+def _log_weight_minus(centres: WhitenedCentres, block: np.ndarray, start: int, stop: int) -> None:
+    np.subtract(centres.log_weights[start:stop], block, out=block)  # log w - r2 / 2
+
+
+def _exponent_blocks(
+    centres: WhitenedCentres,
+    points: np.ndarray,
+    cols: int,
+    buffers: _Buffers,
+    augmented: np.ndarray | None,
+    rhs: np.ndarray | None,
+    finish_direct: Callable[[WhitenedCentres, np.ndarray, int, int], None],
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yield ``(start, stop, block)`` over blocks of centres, ``block`` holding each pair's exponent.
+
+    On the product route one product of the augmented queries with ``rhs`` (columns ``start:stop``) gives
+    the exponent; on the direct route the halved squared distances are formed by differences and
+    ``finish_direct`` turns them into the same exponent. ``block`` is a per-worker buffer, reused.
+    """
+    rows = points.shape[0]
+    for start in range(0, centres.n, cols):
+        stop = min(start + cols, centres.n)
+        block, scratch = buffers.views(rows, stop - start)
+        if centres.use_products:
+            np.matmul(augmented, rhs[:, start:stop], out=block)
+        else:
+            _direct_half_sq(centres, points, start, stop, block, scratch)
+            finish_direct(centres, block, start, stop)
+        yield start, stop, block
+
+
 def _shifted_log_sums(centres: WhitenedCentres, points: np.ndarray, cols: int, buffers: _Buffers) -> np.ndarray:
     """``log sum_i w_i exp(-r2 / 2)`` by a log-sum-exp with a running per-query shift."""
     rows, d = points.shape
-    n = centres.n
     dtype = centres.dtype
+    augmented = None
     if centres.use_products:
         augmented = np.empty((rows, d + 1), dtype=dtype)
         np.multiply(points, 2.0, out=augmented[:, :d])
@@ -267,14 +298,9 @@ def _shifted_log_sums(centres: WhitenedCentres, points: np.ndarray, cols: int, b
     # Exponents e_ij = log w_i - r2_ij / 2 (+ |u_p|^2 on the product route, removed at the end).
     running_max = np.full(rows, -np.inf, dtype=dtype)
     running_sum = np.zeros(rows, dtype=dtype)
-    for start in range(0, n, cols):
-        stop = min(start + cols, n)
-        block, scratch = buffers.views(rows, stop - start)
-        if centres.use_products:
-            np.matmul(augmented, centres.shifted_rhs[:, start:stop], out=block)
-        else:
-            _direct_half_sq(centres, points, start, stop, block, scratch)
-            np.subtract(centres.log_weights[start:stop], block, out=block)
+    rhs = centres.shifted_rhs if centres.use_products else None
+    exponents = _exponent_blocks(centres, points, cols, buffers, augmented, rhs, _log_weight_minus)
+    for _, _, block in exponents:
         new_max = np.maximum(running_max, block.max(axis=1))
         block -= new_max[:, None]
         _clamped_exp(block)

@@ -295,20 +295,20 @@ class MultiVariateGaussian:
     @property
     def covariance(self) -> NDArray[np.floating]:
         """Regularised covariances, shape (P, C, C), exactly symmetric."""
-        self._check_kept("covariance")
-        outputs = self._fitted_outputs()
-        if outputs.covariance is None:
-            raise AttributeError("covariance was not kept: construct with store_covariance=True to keep it")
-        return outputs.covariance
+        return self._kept_output("covariance")
 
     @property
     def cholesky(self) -> NDArray[np.floating]:
         """Lower Cholesky factors of :attr:`covariance`, shape (P, C, C)."""
-        self._check_kept("cholesky")
-        outputs = self._fitted_outputs()
-        if outputs.cholesky is None:
-            raise AttributeError("cholesky was not kept: construct with store_covariance=True to keep it")
-        return outputs.cholesky
+        return self._kept_output("cholesky")
+
+    def _kept_output(self, name: str) -> NDArray[np.floating]:
+        """A fitted stack kept only with ``store_covariance=True`` (and ``low_memory=False``)."""
+        self._check_kept(name)
+        value = getattr(self._fitted_outputs(), name)
+        if value is None:
+            raise AttributeError(f"{name} was not kept: construct with store_covariance=True to keep it")
+        return value
 
     @property
     def n_samples_seen_(self) -> int:
