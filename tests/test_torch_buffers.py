@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from anomstats_torch import DynamicBufferMixin, DynamicBufferModule  # noqa: E402
-from benchmarks.anomalib_reference import AnomalibDynamicBuffers  # noqa: E402
+from tests.anomalib_oracle import AnomalibDynamicBuffers  # noqa: E402
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 

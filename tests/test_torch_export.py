@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from anomstats_torch import GaussianKDE, MultiVariateGaussian  # noqa: E402
-from benchmarks.anomalib_reference import AnomalibGaussianKDE  # noqa: E402
+from tests.anomalib_oracle import AnomalibGaussianKDE  # noqa: E402
 
 
 class PadimScore(torch.nn.Module):

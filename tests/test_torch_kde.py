@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 
 import anomstats  # noqa: E402
 from anomstats_torch import GaussianKDE  # noqa: E402
-from benchmarks.anomalib_reference import AnomalibGaussianKDE  # noqa: E402
+from tests.anomalib_oracle import AnomalibGaussianKDE  # noqa: E402
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 

@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from anomstats_torch import GaussianKDE, MultiVariateGaussian  # noqa: E402
-from benchmarks.anomalib_reference import (  # noqa: E402
+from tests.anomalib_oracle import (  # noqa: E402
     AnomalibGaussianKDE,
     AnomalibMultiVariateGaussian,
     anomalib_padim_distance,
