@@ -42,13 +42,11 @@ import numpy as np
 from ._budget import DEFAULT_MEMORY_BUDGET as _DEFAULT_BUDGET
 from ._validation import check_memory_budget
 from ._parallel import resolve_workers, run_chunks
-from ._rules import exp_floor, trusted_sum_floor
+from ._rules import DIRECT_MAX_D, exp_floor, trusted_sum_floor
 
 #: Default budget, in bytes, for the per-call temporaries that would otherwise scale with ``n * m``.
 DEFAULT_MEMORY_BUDGET: int = _DEFAULT_BUDGET
 
-#: Up to this dimension squared distances are formed by direct differences; above it, by a product.
-DIRECT_MAX_D: int = 2
 
 
 # Block sizes (the memory budget can only make them smaller). Direct-route blocks are big enough that

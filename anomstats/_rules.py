@@ -23,6 +23,7 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_RIDGE",
+    "DIRECT_MAX_D",
     "LOG_2PI",
     "DOF_WARNING",
     "ChanWeights",
@@ -39,6 +40,11 @@ DEFAULT_RIDGE: float = 0.01 + 1e-5
 
 #: ``log(2π)``.
 LOG_2PI: float = math.log(2.0 * math.pi)
+
+#: Up to this dimension a Gaussian kernel's squared distances are formed by direct differences (rounding
+#: relative to the distance itself, which exact-mixture checks in 1-D and 2-D need); above it by one matrix
+#: product of augmented operands (rounding relative to the squared norms). Both packages' KDEs follow it.
+DIRECT_MAX_D: int = 2
 
 #: numpy.cov's warning text when the normalisation is not positive.
 DOF_WARNING: str = "Degrees of freedom <= 0 for slice"

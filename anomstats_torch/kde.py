@@ -1,9 +1,11 @@
 """Gaussian kernel density estimation as a torch module: a drop-in for anomalib's ``GaussianKDE``.
 
 Every scalar rule comes from the NumPy core: the bandwidth rule and its validation (:mod:`anomstats.bandwidth`),
-the Gaussian log-normaliser, the exponent floor and the trusted-sum floor of the log-sum-exp fallback
-(:mod:`anomstats._rules`), the data faults' messages (:mod:`anomstats._validation`, scipy's words, as the core's
-KDE). The kernel sums run as a few matrix products and element-wise passes per chunk on the module's device.
+the Gaussian log-normaliser, the exponent floor and the trusted-sum floor of the log-sum-exp fallback, the
+dimension up to which squared distances are direct differences (:mod:`anomstats._rules`), the data faults'
+messages (:mod:`anomstats._validation`, scipy's words, as the core's KDE). The kernel sums run as a few matrix
+products and element-wise passes per chunk on the module's device (in float64 up to ``DIRECT_MAX_D``
+dimensions the squared distances are direct differences, as in the NumPy core, which is more accurate there).
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ from torch import Tensor
 
 from scipy.linalg import LinAlgError
 
-from anomstats._rules import covariance_normalisation, exp_floor, gaussian_log_normaliser, trusted_sum_floor
+from anomstats._rules import (
+    DIRECT_MAX_D,
+    covariance_normalisation,
+    exp_floor,
+    gaussian_log_normaliser,
+    trusted_sum_floor,
+)
 from anomstats._validation import D_GREATER_THAN_N, SINGULAR_DATA, NotFittedError, check_memory_budget
 from anomstats.bandwidth import bandwidth_factor, check_factor, resolve_bw_method
 
@@ -44,6 +52,30 @@ _CPU_TILE_BYTES = 4 * 2**20
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
     """The NumPy dtype of a working dtype (float32 or float64), for the core's dtype rules."""
     return np.dtype(np.float64 if dtype == torch.float64 else np.float32)
+
+
+def _direct_exponent(
+    queries: Tensor, train: Tensor, out: Tensor | None = None, scratch: Tensor | None = None
+) -> Tensor:
+    """``-||y - t||^2 / 2`` for every (query, training point) pair by direct differences (small D).
+
+    As the NumPy core does up to ``DIRECT_MAX_D`` dimensions: the rounding is relative to the distance
+    itself, not to ``||y||^2 + ||t||^2`` as in the expanded square. With ``out`` (and ``scratch`` for
+    D > 1, same shape) the block is written in place; without, out of place (autograd, tracing).
+    """
+    if out is None:
+        diff = queries[:, :1] - train[:, 0]
+        exponent = diff * diff
+        for k in range(1, queries.shape[1]):
+            diff = queries[:, k : k + 1] - train[:, k]
+            exponent = exponent + diff * diff
+        return exponent * -0.5
+    torch.sub(queries[:, :1], train[:, 0], out=out).square_()
+    for k in range(1, queries.shape[1]):
+        assert scratch is not None
+        torch.sub(queries[:, k : k + 1], train[:, k], out=scratch)
+        out.addcmul_(scratch, scratch)
+    return out.mul_(-0.5)
 
 
 def _whitening_factor(covariance: Tensor, factor: float) -> Tensor:
@@ -309,20 +341,25 @@ class GaussianKDE(DynamicBufferModule):
             shift = train.mean(dim=0)
             queries = f @ whitening - shift
             train = train - shift
-        # Augmented operands: one product gives the kernel exponent -||y - t||² / 2 directly.
-        ones_q = torch.ones_like(queries[:, :1])
-        ones_t = torch.ones_like(train[:, :1])
-        lhs = torch.cat([queries, -0.5 * (queries * queries).sum(1, keepdim=True), ones_q], dim=1)
-        rhs = torch.cat([train, ones_t, -0.5 * (train * train).sum(1, keepdim=True)], dim=1)
+        # float64 at small D: direct differences, as the NumPy core (see _direct_exponent).
+        direct = train.shape[1] <= DIRECT_MAX_D and dtype == torch.float64
+        if direct:
+            lhs, rhs = queries, train
+        else:
+            # Augmented operands: one product gives the kernel exponent -||y - t||² / 2 directly.
+            ones_q = torch.ones_like(queries[:, :1])
+            ones_t = torch.ones_like(train[:, :1])
+            lhs = torch.cat([queries, -0.5 * (queries * queries).sum(1, keepdim=True), ones_q], dim=1)
+            rhs = torch.cat([train, ones_t, -0.5 * (train * train).sum(1, keepdim=True)], dim=1)
         log_scale = torch.log(self.norm.to(dtype)) - math.log(n_train)
         # The fast path writes into a reused tile (out=...), which autograd refuses: when a gradient is
         # needed (queries or buffers that require grad) use the out-of-place streaming log-sum-exp.
         needs_grad = torch.is_grad_enabled() and (lhs.requires_grad or rhs.requires_grad)
         # The meta device (shape propagation) cannot run the fast path's data-dependent row selection.
         if is_tracing() or needs_grad or lhs.device.type == "meta":
-            lse = self._logsumexp_rows(lhs, rhs)
+            lse = self._logsumexp_rows(lhs, rhs, direct=direct)
             return lse + log_scale if log else torch.exp(lse + log_scale)
-        return self._evaluate_chunked(lhs, rhs, log_scale, log=log)
+        return self._evaluate_chunked(lhs, rhs, log_scale, log=log, direct=direct)
 
     def _train_chunk(self, rows: int, itemsize: int) -> int:
         """Training points per block, so that a (rows x block) kernel matrix fits the budget."""
@@ -330,24 +367,30 @@ class GaussianKDE(DynamicBufferModule):
             rows = TRACE_PLANNING_ROWS  # the batch size is symbolic: plan for a nominal one
         return rows_per_chunk(rows * itemsize, self.chunk_bytes, self.dataset.shape[0])
 
-    def _logsumexp_rows(self, lhs: Tensor, rhs: Tensor) -> Tensor:
+    def _logsumexp_rows(self, lhs: Tensor, rhs: Tensor, *, direct: bool = False) -> Tensor:
         """log(sum_j exp(lhs_i · rhs_j)) for every row i, streaming over blocks of training points.
 
-        Only the training axis (fixed by the buffers) is split, so this is safe to trace.
+        With ``direct``, ``lhs`` and ``rhs`` are the queries and training points themselves and the
+        exponent is ``-||lhs_i - rhs_j||² / 2`` (:func:`_direct_exponent`). Only the training axis (fixed by
+        the buffers) is split, so this is safe to trace.
         """
-        block = self._train_chunk(1 if is_tracing() else lhs.shape[0], lhs.element_size())
+        itemsize = lhs.element_size() * (2 if direct else 1)  # direct: a difference besides each block
+        block = self._train_chunk(1 if is_tracing() else lhs.shape[0], itemsize)
         floor = exp_floor(_numpy_dtype(lhs.dtype))
         running_max = torch.full_like(lhs[:, 0], -math.inf)
         running_sum = torch.zeros_like(lhs[:, 0])
         for start in range(0, rhs.shape[0], block):
-            exponent = lhs @ rhs[start : start + block].mT
+            chunk = rhs[start : start + block]
+            exponent = _direct_exponent(lhs, chunk) if direct else lhs @ chunk.mT
             new_max = torch.maximum(running_max, exponent.amax(dim=1))
             exponent = torch.exp((exponent - new_max[:, None]).clamp_(min=floor))
             running_sum = running_sum * torch.exp(running_max - new_max) + exponent.sum(dim=1)
             running_max = new_max
         return running_max + torch.log(running_sum)
 
-    def _evaluate_chunked(self, lhs: Tensor, rhs: Tensor, log_scale: Tensor, *, log: bool) -> Tensor:
+    def _evaluate_chunked(
+        self, lhs: Tensor, rhs: Tensor, log_scale: Tensor, *, log: bool, direct: bool = False
+    ) -> Tensor:
         n_queries, n_train = lhs.shape[0], rhs.shape[0]
         itemsize = lhs.element_size()
         out = torch.empty(n_queries, dtype=lhs.dtype, device=lhs.device)
@@ -364,15 +407,22 @@ class GaussianKDE(DynamicBufferModule):
         else:
             query_block = rows_per_chunk(n_train * itemsize, self.chunk_bytes, n_queries)
             tile_bytes = self.chunk_bytes
-        train_block = rows_per_chunk(query_block * itemsize, tile_bytes, n_train)
+        # direct: a second tile holds the coordinate differences (D > 1), within the same budget.
+        tiles = 2 if direct and lhs.shape[1] > 1 else 1
+        train_block = rows_per_chunk(query_block * itemsize * tiles, tile_bytes, n_train)
         tile = torch.empty(query_block, train_block, dtype=lhs.dtype, device=lhs.device)
+        scratch = torch.empty_like(tile) if tiles == 2 else None
         for q0 in range(0, n_queries, query_block):
             q_lhs = lhs[q0 : q0 + query_block]
             sums = torch.zeros_like(q_lhs[:, 0])
             for t0 in range(0, n_train, train_block):
                 t_rhs = rhs[t0 : t0 + train_block]
                 block = tile[: q_lhs.shape[0], : t_rhs.shape[0]]
-                torch.mm(q_lhs, t_rhs.mT, out=block)
+                if direct:
+                    spare = None if scratch is None else scratch[: q_lhs.shape[0], : t_rhs.shape[0]]
+                    _direct_exponent(q_lhs, t_rhs, out=block, scratch=spare)
+                else:
+                    torch.mm(q_lhs, t_rhs.mT, out=block)
                 sums += block.clamp_(min=floor).exp_().sum(dim=1)
             if log:
                 block_out = torch.log(sums) + log_scale
@@ -380,7 +430,7 @@ class GaussianKDE(DynamicBufferModule):
                 block_out = sums * torch.exp(log_scale)
             redo = torch.nonzero(~(sums > trusted)).flatten()
             if redo.numel():
-                lse = self._logsumexp_rows(q_lhs[redo], rhs) + log_scale
+                lse = self._logsumexp_rows(q_lhs[redo], rhs, direct=direct) + log_scale
                 block_out[redo] = lse if log else torch.exp(lse)
             out[q0 : q0 + query_block] = block_out
         return out

@@ -26,7 +26,7 @@ import torch
 from anomstats_torch import GaussianKDE, MultiVariateGaussian
 from benchmarks import _common
 from benchmarks._common import print_header, targets_summary, write_rows
-from benchmarks.anomalib_reference import AnomalibGaussianKDE, AnomalibMultiVariateGaussian, anomalib_padim_distance
+from tests.anomalib_oracle import AnomalibGaussianKDE, AnomalibMultiVariateGaussian, anomalib_padim_distance
 
 SUITE = "torch"
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "torch.json"

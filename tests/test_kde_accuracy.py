@@ -1,22 +1,28 @@
 """Accuracy contract of GaussianKDE.pdf / logpdf (float64).
 
-* Against scipy: 1e-12 relative for d <= 16 and 1e-11 beyond, near the origin, weighted or not, for every
-  kind of bw_method.
+Every tolerance is the first-order error bound of ``tests/_tolerances.py`` (``kde_route_error``, summed
+over the two computations compared), computed from the problem: the exponent ``q = 2 (log norm - log p)``
+of each density, the condition number of the kernel covariance (few points in many dimensions are badly
+conditioned: n = d + 2 in d = 24 gives kappa up to ~1e6), and the queries' squared norms in whitened units
+from each computation's centre.
+
+* Against scipy near the origin, weighted or not, for every kind of bw_method.
 * Data and queries offset by 1e3: scipy itself loses about eps * |x| / bandwidth there (it whitens
   uncentred data), so the offset results are checked against scipy's value for the *translated-back*
-  problem (the same density, computed where scipy is accurate) at the same tolerance, and against a
-  long-double reference.
-* Against exact normal mixtures in 1-D and 2-D: 5e-14, as scipy's own tests demand.
+  problem (the same density, computed where scipy is accurate), against a long-double reference, and,
+  loosely, against scipy's untranslated problem (the bound then holds the rounding of data ~1e3 from
+  the origin).
+* Against exact normal mixtures in 1-D and 2-D.
 """
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from numpy.testing import assert_allclose
 from scipy import stats
 
 from anomstats import GaussianKDE
+from tests._tolerances import EXACT, SCIPY, KDEErrorModel, Route, assert_close_each, core_route
 
 BW_KINDS = ["default", "scott", "silverman", "scalar", "callable"]
 
@@ -29,19 +35,6 @@ def _bw(kind, rng):
     if kind == "scalar":
         return float(rng.uniform(0.2, 1.5))
     return lambda kde: 0.9 * kde.silverman_factor()
-
-
-def _rtol(d):
-    return 1e-12 if d <= 16 else 1e-11
-
-
-def _pdf_rtol(d, log_density):
-    """The pdf contract, widened where the density is astronomically small.
-
-    exp() turns the absolute rounding of the exponent (about eps * |log p| * conditioning, for any float64
-    method, scipy's included) into relative error of p: beyond |log p| = 100 the tolerance grows with it.
-    """
-    return _rtol(d) * np.maximum(1.0, np.abs(log_density) / 100.0)
 
 
 def _problem(seed, n, m, d, weighted, bw_kind):
@@ -92,9 +85,13 @@ def test_pdf_and_logpdf_match_scipy_near_origin(seed, n, m, d, weighted, bw_kind
     x, p, w, bw = _problem(seed, n, m, d, weighted, bw_kind)
     ours, ref = GaussianKDE(x, bw_method=bw, weights=w), stats.gaussian_kde(x, bw_method=bw, weights=w)
     want_log = ref.logpdf(p)
-    assert_allclose(ours.logpdf(p), want_log, rtol=_rtol(d), atol=0)
+    # kde_route_error: our route (direct differences up to d = 2, the expanded square above, centred at
+    # the weighted mean) and scipy's direct differences from the origin, each with its own fit (kappa).
+    bound = KDEErrorModel.of(x.T, p.T, ours.covariance, (core_route(d), SCIPY), weights=ours.weights)
+    assert_close_each(ours.logpdf(p), want_log, atol=bound.log_atol_each(want_log))
     pdf, want = ours.pdf(p), ref.pdf(p)
-    assert np.all(np.abs(pdf - want) <= _pdf_rtol(d, want_log) * want)
+    # The same bound, relative; plus the subnormal spacing where scipy's pdf is subnormal (bound.atol).
+    assert np.all(np.abs(pdf - want) <= bound.rtol_each(want_log) * want + bound.atol())
 
 
 @given(**sizes)
@@ -111,14 +108,28 @@ def test_offset_by_1e3_matches_scipy_translated_and_long_double(seed, n, m, d, w
     translated._data_covariance = ours._data_covariance
     translated._data_cho_cov = ours._data_cho_cov
     translated._compute_covariance()
-    assert_allclose(got_log, translated.logpdf((p + offset) - offset), rtol=_rtol(d), atol=1e-12)
-    want = translated.pdf((p + offset) - offset)
-    assert np.all(np.abs(ours.pdf(p + offset) - want) <= 5 * _pdf_rtol(d, got_log) * want)
-    # Direct comparison with scipy: only as good as scipy's own uncentred rounding (eps * 1e3 / bandwidth,
-    # amplified by the conditioning of the covariance), so only a loose sanity check.
-    assert_allclose(got_log, ref.logpdf(p), rtol=1e-5)
+    back_x, back_p = ((x + offset) - offset), ((p + offset) - offset)  # exact subtractions (Sterbenz)
+    want_log = translated.logpdf(back_p)
+    # kde_route_error: our centred route against scipy's on the translated (near-origin) problem. The
+    # covariance is shared but each side still solves with its factor: the kappa term stays.
+    bound = KDEErrorModel.of(back_x.T, back_p.T, ours.covariance, (core_route(d), SCIPY), weights=ours.weights)
+    assert_close_each(got_log, want_log, atol=bound.log_atol_each(want_log))
+    want = translated.pdf(back_p)
+    assert np.all(np.abs(ours.pdf(p + offset) - want) <= bound.rtol_each(want_log) * want + bound.atol())
+    # Direct comparison with scipy: only as good as the rounding of data ~1e3 from the origin (x + 1e3 moves
+    # each point by ~eps * 1e3 / bandwidth in whitened units, the direct-difference term measured from the
+    # origin of the offset problem): a loose sanity check.
+    # x + 1e3 also moves the fitted covariance (input_rounding: half an ulp of 1e3 + |x| per coordinate).
+    rounding = np.finfo(float).eps / 2 * (offset + np.abs(x).max())
+    direct = KDEErrorModel.of(
+        (x + offset).T, (p + offset).T, ours.covariance, (core_route(d), SCIPY), weights=ours.weights, input_rounding=rounding
+    )
+    assert_close_each(got_log, ref.logpdf(p), atol=direct.log_atol_each(ref.logpdf(p)))
     ld = _longdouble_logpdf(ours, p + offset).astype(np.float64)
-    assert_allclose(got_log, ld, rtol=1e-13, atol=1e-13)
+    # kde_route_error of our route alone (the long-double reference is exact by comparison). The reference
+    # uses our cho_cov, but our float64 triangular solve with it has the kappa term's backward error.
+    alone = KDEErrorModel.of((x + offset).T, (p + offset).T, ours.covariance, (core_route(d), EXACT), weights=ours.weights)
+    assert_close_each(got_log, ld, atol=alone.log_atol_each(ld))
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -130,8 +141,11 @@ def test_exact_normal_mixture_1d(n, weighted):
     kde = GaussianKDE(xn, weights=w)
     xx = np.array([0.1, 0.5, 0.9, -2.5, 3.0])
     mix = stats.norm.pdf(xx[:, None], loc=kde.dataset, scale=np.sqrt(kde.covariance))
-    assert_allclose(kde(xx), (mix * kde.weights).sum(axis=-1), rtol=5e-14)
-    assert_allclose(kde.logpdf(xx), np.log((mix * kde.weights).sum(axis=-1)), rtol=5e-14)
+    want = (mix * kde.weights).sum(axis=-1)
+    # kde_route_error: ours against scipy.stats.norm's direct (x - loc) / scale, summed in float64.
+    bound = KDEErrorModel.of(xn[:, None], xx[:, None], kde.covariance, (core_route(1), Route("direct", None)), weights=kde.weights)
+    assert_close_each(kde(xx), want, rtol=bound.rtol_each(np.log(want)))
+    assert_close_each(kde.logpdf(xx), np.log(want), atol=bound.log_atol_each(np.log(want)))
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -144,7 +158,11 @@ def test_exact_normal_mixture_2d(n, weighted):
     xx = np.array([[1, 2], [3, 4], [5, 6], [-1, 0]], dtype=float)
     arg = xx[:, None, :] - kde.dataset.T
     mix = stats.multivariate_normal.pdf(arg, cov=kde.covariance)
-    assert_allclose(kde(xx.T), (mix * kde.weights).sum(axis=-1), rtol=5e-14)
+    want = (mix * kde.weights).sum(axis=-1)
+    # kde_route_error: ours against scipy's multivariate normal (its own factorisation of the same
+    # covariance, by eigenvalues: the kappa term; differences formed first, then whitened).
+    bound = KDEErrorModel.of(xn.T, xx, kde.covariance, (core_route(2), Route("direct", None)), weights=kde.weights)
+    assert_close_each(kde(xx.T), want, rtol=bound.rtol_each(np.log(want)))
 
 
 @pytest.mark.parametrize("d", [4, 16, 64])
@@ -154,5 +172,9 @@ def test_product_route_accuracy_against_long_double(d):
     p = rng.standard_normal((d, 30)) * 1.5 + 5.0
     kde = GaussianKDE(x, weights=rng.random(80))
     ref = _longdouble_logpdf(kde, p).astype(np.float64)
-    assert_allclose(kde.logpdf(p), ref, rtol=1e-13)
-    assert_allclose(kde.pdf(p), np.exp(ref), rtol=20 * d * np.finfo(float).eps * 10)
+    # kde_route_error of the product route alone (long double is exact by comparison; kappa term for the
+    # float64 triangular solve with cho_cov); the pdf's relative error is the log-density's absolute one.
+    bound = KDEErrorModel.of(x.T, p.T, kde.covariance, (core_route(d), EXACT), weights=kde.weights)
+    assert_close_each(kde.logpdf(p), ref, atol=bound.log_atol_each(ref))
+    assert_close_each(kde.pdf(p), np.exp(ref), rtol=bound.rtol_each(ref))
+

@@ -4,11 +4,17 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from numpy.testing import assert_allclose
 from scipy import stats
 
 from anomstats import GaussianKDE
 from anomstats import _kernel_sums
+from tests._tolerances import SCIPY, KDEErrorModel, Route, assert_close_each, core_route
+
+
+def _same_fit_bound(kde, points):
+    """kde_route_error for two evaluations of one fit (shared whitening: only rounding orders differ)."""
+    route = core_route(kde.d)
+    return KDEErrorModel.of(kde.dataset.T, points.T, kde.covariance, (route, route), shared_whitening=True, weights=kde.weights)
 
 
 @pytest.mark.parametrize("d", [1, 2, 5, 12])
@@ -19,14 +25,18 @@ def test_results_do_not_depend_on_budget_or_threads(d):
     w = rng.random(3000)
     base = GaussianKDE(x, weights=w)
     want_pdf, want_log = base.pdf(p), base.logpdf(p)
+    # Budgets and threads change only the blocking (shared fit): _same_fit_bound, per point.
+    same = _same_fit_bound(base, p)
     for memory_budget, workers in [(4096, 1), (4096, 2), (1 << 16, 3), (1 << 30, 2)]:
         kde = GaussianKDE(x, weights=w, memory_budget=memory_budget, workers=workers)
-        assert_allclose(kde.pdf(p), want_pdf, rtol=1e-13, atol=0)
-        assert_allclose(kde.logpdf(p), want_log, rtol=1e-13)
+        assert_close_each(kde.pdf(p), want_pdf, rtol=same.rtol_each(want_log), atol=same.atol())
+        assert_close_each(kde.logpdf(p), want_log, atol=same.log_atol_each(want_log))
     ref = stats.gaussian_kde(x, weights=w)
-    assert_allclose(want_log, ref.logpdf(p), rtol=1e-12)
+    # kde_route_error against scipy (each side its own fit).
+    bound = KDEErrorModel.of(x.T, p.T, ref.covariance, (core_route(d), SCIPY), weights=ref.weights)
+    assert_close_each(want_log, ref.logpdf(p), atol=bound.log_atol_each(ref.logpdf(p)))
     near = slice(0, 300)
-    assert_allclose(want_pdf[near], ref.pdf(p[:, near]), rtol=1e-12)
+    assert_close_each(want_pdf[near], ref.pdf(p[:, near]), rtol=bound.rtol_each(ref.logpdf(p))[near])
 
 
 @pytest.mark.parametrize("d", [2, 8])
@@ -71,7 +81,10 @@ def test_shifted_route_streams_over_many_centre_blocks(d):
     ref = stats.gaussian_kde(x, weights=kde.weights)
     got = kde.logpdf(p)
     assert np.isfinite(got).all()
-    assert_allclose(got, ref.logpdf(p), rtol=1e-12)
+    # kde_route_error against scipy: q ~ (200 / bandwidth)^2 d, so eps q dominates (absolute on log p).
+    want = ref.logpdf(p)
+    bound = KDEErrorModel.of(x.T, p.T, ref.covariance, (core_route(d), SCIPY), weights=ref.weights)
+    assert_close_each(got, want, atol=bound.log_atol_each(want))
 
 
 @pytest.mark.parametrize("d", [1, 2])
@@ -87,12 +100,20 @@ def test_kernel_sums_direct_and_product_routes_agree(monkeypatch, d):
     centres_p = _kernel_sums.WhitenedCentres(z, w)
     assert centres_p.use_products
     product = _kernel_sums.kernel_sums(centres_p, q)
-    assert_allclose(product[0], direct[0], rtol=1e-13)
-    assert_allclose(product[1], direct[1], rtol=1e-12)
-    assert np.isnan(direct[1][-3:]).all()  # far rows took the shifted route
+    # Already whitened (identity bandwidth, no fit): kde_route_error's rounding terms for the expanded
+    # square against direct differences, both from the origin of these coordinates. The sums are of
+    # unnormalised weights: log S = log p - log norm + log(sum w).
     r2 = ((q[:, None, :] - z[None]) ** 2).sum(-1)
     exact = np.log(np.exp(-r2 / 2 - (-r2 / 2).max(axis=1, keepdims=True)) @ w) + (-r2 / 2).max(axis=1)
-    assert_allclose(direct[0], exact, rtol=1e-14, atol=1e-14)
+    routes = (Route("expanded", None), Route("direct", None))
+    bound = KDEErrorModel.of(z, q, np.eye(d), routes, shared_whitening=True, weights=w)
+    log_density = exact + bound.log_norm - np.log(w.sum())
+    assert_close_each(product[0], direct[0], atol=bound.log_atol_each(log_density))
+    assert_close_each(product[1], direct[1], rtol=bound.rtol_each(log_density), equal_nan=True)
+    assert np.isnan(direct[1][-3:]).all()  # far rows took the shifted route
+    # Both direct differences (the reference in float64 with the same formula): two direct routes.
+    twice_direct = KDEErrorModel.of(z, q, np.eye(d), (routes[1], routes[1]), shared_whitening=True, weights=w)
+    assert_close_each(direct[0], exact, atol=twice_direct.log_atol_each(log_density))
 
 
 def test_empty_queries():
@@ -112,7 +133,8 @@ def test_concurrent_calls_agree_and_restore_blas_threads():
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(kde.logpdf, queries))
     for q, got in zip(queries, results, strict=True):
-        assert_allclose(got, kde.logpdf(q), rtol=1e-14)
+        want = kde.logpdf(q)
+        assert_close_each(got, want, atol=_same_fit_bound(kde, q).log_atol_each(want))  # shared fit
     after = [info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"]
     assert after == before
 
@@ -132,4 +154,5 @@ def test_evaluation_works_in_a_forked_child_after_threads_ran_in_the_parent():
     want = kde.pdf(q)  # starts the worker pool in this process
     with multiprocessing.get_context("fork").Pool(1) as pool:
         got = pool.map(_pdf_in_child, [(kde, q)])[0]
-    assert_allclose(got, want, rtol=1e-14)
+    assert_close_each(got, want, rtol=_same_fit_bound(kde, q).rtol_each(kde.logpdf(q)))  # shared fit
+

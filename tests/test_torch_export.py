@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from anomstats_torch import GaussianKDE, MultiVariateGaussian  # noqa: E402
-from benchmarks.anomalib_reference import AnomalibGaussianKDE  # noqa: E402
+from tests._tolerances import (  # noqa: E402
+    ADAPTER32,
+    KDEErrorModel,
+    assert_close_each,
+    bandwidth_from_whitening,
+    kde_log_density_whitened,
+    mahalanobis_tolerances,
+)
+from tests.anomalib_oracle import AnomalibGaussianKDE  # noqa: E402
 
 
 class PadimScore(torch.nn.Module):
@@ -33,6 +42,32 @@ def _fitted():
     return kde, mvg, queries, embeddings
 
 
+def _kde_bound(kde, queries):
+    """kde_route_error for two float32 evaluations of one module (traced / exported / ONNX against eager).
+
+    Shared whitening; both form expanded squares of centred float32 queries (the traced graph through the
+    log-sum-exp route, whose exp(log p) is term (4)). ``q`` from a float64 evaluation of the same buffers.
+    """
+    train = np.linalg.solve(kde.bw_transform.double().numpy().T, kde.dataset.double().numpy().T).T
+    h = bandwidth_from_whitening(kde.bw_transform)
+    log_density = _log_density64(kde, queries)
+    bound = KDEErrorModel.of(train, queries.double().numpy(), h, (ADAPTER32, ADAPTER32), shared_whitening=True)
+    return bound, log_density
+
+
+def _log_density64(kde, queries):
+    whitening = kde.bw_transform.double().numpy()
+    return kde_log_density_whitened(
+        kde.dataset.double().numpy(), queries.double().numpy() @ whitening, float(torch.log(kde.norm.double()))
+    )
+
+
+def _score_rtol(mvg):
+    """mahalanobis_tolerances for two float32 evaluations of the same buffers (shared fit)."""
+    covariance = np.linalg.inv(mvg.inv_covariance.double().numpy())
+    return mahalanobis_tolerances(covariance, 2, dtype=np.float32, shared_fit=True)[0]
+
+
 def _trace(fn, example):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace is deprecated in favour of export
@@ -45,10 +80,12 @@ def test_jit_trace_at_batch_one_is_correct_at_other_batch_sizes():
     kde, mvg, queries, embeddings = _fitted()
     traced_kde = _trace(lambda ex: torch.jit.trace(kde, ex), queries[:1])
     for m in (1, 2, 9):
-        torch.testing.assert_close(traced_kde(queries[:m]), kde(queries[:m]), rtol=1e-6, atol=0)
+        bound, log_density = _kde_bound(kde, queries[:m])  # float32 rounding of both evaluations
+        assert_close_each(traced_kde(queries[:m]), kde(queries[:m]), rtol=bound.rtol_each(log_density), atol=0)
     traced_score = _trace(lambda ex: torch.jit.trace(PadimScore(mvg), ex), embeddings[:1])
+    rtol = _score_rtol(mvg)  # the same buffers: float32 evaluation rounding only
     for b in (1, 3, 7):
-        torch.testing.assert_close(traced_score(embeddings[:b]), mvg.mahalanobis(embeddings[:b]), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(traced_score(embeddings[:b]), mvg.mahalanobis(embeddings[:b]), rtol=rtol, atol=0)
 
 
 def test_anomalib_style_loop_trace_scores_only_the_first_row():
@@ -68,12 +105,14 @@ def test_torch_export_with_a_dynamic_batch():
     batch = torch.export.Dim("batch")
     exported_kde = torch.export.export(kde, (queries,), dynamic_shapes={"features": {0: batch}}).module()
     for m in (1, 4, 9):
-        torch.testing.assert_close(exported_kde(queries[:m]), kde(queries[:m]), rtol=1e-6, atol=0)
+        bound, log_density = _kde_bound(kde, queries[:m])  # float32 rounding of both evaluations
+        assert_close_each(exported_kde(queries[:m]), kde(queries[:m]), rtol=bound.rtol_each(log_density), atol=0)
     exported_score = torch.export.export(
         PadimScore(mvg), (embeddings,), dynamic_shapes={"embedding": {0: batch}}
     ).module()
+    rtol = _score_rtol(mvg)  # the same buffers: float32 evaluation rounding only
     for b in (1, 2, 7):
-        torch.testing.assert_close(exported_score(embeddings[:b]), mvg.mahalanobis(embeddings[:b]), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(exported_score(embeddings[:b]), mvg.mahalanobis(embeddings[:b]), rtol=rtol, atol=0)
 
 
 def test_log_prob_traces_too():
@@ -89,7 +128,9 @@ def test_log_prob_traces_too():
 
     traced = _trace(lambda ex: torch.jit.trace(LogDensity(kde), ex), queries[:1])
     far = queries + 100.0
-    torch.testing.assert_close(traced(far), kde.log_prob(far), rtol=1e-6, atol=0)
+    # _kde_bound as an absolute bound on log p: q ~ |y|^2 ~ 1e5 here, so eps32 q ~ 1e-2 absolute.
+    bound, log_density = _kde_bound(kde, far)
+    assert_close_each(traced(far), kde.log_prob(far), atol=bound.log_atol_each(log_density))
     assert torch.isfinite(traced(far)).all()
 
 
@@ -97,6 +138,9 @@ def test_onnx_export(tmp_path):
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
     kde, mvg, queries, embeddings = _fitted()
+    bound, log_density = _kde_bound(kde, queries[:3])
+    # ONNX Runtime against eager torch, both float32: _kde_bound for the KDE, _score_rtol for PaDiM.
+    tolerances = {"kde": dict(rtol=bound.rtol_each(log_density), atol=0), "padim": dict(rtol=_score_rtol(mvg), atol=0)}
     for name, module, example in (("kde", kde, queries), ("padim", PadimScore(mvg), embeddings)):
         path = tmp_path / f"{name}.onnx"
         torch.onnx.export(module, (example,), str(path), dynamic_shapes=({0: torch.export.Dim("batch")},))
@@ -106,4 +150,5 @@ def test_onnx_export(tmp_path):
         feed = {session.get_inputs()[0].name: example[:3].numpy()}
         got = torch.from_numpy(session.run(None, feed)[0])
         expected = module(example[:3])
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        assert_close_each(got, expected, **tolerances[name])
+

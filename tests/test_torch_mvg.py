@@ -14,7 +14,16 @@ torch = pytest.importorskip("torch")
 import anomstats  # noqa: E402
 from anomstats.gaussian import DEFAULT_RIDGE  # noqa: E402
 from anomstats_torch import MultiVariateGaussian  # noqa: E402
-from benchmarks.anomalib_reference import AnomalibMultiVariateGaussian, anomalib_padim_distance  # noqa: E402
+from tests._tolerances import (  # noqa: E402
+    assert_close_each,
+    covariance_atol,
+    eps,
+    mahalanobis_tolerances,
+    mean_atol,
+    patch_covariances,
+    precision_atol,
+)
+from tests.anomalib_oracle import AnomalibMultiVariateGaussian, anomalib_padim_distance  # noqa: E402
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
@@ -49,13 +58,17 @@ def test_float64_fit_and_distances_equal_numpy(b, c, p, offset, seed):
     mean, precision = mvg.fit(torch.from_numpy(x))
     ref_mean, ref_precision = _numpy_fit(x)
     assert mean.dtype == torch.float64 and mean.shape == (c, p) and precision.shape == (p, c, c)
-    np.testing.assert_allclose(mean.numpy(), ref_mean, rtol=1e-12, atol=1e-12 * (1 + offset))
-    scale = np.abs(ref_precision).max()
-    np.testing.assert_allclose(precision.numpy(), ref_precision, rtol=0, atol=1e-11 * scale)
+    # Bounds (tests/_tolerances.py): mean_atol (sums of b values up to |offset| + a few), precision_atol
+    # (kappa(A) delta_A |A^-1| for A = cov + ridge I: b = 2 gives a rank-one cov, kappa ~ 1 / ridge).
+    covariances = patch_covariances(x, DEFAULT_RIDGE)
+    np.testing.assert_allclose(mean.numpy(), ref_mean, rtol=0, atol=mean_atol(np.abs(x).max(), b))
+    np.testing.assert_allclose(precision.numpy(), ref_precision, rtol=0, atol=precision_atol(covariances, b))
     assert torch.equal(precision, precision.mT)  # exactly symmetric
     queries = _embedding(3, c, 1, p, offset, seed + 1)
+    # mahalanobis_tolerances: both fits' kappa(A) delta_A, the evaluation rounding, and the means' error.
+    rtol, atol = mahalanobis_tolerances(covariances, b, mean_atol(np.abs(x).max(), b))
     np.testing.assert_allclose(
-        mvg.mahalanobis(torch.from_numpy(queries)).numpy(), _numpy_distance(queries, ref_mean, ref_precision), rtol=1e-10
+        mvg.mahalanobis(torch.from_numpy(queries)).numpy(), _numpy_distance(queries, ref_mean, ref_precision), rtol=rtol, atol=atol
     )
 
 
@@ -65,17 +78,25 @@ def test_parity_with_the_numpy_core():
     core = anomstats.MultiVariateGaussian().fit(x)
     mvg = MultiVariateGaussian()
     mean, precision = mvg.fit(torch.from_numpy(x))
-    np.testing.assert_allclose(mean.numpy(), core.mean, rtol=1e-12)
-    np.testing.assert_allclose(precision.numpy(), core.precision, rtol=1e-12, atol=1e-12 * np.abs(core.precision).max())
-    np.testing.assert_allclose(mvg.mahalanobis(torch.from_numpy(q)).numpy(), core.mahalanobis(q), rtol=1e-12)
-    # float32 input: computed in float32, within 1e-5 relative of the float64 core
+    # Bounds: mean_atol, precision_atol, mahalanobis_tolerances (float64, 60 samples, both sides).
+    covariances = patch_covariances(x, DEFAULT_RIDGE)
+    mean_tol = mean_atol(np.abs(x).max(), 60)
+    rtol, atol = mahalanobis_tolerances(covariances, 60, mean_tol)
+    np.testing.assert_allclose(mean.numpy(), core.mean, rtol=0, atol=mean_tol)
+    np.testing.assert_allclose(precision.numpy(), core.precision, rtol=0, atol=precision_atol(covariances, 60))
+    np.testing.assert_allclose(mvg.mahalanobis(torch.from_numpy(q)).numpy(), core.mahalanobis(q), rtol=rtol, atol=atol)
+    # float32 input: computed in float32; the same bounds with eps of float32 (the float64 core adds little)
     mean32, precision32 = MultiVariateGaussian().fit(torch.from_numpy(x).float())
     assert precision32.dtype == torch.float32
-    np.testing.assert_allclose(mean32.numpy(), core.mean, rtol=1e-5)
-    np.testing.assert_allclose(precision32.numpy(), core.precision, rtol=0, atol=1e-5 * np.abs(core.precision).max())
+    mean_tol32 = mean_atol(np.abs(x).max(), 60, np.float32)
+    rtol32, atol32 = mahalanobis_tolerances(covariances, 60, mean_tol32, np.float32)
+    np.testing.assert_allclose(mean32.numpy(), core.mean, rtol=0, atol=mean_tol32)
+    np.testing.assert_allclose(precision32.numpy(), core.precision, rtol=0, atol=precision_atol(covariances, 60, np.float32))
     mvg32 = MultiVariateGaussian()
     mvg32.fit(torch.from_numpy(x).float())
-    np.testing.assert_allclose(mvg32.mahalanobis(torch.from_numpy(q).float()).numpy(), core.mahalanobis(q), rtol=1e-5)
+    np.testing.assert_allclose(
+        mvg32.mahalanobis(torch.from_numpy(q).float()).numpy(), core.mahalanobis(q), rtol=rtol32, atol=atol32
+    )
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 3000, 2**26])
@@ -84,9 +105,13 @@ def test_chunking_does_not_change_the_result(chunk_bytes):
     expected = MultiVariateGaussian().fit(x)
     mvg = MultiVariateGaussian(chunk_bytes=chunk_bytes)
     got = mvg.fit(x)
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
-    torch.testing.assert_close(mvg.mahalanobis(x[:3]), _distance(x[:3], *expected), rtol=1e-12, atol=0)
+    # Bounds: mean_atol and precision_atol (chunks change only the blocking of the batched products).
+    covariances = patch_covariances(x.numpy(), DEFAULT_RIDGE)
+    for a, b, atol in zip(got, expected, (mean_atol(x.abs().max().item(), 20), precision_atol(covariances, 20))):
+        torch.testing.assert_close(a, b, rtol=0, atol=atol)
+    # mahalanobis_tolerances: the fit against numpy's evaluation of the same (expected) buffers.
+    rtol, _ = mahalanobis_tolerances(covariances, 20, shared_fit=False)
+    torch.testing.assert_close(mvg.mahalanobis(x[:3]), _distance(x[:3], *expected), rtol=rtol, atol=0)
 
 
 def _distance(x, mean, precision):
@@ -100,12 +125,17 @@ def test_agrees_with_anomalib_within_float32_tolerance():
     mean, inv = MultiVariateGaussian().fit(x)
     assert mean.dtype == inv.dtype == torch.float32
     assert mean.shape == ref_mean.shape and inv.shape == ref_inv.shape
-    torch.testing.assert_close(mean, ref_mean, rtol=0, atol=1e-6)
-    torch.testing.assert_close(inv, ref_inv, rtol=0, atol=1e-4 * ref_inv.abs().max().item())
+    # Bounds (float32, 64 samples): mean_atol; precision_atol (anomalib inverts explicitly, we factor).
+    covariances = patch_covariances(x.double().numpy(), DEFAULT_RIDGE)
+    mean_tol = mean_atol(x.abs().max().item(), 64, np.float32)
+    torch.testing.assert_close(mean, ref_mean, rtol=0, atol=mean_tol)
+    torch.testing.assert_close(inv, ref_inv, rtol=0, atol=precision_atol(covariances, 64, np.float32))
     q = x[:5] + 0.1
     ours = MultiVariateGaussian()
     ours.fit(x)
-    torch.testing.assert_close(ours.mahalanobis(q), anomalib_padim_distance(q, ref_mean, ref_inv)[:, 0], rtol=1e-4, atol=1e-5)
+    # mahalanobis_tolerances: two float32 fits and evaluations.
+    rtol, atol = mahalanobis_tolerances(covariances, 64, mean_tol, np.float32)
+    torch.testing.assert_close(ours.mahalanobis(q), anomalib_padim_distance(q, ref_mean, ref_inv)[:, 0], rtol=rtol, atol=atol)
 
 
 def test_loads_hand_built_anomalib_state_dicts_nested_and_standalone():
@@ -124,14 +154,17 @@ def test_loads_hand_built_anomalib_state_dicts_nested_and_standalone():
     assert gaussian.mean.dtype == torch.float32 and gaussian.mean.shape == (c, h * w)
     q = torch.randn(3, c, h, w, generator=g)
     expected = anomalib_padim_distance(q, state["model.gaussian.mean"], state["model.gaussian.inv_covariance"])[:, 0]
-    torch.testing.assert_close(gaussian.mahalanobis(q), expected, rtol=1e-5, atol=1e-6)
+    # mahalanobis_tolerances with shared buffers (the given precision P; A = P^-1), float32 evaluation.
+    covariance = np.linalg.inv(state["model.gaussian.inv_covariance"].double().numpy())
+    rtol, _ = mahalanobis_tolerances(covariance, 2, dtype=np.float32, shared_fit=True)
+    torch.testing.assert_close(gaussian.mahalanobis(q), expected, rtol=rtol, atol=0)
     standalone = MultiVariateGaussian()
     standalone.load_state_dict({"mean": state["model.gaussian.mean"], "inv_covariance": state["model.gaussian.inv_covariance"]})
     assert set(standalone.state_dict()) == {"mean", "inv_covariance"}
     # and anomalib's module loads ours
     reference = AnomalibMultiVariateGaussian()
     reference.load_state_dict(standalone.state_dict())
-    torch.testing.assert_close(reference.inv_covariance, standalone.inv_covariance, rtol=0, atol=0)
+    torch.testing.assert_close(reference.inv_covariance, standalone.inv_covariance, rtol=0, atol=0)  # a copy: exact
 
 
 def test_anomalib_0x_constructor_presizes_and_refits():
@@ -156,6 +189,7 @@ def test_state_dict_round_trip_and_forward_is_fit():
     assert isinstance(out, list) and len(out) == 2
     fresh = MultiVariateGaussian()
     fresh.load_state_dict(mvg.state_dict())
+    # Exact (bound 0): the same buffers, the same computation.
     torch.testing.assert_close(fresh.mahalanobis(x), mvg.mahalanobis(x), rtol=0, atol=0)
 
 
@@ -181,7 +215,14 @@ def test_static_cov_matches_numpy_cov(n, c, rowvar, bias, ddof, weighted, seed):
             aweights=None if weights is None else torch.from_numpy(weights),
         )
     assert got.shape == np.squeeze(expected).shape
-    np.testing.assert_allclose(got.numpy(), np.squeeze(expected), rtol=1e-12, atol=1e-14)
+    # Bound: covariance_atol, scaled by (n - 1) / (n - ddof_effective) for numpy's normaliser (which may
+    # be n, n - 1 or n - 2, or a weighted one: the weights are within [0.5, 2], a factor 4 on the sums).
+    observations = obs.T if rowvar else obs
+    effective_ddof = (0 if bias else 1) if ddof is None else ddof
+    scale = (n - 1) / max(n - effective_ddof, 1) * (4.0 if weighted else 1.0)
+    atol = np.squeeze(covariance_atol(observations)) * scale
+    finite = np.isfinite(expected)
+    assert_close_each(got.numpy(), np.squeeze(expected), atol=np.where(np.squeeze(finite), atol, 0.0), equal_nan=True)
 
 
 def test_static_cov_details():
@@ -208,11 +249,15 @@ def test_streaming_update_compute_equals_fit(splits):
     for part in torch.split(x, splits):
         mvg.update(part)
     got = mvg.compute()
-    torch.testing.assert_close(got[0], expected[0], rtol=1e-13, atol=0)
-    torch.testing.assert_close(got[1], expected[1], rtol=0, atol=1e-11 * expected[1].abs().max().item())
+    # Bounds: mean_atol (Chan's running mean: one more rounding per merge, ~ |mean| eps each) and
+    # precision_atol; the merges' cross terms round by ~eps |offset| |delta| (offset 20): within delta_A.
+    covariances = patch_covariances(x.numpy(), DEFAULT_RIDGE)
+    mean_tol = mean_atol(x.abs().max().item(), 12) * (1 + len(splits))
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=mean_tol)
+    torch.testing.assert_close(got[1], expected[1], rtol=0, atol=precision_atol(covariances, 12))
     mvg.update(x)  # moments are kept: more updates can follow
     doubled = mvg.compute()
-    torch.testing.assert_close(doubled[0], expected[0], rtol=1e-13, atol=0)
+    torch.testing.assert_close(doubled[0], expected[0], rtol=0, atol=mean_tol * 2)
 
 
 def test_streaming_float32_input_accumulates_in_float64_and_stores_float32():
@@ -223,8 +268,13 @@ def test_streaming_float32_input_accumulates_in_float64_and_stores_float32():
     mean, precision = mvg.compute()
     assert mean.dtype == precision.dtype == torch.float32
     ref_mean, ref_precision = _numpy_fit(x.double().numpy())
-    np.testing.assert_allclose(mean.numpy(), ref_mean, rtol=1e-6)
-    np.testing.assert_allclose(precision.numpy(), ref_precision, rtol=0, atol=1e-5 * np.abs(ref_precision).max())
+    # Accumulated in float64: the only float32 error is the final rounding of the stored values, half an
+    # ulp (eps32 / 2 relative) of each entry; precision: ``precision_atol`` of the float64 fits (tiny)
+    # plus that rounding of the largest entry.
+    x_max = x.abs().max().item()
+    np.testing.assert_allclose(mean.numpy(), ref_mean, rtol=eps(np.float32) / 2, atol=mean_atol(x_max, 30))
+    atol = precision_atol(patch_covariances(x.double().numpy(), DEFAULT_RIDGE), 30) + eps(np.float32) / 2 * np.abs(ref_precision).max()
+    np.testing.assert_allclose(precision.numpy(), ref_precision, rtol=0, atol=atol)
 
 
 def test_streaming_errors():
@@ -263,12 +313,17 @@ def test_devices_and_moves(device):
     on_device = MultiVariateGaussian()
     on_device.fit(x.to(device))
     assert on_device.inv_covariance.device.type == device
-    torch.testing.assert_close(on_device.mahalanobis(x.to(device)).cpu(), cpu.mahalanobis(x), rtol=1e-10, atol=1e-12)
+    # mahalanobis_tolerances: two float64 fits (devices differ in blocking and summation order).
+    covariances = patch_covariances(x.numpy(), DEFAULT_RIDGE)
+    rtol, atol = mahalanobis_tolerances(covariances, 16, mean_atol(x.abs().max().item(), 16))
+    torch.testing.assert_close(on_device.mahalanobis(x.to(device)).cpu(), cpu.mahalanobis(x), rtol=rtol, atol=atol)
     moved = MultiVariateGaussian()
     moved.fit(x)
     moved = moved.to(device).float()
     assert moved.mean.device.type == device and moved.mean.dtype == torch.float32
-    torch.testing.assert_close(moved.mahalanobis(x.float().to(device)).cpu().double(), cpu.mahalanobis(x), rtol=1e-4, atol=1e-5)
+    # The float64 fit rounded to float32 buffers and evaluated in float32: the float32 bounds.
+    rtol32, atol32 = mahalanobis_tolerances(covariances, 16, mean_atol(x.abs().max().item(), 16, np.float32), np.float32)
+    torch.testing.assert_close(moved.mahalanobis(x.float().to(device)).cpu().double(), cpu.mahalanobis(x), rtol=rtol32, atol=atol32)
 
 
 def test_inputs_are_never_modified():

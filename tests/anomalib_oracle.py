@@ -1,10 +1,12 @@
-"""Faithful re-implementations of anomalib 2.7's statistics algorithms, for benchmarks and tests.
+"""Faithful re-implementations of anomalib 2.7's statistics algorithms: the oracle of the tests and benchmarks.
 
 Written from the behavioural description in ``shared/reference/anomalib-stats.md`` (not copied from
 anomalib): the same buffers, the same arithmetic, the same loops and the same defects (in-place centring,
 centred stored data with uncentred queries, one Python iteration per query row / per patch, explicit float32
-inverse). They are the "peer" that :mod:`benchmarks.bench_torch` times against and that the adapter's tests
-use to build anomalib-shaped checkpoints.
+inverse). The adapter's tests use them as the reference (anomalib-shaped checkpoints, anomalib's numbers), and
+:mod:`benchmarks.bench_torch` times against them; this module is their one copy (the benchmarks import it
+from here: ``from tests.anomalib_oracle import ...``, with the repository root on ``sys.path`` as
+``python -m benchmarks.run_all`` and ``python -m pytest`` have it).
 """
 
 from __future__ import annotations

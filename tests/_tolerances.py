@@ -1,0 +1,461 @@
+"""Error bounds behind the tests' floating-point tolerances: each bound has its home here.
+
+A test that compares floating results takes its tolerance from one of these functions and says, next to
+the assertion, which bound applies; no tolerance is a number one machine happened to print. The bounds are
+first-order rounding-error bounds (Higham, *Accuracy and Stability of Numerical Algorithms*, chapters 3,
+4, 8 and 10) in units of ``eps``, the machine epsilon of the dtype the computation runs in (2.2e-16 in
+float64, 1.2e-7 in float32), with the problem's own numbers (the exponent of a density, the condition
+number of a covariance, squared norms in whitened units) computed from the test's data.
+
+Conventions
+-----------
+* A bound is for ONE computation against exact arithmetic. Comparing two computations (ours against scipy,
+  the NumPy core, anomalib's algorithm, another chunking) allows both: the KDE model adds the two routes'
+  bounds, the other ``*_rtol`` / ``*_atol`` here are doubled (``TWO_SIDES``).
+* Sums of ``n`` terms are charged ``sqrt(n) * eps`` (relative to the sum of magnitudes), the standard
+  estimate for independent roundings (Higham section 2.8); it also covers pairwise summation's worst case
+  ``log2(n) * eps`` (NumPy's reductions, torch's cascade sums) for n >= 16. The rigorous worst case of
+  plain recursive summation, ``(n - 1) * eps``, would be far too loose for float32 (it would hide an
+  off-by-one normaliser at n = 2000).
+* Bounds are per element (:func:`assert_close_each`): a far query may need 100x a near one's tolerance.
+* A tolerance must still catch real defects: an off-by-one normaliser is a relative error 1/n, a wrong
+  bandwidth factor moves the exponent q by 2 * q * (relative error), forgetting to centre the queries
+  moves every exponent by O(1); every bound here stays far below those for the tests' problems.
+  (Checked by planting such defects: n + 1 for n, a bandwidth off by 1e-4, uncentred queries, log det
+  off by 1e-6 each fail several tests.) The bounds are not fitted to measurements; as a sanity check,
+  over thousands of random draws of the hypothesis tests' problems the largest observed error is about
+  0.1-0.3 of its bound.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Two computations are compared; each may be off by one bound.
+TWO_SIDES = 2.0
+
+
+def eps(dtype) -> float:
+    """Machine epsilon of a NumPy or torch floating dtype."""
+    if type(dtype).__module__ == "torch":
+        import torch
+
+        return float(torch.finfo(dtype).eps)
+    return float(np.finfo(np.dtype(dtype)).eps)
+
+
+def _tiny(dtype) -> float:
+    """Smallest normal number of a NumPy or torch floating dtype."""
+    if type(dtype).__module__ == "torch":
+        import torch
+
+        return float(torch.finfo(dtype).tiny)
+    return float(np.finfo(np.dtype(dtype)).tiny)
+
+
+def sum_error(n: int, dtype=np.float64) -> float:
+    """Relative error (to the sum of magnitudes) of a sum of ``n`` terms: ``sqrt(n) * eps`` (see module notes)."""
+    return math.sqrt(max(int(n), 1)) * eps(dtype)
+
+
+# --------------------------------------------------------------------------- assertion with per-element bounds
+def _as_numpy(value):
+    if type(value).__module__.startswith("torch"):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def assert_close_each(actual, expected, *, rtol=0.0, atol=0.0, equal_nan: bool = False) -> None:
+    """``|actual - expected| <= atol + rtol * |expected|`` elementwise, with per-element ``rtol`` / ``atol``.
+
+    What ``numpy.testing.assert_allclose`` / ``torch.testing.assert_close`` check, but each element gets its
+    own bound (a far query may need 100x the tolerance of a near one; one scalar for all would let a defect
+    through on the near ones). Shapes must match, and dtypes too when both sides are tensors (as
+    ``torch.testing.assert_close`` demands).
+    """
+    if type(actual).__module__.startswith("torch") and type(expected).__module__.startswith("torch"):
+        assert actual.dtype == expected.dtype, f"dtype {actual.dtype} != {expected.dtype}"
+    a = _as_numpy(actual).astype(np.float64)
+    e = _as_numpy(expected).astype(np.float64)
+    assert a.shape == e.shape, f"shape {a.shape} != {e.shape}"
+    with np.errstate(invalid="ignore"):  # inf - inf, 0 * inf: decided by the exact / NaN tests below
+        allowed = np.broadcast_to(np.asarray(atol, dtype=np.float64) + np.asarray(rtol, dtype=np.float64) * np.abs(e), e.shape)
+        error = np.abs(a - e)
+        both_nan = np.isnan(a) & np.isnan(e) if equal_nan else np.zeros(e.shape, dtype=bool)
+        exact = a == e  # equal infinities too
+        bad = ~(exact | both_nan | (error <= allowed))
+    if bad.any():
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = np.where(allowed > 0, error / np.where(allowed > 0, allowed, 1.0), np.inf)
+        worst = np.unravel_index(np.argmax(np.where(bad, ratio, -1.0)), e.shape)
+        raise AssertionError(
+            f"{int(bad.sum())} / {bad.size} elements outside their bound; worst at {tuple(int(i) for i in worst)}: "
+            f"actual {a[worst]!r}, expected {e[worst]!r}, |difference| {error[worst]:.3e} > allowed "
+            f"{allowed[worst]:.3e} (atol + rtol |expected|), {ratio[worst]:.3g}x the bound"
+        )
+
+
+# --------------------------------------------------------------------------- Gaussian kernel densities
+def kde_exponent(log_density, log_norm) -> np.ndarray:
+    """``q = 2 * (log norm - log p) >= 0`` for densities ``p = norm * sum_i w_i exp(-q_i / 2)`` (sum w = 1).
+
+    ``q`` is an upper bound on the contribution-weighted mean of the whitened squared distances ``q_i``:
+    with ``c_i = w_i exp(-q_i / 2) / Z`` and ``Z = p / norm``, ``sum_i c_i q_i / 2 = -log Z - KL(c || w)``.
+    The relative error of ``p`` is the contribution-weighted mean of the terms' errors, so a per-term error
+    that grows linearly in ``q_i`` is bounded by the same expression in ``q``.
+    """
+    return 2.0 * np.maximum(0.0, np.asarray(log_norm, dtype=np.float64) - np.asarray(log_density, dtype=np.float64))
+
+
+@dataclass(frozen=True)
+class Route:
+    """How one computation of a KDE forms its squared distances, in which coordinates and dtype.
+
+    ``squares``: ``"expanded"`` (``|y|^2 + |t|^2 - 2 y.t`` by a matrix product: the torch adapter, the core
+    for d > 2), ``"direct"`` (differences ``y - t`` squared and summed: scipy, the core for d <= 2,
+    anomalib's per-row loop) or ``"exact"`` (a long-double or hand-written float64 reference whose own
+    error is negligible against the other side's). ``centre``: the point subtracted before whitening,
+    ``"mean"`` (the data's weighted mean: the core, the adapter's own fit) or ``None`` (the origin: scipy,
+    anomalib's queries) or an explicit point. ``dtype``: the working dtype; ``fit_dtype``: the dtype the
+    bandwidth was fitted in (the adapter fits in float64 whatever it stores; anomalib in float32).
+    """
+
+    squares: str
+    centre: object = "mean"
+    dtype: object = np.float64
+    fit_dtype: object = None
+
+
+SCIPY = Route("direct", None)
+#: The torch adapter's own float32 fit: a float64 fit in float32 buffers, the expanded square of centred queries.
+ADAPTER32 = Route("expanded", "mean", np.float32, np.float64)
+ANOMALIB32 = Route("direct", None, np.float32)
+EXACT = Route("exact", None)
+
+
+def adapter_route(d: int, dtype=np.float64) -> Route:
+    """The torch adapter on its own fit (fitted in float64, centred at the data mean, buffers in ``dtype``).
+
+    In float64 up to ``DIRECT_MAX_D`` dimensions it forms direct differences, as the core does; otherwise
+    the expanded square.
+    """
+    from anomstats._rules import DIRECT_MAX_D
+
+    direct = d <= DIRECT_MAX_D and np.dtype(dtype) == np.float64
+    return Route("direct" if direct else "expanded", "mean", dtype, np.float64)
+
+
+def adapter_loaded(d: int, dtype=np.float64) -> tuple:
+    """The adapter working from loaded buffers only: ``f @ L`` uncentred (rounded like direct differences
+    measured from the origin), then shifted by the stored centroid and squared as :func:`adapter_route`."""
+    squares = adapter_route(d, dtype).squares
+    return (Route(squares, "mean", dtype), Route("direct", None, dtype))
+
+
+def core_route(d: int) -> Route:
+    """The NumPy core: direct differences up to ``DIRECT_MAX_D`` dimensions, the expanded square above."""
+    from anomstats._rules import DIRECT_MAX_D
+
+    return Route("direct" if d <= DIRECT_MAX_D else "expanded", "mean")
+
+
+def kde_route_error(route: Route, q, y2, log_density, *, d: int, n: int, cond: float) -> np.ndarray:
+    """Relative error bound of ONE computation of KDE densities ``p = norm * sum_i w_i exp(-q_i / 2)``.
+
+    With ``q`` from :func:`kde_exponent`, ``y`` the query in whitened units (coordinates in which the kernel
+    covariance ``H`` is the identity) measured from the route's centre, ``kappa = cond(H)``, ``n`` kernels
+    in ``d`` dimensions and ``eps`` of the route's dtype::
+
+        |p_hat / p - 1| <= kappa * delta_H * (q + d) / 2      (1) bandwidth: fit and factorisation
+                          + eps * S                           (2) rounding of each exponent
+                          + eps * (sqrt(n) + 1)               (3) exp and the sum of the kernels
+                          + eps * |log p|                     (4) exp(log p) routes, log_prob
+
+    (1) The computation fits and factors its own ``H`` (covariance accumulation, Cholesky, a triangular
+        solve or inverse) with a relative backward error ``|dH| <= delta_H |H|``: ``delta_H`` is
+        :func:`covariance_backward_error` in the fit's dtype plus ``2 d eps`` for applying the factor in
+        the working dtype (a float64 fit stored as float32 buffers). That moves every whitened squared
+        distance by ``|dq_i| <= kappa delta_H q_i`` (the exponent by half of it) and
+        ``log norm = -log det(2 pi H) / 2`` by at most ``d kappa delta_H / 2``. ``cond=0``: both
+        computations use the same stored whitening (``bw_transform``, ``norm``), so this term is absent.
+    (2) ``S`` is the rounding of ``q_i / 2``, averaged over the kernels' contributions (linear in ``q_i``,
+        so bounded by the same expression in ``q``, and ``E sqrt(q_i) <= sqrt(q)``), using
+        ``|t_i| <= |y| + sqrt(q_i)``:
+
+        * expanded square: the (d + 2)-term product rounds ``q_i`` by ``(d + 2) eps (|y|^2 + |t_i|^2)``
+          (the cancellation bound, ``|t_i|^2 <= 2 |y|^2 + 2 q_i``): ``S = (d + 2) (1.5 |y|^2 + q)``;
+        * direct differences: whitened coordinates rounded by ``d eps`` of their size, then ``d`` squares
+          summed: ``S = 2 d |y| sqrt(q) + (1.5 d + 1) q``.
+
+        Centring (small ``|y|``) is what keeps the expanded square accurate far from the origin.
+    (3) ``n`` positive terms, see :func:`sum_error`.
+    (4) The log-sum-exp fallback for underflowing rows, the traced path and ``log_prob`` round ``log p``
+        by ``eps |log p|``, a relative error of ``p``.
+    """
+    if route.squares == "exact":
+        return np.zeros_like(np.asarray(q, dtype=np.float64))
+    e = eps(route.dtype)
+    fit_dtype = route.dtype if route.fit_dtype is None else route.fit_dtype
+    delta_h = covariance_backward_error(n, d, fit_dtype) + 2 * d * e
+    bandwidth = cond * delta_h * (q + d) / 2
+    if route.squares == "expanded":
+        squares = (d + 2) * (1.5 * y2 + q)
+    elif route.squares == "direct":
+        squares = 2 * d * np.sqrt(y2 * q) + (1.5 * d + 1) * q
+    else:
+        raise ValueError(f"unknown route {route.squares!r}")
+    log_p = np.abs(np.asarray(log_density, dtype=np.float64))
+    log_p = np.where(np.isfinite(log_p), log_p, 0.0)
+    return bandwidth + e * (squares + math.sqrt(n) + 1 + log_p)
+
+
+def whitened_sq_norm(points, bandwidth, centre=None) -> np.ndarray:
+    """``|y|^2 = (x - centre)^T H^-1 (x - centre)`` for points (m, d), kernel covariance ``H`` (d, d).
+
+    ``centre=None`` is the origin (scipy whitens uncentred data).
+    """
+    x = np.atleast_2d(np.asarray(points, dtype=np.float64))
+    h = np.atleast_2d(np.asarray(bandwidth, dtype=np.float64))
+    if centre is not None:
+        x = x - np.asarray(centre, dtype=np.float64)
+    return np.einsum("ij,ij->i", x, np.linalg.solve(h, x.T).T)
+
+
+def bandwidth_from_whitening(bw_transform) -> np.ndarray:
+    """Kernel covariance ``H = (L L^T)^-1`` of the adapter's / anomalib's ``bw_transform`` buffer ``L``."""
+    w = np.asarray(bw_transform, dtype=np.float64)
+    return np.linalg.inv(w @ w.T)
+
+
+def kde_log_density_whitened(train_w, queries_w, log_norm, weights=None) -> np.ndarray:
+    """Reference log-densities in float64 from whitened data and queries (direct differences, log-sum-exp).
+
+    For tolerances only: gives the exponent ``q`` of :func:`kde_exponent` independently of the code under
+    test (anomalib's float32 densities underflow to 0 where a bound still needs ``q``).
+    """
+    t = np.asarray(train_w, dtype=np.float64)
+    y = np.asarray(queries_w, dtype=np.float64)
+    w = np.full(len(t), 1.0 / len(t)) if weights is None else np.asarray(weights, dtype=np.float64) / np.sum(weights)
+    expo = -0.5 * ((y[:, None, :] - t[None, :, :]) ** 2).sum(-1)
+    top = expo.max(axis=1)
+    return top + np.log(np.exp(expo - top[:, None]) @ w) + log_norm
+
+
+def kde_log_density(train, queries, bandwidth, weights=None) -> np.ndarray:
+    """Reference log-densities in float64 of a Gaussian KDE given in data coordinates (rows are points)."""
+    h = np.atleast_2d(np.asarray(bandwidth, dtype=np.float64))
+    chol = np.linalg.cholesky(h)
+    whiten = lambda a: np.linalg.solve(chol, np.atleast_2d(np.asarray(a, dtype=np.float64)).T).T  # noqa: E731
+    log_norm = -0.5 * np.linalg.slogdet(2 * np.pi * h)[1]
+    return kde_log_density_whitened(whiten(train), whiten(queries), log_norm, weights)
+
+
+def weighted_sum_rtol(n: int, dtype=np.float64) -> float:
+    """Relative difference allowed between two sums of the same n non-negative values (other orders).
+
+    :func:`sum_error` plus the rounding of the products with the weights, doubled. Used where both sides
+    compute identical per-point values (the same scipy routine on the same inputs) and differ only in
+    how they add them up.
+    """
+    return TWO_SIDES * (sum_error(n, dtype) + eps(dtype))
+
+
+@dataclass(frozen=True)
+class KDEErrorModel:
+    """Tolerances for comparing two computations of the same KDE on the same queries.
+
+    The allowed relative difference of densities is the sum of both routes' :func:`kde_route_error`; the
+    allowed absolute difference of log-densities is the same number (``|d log p| = |dp / p|``).
+    """
+
+    d: int
+    n: int
+    cond: float
+    log_norm: float
+    routes: tuple
+    query_sq_norms: tuple
+    input_term: float = 0.0
+
+    @classmethod
+    def of(
+        cls, train, queries, bandwidth, routes, *, shared_whitening: bool = False, weights=None, input_rounding=0.0
+    ):
+        """Problem numbers for ``train`` (n, d), ``queries`` (m, d), kernel covariance ``bandwidth`` (d, d).
+
+        ``routes``: the two computations compared (:class:`Route`). ``shared_whitening``: both use the same
+        stored whitening and normaliser, so bound (1) is absent.
+
+        ``input_rounding``: when the two computations see data that differ by up to this much per
+        coordinate (e.g. ``x`` against ``x + 1e3`` rounded), the fitted covariance ``C`` moves too:
+        ``dC = (dX^T Xc + Xc^T dX) / (n - 1)`` gives ``|C^-1/2 dC C^-1/2| <= 2 sqrt(2 d) dx |C^-1|^1/2``
+        (whitened data have unit covariance), which enters like bound (1) without ``kappa``. Its effect on
+        the points themselves is the direct-difference term of a route measured from the origin of the
+        offset problem.
+        """
+        x = np.atleast_2d(np.asarray(train, dtype=np.float64))
+        h = np.atleast_2d(np.asarray(bandwidth, dtype=np.float64))
+        n, d = x.shape
+        y2 = []
+        for route in routes:
+            centre = route.centre
+            if isinstance(centre, str):
+                centre = np.average(x, axis=0, weights=weights)
+            y2.append(whitened_sq_norm(queries, h, centre))
+        log_norm = float(-0.5 * np.linalg.slogdet(2 * np.pi * h)[1])
+        cond = 0.0 if shared_whitening else float(np.linalg.cond(h))
+        input_term = 0.0
+        if input_rounding:
+            data_cov = np.atleast_2d(np.cov(x.T, aweights=weights))
+            input_term = 2 * math.sqrt(2 * d) * float(input_rounding) * math.sqrt(1 / np.linalg.eigvalsh(data_cov)[0])
+        return cls(d, n, cond, log_norm, tuple(routes), tuple(y2), input_term)
+
+    def rtol_each(self, log_density) -> np.ndarray:
+        """Per-query relative tolerance of densities, given reference log-densities."""
+        q = kde_exponent(log_density, self.log_norm)
+        routes = sum(
+            kde_route_error(route, q, y2, log_density, d=self.d, n=self.n, cond=self.cond)
+            for route, y2 in zip(self.routes, self.query_sq_norms)
+        )
+        return routes + self.input_term * (q + self.d) / 2
+
+    def rtol(self, log_density) -> float:
+        """Scalar relative tolerance of densities: the largest per-query bound."""
+        return float(np.max(self.rtol_each(log_density), initial=0.0))
+
+    def log_atol_each(self, log_density) -> np.ndarray:
+        """Per-query absolute tolerance of log-densities: the density bound itself (first order)."""
+        return self.rtol_each(log_density)
+
+    def log_atol(self, log_density) -> float:
+        """Scalar absolute tolerance of log-densities: the largest per-query bound."""
+        return self.rtol(log_density)
+
+    def atol(self) -> float:
+        """Absolute tolerance of densities in the subnormal range, where rounding is absolute.
+
+        Each route adds at most ``n + 1`` roundings of the subnormal spacing ``eps * tiny`` (n kernels that
+        underflow partly, and the result), scaled by the normaliser when it multiplies a subnormal kernel
+        sum (scipy: ``norm * sum_i w_i exp(-q_i / 2)``); above ``tiny / eps`` this is negligible.
+        """
+        scale = math.exp(max(0.0, self.log_norm))
+        return float(
+            sum((self.n + 1) * eps(r.dtype) * _tiny(r.dtype) * scale for r in self.routes if r.squares != "exact")
+        )
+
+
+# --------------------------------------------------------------------------- per-patch Gaussians (PaDiM)
+def covariance_backward_error(n: int, c: int, dtype=np.float64) -> float:
+    """``|dA| / |A|`` for ``A = Xc^T Xc / (n - 1) + ridge I`` (c x c, n observations) then factored.
+
+    Centring rounds each difference relative to itself (exactly, by Sterbenz, for data near its mean); each
+    entry is a sum of n products (:func:`sum_error`, plus one rounding for the product); the entrywise bound
+    becomes a 2-norm one with a factor ``c``; Cholesky adds ``2 c eps |A|`` (Higham thm. 10.3 in norm form).
+    """
+    return c * (sum_error(n, dtype) + eps(dtype)) + 2 * c * eps(dtype)
+
+
+def covariance_atol(observations, weights=None) -> np.ndarray:
+    """Entrywise absolute difference allowed between two computed sample covariances (unbiased).
+
+    ``observations`` (n, c), optional ``weights`` (numpy's ``aweights``). Each entry
+    ``sum_k w_k a_k b_k / norm`` of the centred data is a sum of n products:
+    ``(sqrt(n) + 3) eps (|Xc|^T W |Xc|)_ij / norm`` (the sum, the products, the division; the centring
+    rounds each difference relative to itself). A mean off by ``delta`` (``mean_atol``'s one-sided
+    ``(sqrt(n) + 1) eps max|x|``) cancels to first order, the centred data summing to zero, and leaves
+    ``sum(w) delta_i delta_j / norm``: what remains of a covariance that is 0 (constant data). Doubled.
+    """
+    x = np.asarray(observations, dtype=np.float64)
+    n = x.shape[0]
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+    centred = np.abs(x - np.average(x, axis=0, weights=w))
+    norm = max(w.sum() - (w**2).sum() / w.sum(), 1e-300)  # numpy.cov's normaliser, ddof = 1 (n - 1 unweighted)
+    delta = (sum_error(n) + eps(np.float64)) * np.abs(x).max(axis=0)
+    first = (sum_error(n) + 3 * eps(np.float64)) * (centred.T @ (w[:, None] * centred)) / norm
+    return TWO_SIDES * (first + w.sum() * np.outer(delta, delta) / norm)
+
+
+def cholesky_atol(covariance, n: int) -> float:
+    """Entrywise absolute difference allowed between two Cholesky factors of computed covariances.
+
+    Perturbation theory of the Cholesky factor (Sun 1991; Higham thm. 10.8): a relative backward error
+    ``delta`` (:func:`covariance_backward_error`) of ``A`` moves ``R`` by ``|dR| <= kappa(A) delta |R|``
+    (2-norms, first order, an entry bounded by the 2-norm). Doubled.
+    """
+    a = np.atleast_2d(np.asarray(covariance, dtype=np.float64))
+    kappa = np.linalg.cond(a)
+    return float(TWO_SIDES * kappa * covariance_backward_error(n, a.shape[0]) * math.sqrt(np.linalg.norm(a, 2)))
+
+
+def log_det_atol(covariance, n: int) -> float:
+    """Absolute difference allowed between two computed ``log det`` of a fitted covariance.
+
+    ``|d log det A| = |tr(A^-1 dA)| <= d kappa(A) delta`` with ``delta`` from
+    :func:`covariance_backward_error`, doubled.
+    """
+    a = np.atleast_2d(np.asarray(covariance, dtype=np.float64))
+    return float(TWO_SIDES * a.shape[0] * np.linalg.cond(a) * covariance_backward_error(n, a.shape[0]))
+
+
+def mean_atol(x_abs_max: float, n: int, dtype=np.float64) -> float:
+    """Absolute difference allowed between two computed means of n values of magnitude <= ``x_abs_max``.
+
+    A sum of n terms (:func:`sum_error`) and a division: ``(sqrt(n) + 1) eps max|x|`` each, doubled.
+    """
+    return TWO_SIDES * (sum_error(n, dtype) + eps(dtype)) * float(x_abs_max)
+
+
+def precision_atol(covariance, n: int, dtype=np.float64) -> float:
+    """Entrywise absolute difference allowed between two computed inverses of regularised covariances.
+
+    ``covariance``: the regularised ``A`` (..., c, c) the inverses are of, fitted from n observations. A
+    relative backward error ``delta`` (:func:`covariance_backward_error`) of ``A`` perturbs its inverse ``P``
+    by ``|dP| <= kappa(A) delta |P|`` (2-norms, first order; an entry is bounded by the 2-norm). The
+    largest over the stack, doubled.
+    """
+    a = np.asarray(covariance, dtype=np.float64)
+    c = a.shape[-1]
+    delta = covariance_backward_error(n, c, dtype)
+    sv = np.linalg.svd(a.reshape(-1, c, c), compute_uv=False)
+    kappa = sv[:, 0] / sv[:, -1]
+    p_norm = 1.0 / sv[:, -1]
+    return float(TWO_SIDES * np.max(kappa * delta * p_norm))
+
+
+def mahalanobis_tolerances(
+    covariance, n: int, mean_error: float = 0.0, dtype=np.float64, *, shared_fit: bool = False
+) -> tuple[float, float]:
+    """``(rtol, atol)`` between two computed Mahalanobis distances ``sqrt(d^T P d)`` (PaDiM's score).
+
+    With ``delta`` the covariance backward error (:func:`covariance_backward_error`) and ``kappa = cond(A)``:
+    the fit moves ``d^2`` by ``<= kappa delta d^2`` (absent with ``shared_fit``: both use the same stored
+    mean and precision); evaluating ``d^T P d`` (products of c terms, sums) rounds by
+    ``<= (c + 2) eps |d|^T |P| |d| <= (c + 2) c eps kappa d^2``; the square root halves relative errors. A
+    mean off by ``mean_error`` per entry shifts ``d`` by at most ``sqrt(c |P|) mean_error``: an absolute
+    term, which is what matters for queries near the mean. Doubled for the two sides.
+    """
+    a = np.asarray(covariance, dtype=np.float64)
+    c = a.shape[-1]
+    sv = np.linalg.svd(a.reshape(-1, c, c), compute_uv=False)
+    kappa = float(np.max(sv[:, 0] / sv[:, -1]))
+    p_norm = float(np.max(1.0 / sv[:, -1]))
+    delta = 0.0 if shared_fit else covariance_backward_error(n, c, dtype)
+    rtol = TWO_SIDES * 0.5 * kappa * (delta + (c + 2) * c * eps(dtype))
+    atol = TWO_SIDES * math.sqrt(c * p_norm) * float(mean_error)
+    return rtol, atol
+
+
+def patch_covariances(embedding, ridge: float) -> np.ndarray:
+    """Regularised per-patch covariances ``cov + ridge I`` (P, C, C) of an embedding (B, C, *spatial), float64.
+
+    The exact-enough problem numbers (condition numbers, norms) for :func:`precision_atol` and
+    :func:`mahalanobis_tolerances`.
+    """
+    x = np.asarray(embedding, dtype=np.float64)
+    b, c = x.shape[:2]
+    v = x.reshape(b, c, -1)
+    centred = v - v.mean(axis=0)
+    cov = np.einsum("bcp,bdp->pcd", centred, centred) / max(b - 1, 1)
+    return cov + ridge * np.eye(c)
