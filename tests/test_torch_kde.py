@@ -40,14 +40,6 @@ def _data(n=300, d=3, offset=0.0, seed=0, dtype=np.float64):
     return (rng.normal(size=(n, d)) @ mixing + offset).astype(dtype)
 
 
-def _core_kde_ready() -> bool:
-    try:
-        anomstats.GaussianKDE(np.random.default_rng(0).normal(size=(1, 10)))
-    except NotImplementedError:
-        return False
-    return True
-
-
 # --------------------------------------------------------------------------- scipy / core parity
 @given(n=st.integers(8, 120), d=st.integers(1, 4), offset=st.sampled_from([0.0, 3.0]), seed=st.integers(0, 2**16))
 def test_float64_densities_equal_scipy(n, d, offset, seed):
@@ -69,7 +61,6 @@ def test_float64_densities_equal_scipy(n, d, offset, seed):
     )
 
 
-@pytest.mark.skipif(not _core_kde_ready(), reason="anomstats.GaussianKDE not implemented yet")
 @given(
     n=st.integers(8, 120),
     d=st.integers(1, 4),
@@ -93,7 +84,6 @@ def test_float64_densities_equal_the_core_for_any_mean(n, d, offset, seed):
     )
 
 
-@pytest.mark.skipif(not _core_kde_ready(), reason="anomstats.GaussianKDE not implemented yet")
 @pytest.mark.parametrize("offset", [0.0, 1e3, 1e6])
 def test_parity_with_the_numpy_core_float64(offset):
     x = _data(500, 4, offset, seed=1)
@@ -111,7 +101,6 @@ def test_parity_with_the_numpy_core_float64(offset):
     )
 
 
-@pytest.mark.skipif(not _core_kde_ready(), reason="anomstats.GaussianKDE not implemented yet")
 def test_parity_with_the_numpy_core_float32():
     x = _data(2000, 4, 1.0, seed=3, dtype=np.float32)
     queries = _data(64, 4, 1.0, seed=4, dtype=np.float32)
