@@ -26,6 +26,8 @@ from numpy.typing import DTypeLike
 __all__ = [
     "DTypeError",
     "D_GREATER_THAN_N",
+    "NON_FINITE_DATA",
+    "NON_FINITE_POINTS",
     "NotFittedError",
     "SINGULAR_DATA",
     "SHRINKAGE_METHODS",
@@ -55,6 +57,13 @@ D_GREATER_THAN_N = (
     "Note that `gaussian_kde` interprets each *column* of `dataset` to be a point; consider "
     "transposing the input to `dataset`. A Gaussian KDE needs more points than dimensions."
 )
+#: ``ValueError`` when the data hold NaN or infinity.
+NON_FINITE_DATA = (
+    "`dataset` must contain only finite values (array must not contain infs or NaNs); remove or replace "
+    "the NaN or infinite values."
+)
+#: ``ValueError`` when query points hold NaN or infinity.
+NON_FINITE_POINTS = "points must contain only finite values (array must not contain infs or NaNs)."
 #: ``numpy.linalg.LinAlgError`` when the data covariance is singular.
 SINGULAR_DATA = (
     "The data appears to lie in a lower-dimensional subspace of the space in which it is expressed. "

@@ -22,7 +22,14 @@ from ._budget import DEFAULT_MEMORY_BUDGET
 from ._kernel_sums import WhitenedCentres, kernel_sums
 from ._parallel import single_threaded_blas
 from .covariance import cov
-from ._validation import D_GREATER_THAN_N, SINGULAR_DATA, check_memory_budget, check_workers
+from ._validation import (
+    D_GREATER_THAN_N,
+    NON_FINITE_DATA,
+    NON_FINITE_POINTS,
+    SINGULAR_DATA,
+    check_memory_budget,
+    check_workers,
+)
 from ._weights import kde_weights_of_valid_shape, normalised_kde_weights
 
 __all__ = ["GaussianKDE", "DEFAULT_MEMORY_BUDGET"]
@@ -210,9 +217,7 @@ class GaussianKDE:
             self._neff = _bw.neff_of_normalised(self._weights)
         if np.issubdtype(data.dtype, np.number) and not np.issubdtype(data.dtype, np.complexfloating):
             if not np.all(np.isfinite(data)):
-                raise ValueError(
-                    "`dataset` must contain only finite values (array must not contain infs or NaNs)."
-                )
+                raise ValueError(NON_FINITE_DATA)
 
         try:
             self.set_bandwidth(bw_method=bw_method)
@@ -423,7 +428,7 @@ class GaussianKDE:
         points = self._points_matrix(points)
         dtype = self._output_dtype(points)
         if not np.all(np.isfinite(points)):
-            raise ValueError("points must contain only finite values (array must not contain infs or NaNs).")
+            raise ValueError(NON_FINITE_POINTS)
         state = self._evaluation_state(dtype)
         z = _whiten(np.asarray(points, dtype=dtype), state.mean, state.cho)
         log_sums, sums = kernel_sums(state.centres, z, memory_budget=self.memory_budget, workers=self.workers)

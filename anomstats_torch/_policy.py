@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 
 from anomstats._budget import DEFAULT_MEMORY_BUDGET, items_per_chunk
-from anomstats._validation import require_finite
 
 #: Default budget, in bytes, for the temporaries of one chunk of a hot kernel.
 DEFAULT_CHUNK_BYTES = DEFAULT_MEMORY_BUDGET
@@ -49,13 +48,6 @@ def as_float_tensor(value: object, name: str) -> Tensor:
     if value.dtype.is_complex:
         raise TypeError(f"{name} must be real, got dtype {value.dtype}")
     return value
-
-
-def check_finite(value: Tensor, name: str) -> None:
-    """Raise ``ValueError`` naming ``name`` if ``value`` holds NaN or infinity (skipped while tracing)."""
-    if is_tracing() or not value.is_floating_point():
-        return
-    require_finite(bool(torch.isfinite(value).all()), name)
 
 
 def is_tracing() -> bool:

@@ -25,14 +25,19 @@ from anomstats._rules import (
     gaussian_log_normaliser,
     trusted_sum_floor,
 )
-from anomstats._validation import D_GREATER_THAN_N, SINGULAR_DATA, NotFittedError, check_memory_budget
+from anomstats._validation import (
+    D_GREATER_THAN_N,
+    NON_FINITE_DATA,
+    SINGULAR_DATA,
+    NotFittedError,
+    check_memory_budget,
+)
 from anomstats.bandwidth import bandwidth_factor, check_factor, resolve_bw_method
 
 from ._policy import (
     DEFAULT_CHUNK_BYTES,
     TRACE_PLANNING_ROWS,
     as_float_tensor,
-    check_finite,
     is_tracing,
     rows_per_chunk,
     static_shapes_while_tracing,
@@ -229,7 +234,8 @@ class GaussianKDE(DynamicBufferModule):
         n, d = x.shape
         if d == 0 or n <= d:  # the covariance would be singular whatever the rounding
             raise ValueError(f"{D_GREATER_THAN_N} Got N={n} points in D={d} dimensions.")
-        check_finite(x, "dataset")
+        if not is_tracing() and not bool(torch.isfinite(x).all()):
+            raise ValueError(NON_FINITE_DATA)  # the core KDE's message
         store_dtype = working_dtype(self.bw_transform.dtype, x.dtype)
         x64 = x.to(torch.float64)
         whitening = _whitening_factor(self.cov(x64.mT), self._factor(n, d))
