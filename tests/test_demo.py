@@ -39,7 +39,10 @@ def test_auroc_properties(pairs):
         return
     a = auroc(scores, labels)
     assert 0.0 <= a <= 1.0
-    # Reversing the scores mirrors the curve; a monotone transform changes nothing.
+    # Reversing the scores mirrors the curve; a monotone transform changes nothing. Bound: an AUROC is a
+    # count of ranked pairs (an integer below 2^53, exact) divided once by the number of pairs, so two
+    # ways of computing it differ by a few eps (~1e-15); 1e-12 leaves a wide margin and still fails on
+    # a single misranked pair among fewer than 10^12.
     assert auroc(-scores, labels) == pytest.approx(1.0 - a, abs=1e-12)
     assert auroc(np.arctan(scores / 100), labels) == pytest.approx(a, abs=1e-12)
     # Brute force: the fraction of (anomalous, normal) pairs ranked right, ties counting one half.
@@ -149,6 +152,8 @@ def test_quick_demo_torch_backend_agrees_with_numpy(tmp_path):
     torch_run = run_demo(str(tmp_path / "t.png"), backend="torch", quick=True, verbose=False)
     numpy_run = run_demo(str(tmp_path / "n.png"), backend="numpy", quick=True, verbose=False)
     assert torch_run.backend == "torch"
+    # Bound: the torch backend scores in float32 (relative error ~1e-6 against float64), which can only
+    # swap pairs whose scores are that close; the quick demo's AUROCs move by one such pair in 10^3 at most.
     for d in numpy_run.dfkde_auroc:
         assert torch_run.dfkde_auroc[d] == pytest.approx(numpy_run.dfkde_auroc[d], abs=1e-3)
         assert torch_run.padim_pixel_auroc[d] == pytest.approx(numpy_run.padim_pixel_auroc[d], abs=1e-3)

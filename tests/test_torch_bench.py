@@ -21,5 +21,7 @@ def test_quick_run_writes_rows_with_ratios_and_small_differences(tmp_path, monke
         assert {"suite", "case", "library", "seconds", "device"} <= set(row) and row["seconds"] > 0
     ours = [r for r in rows if r["library"] == bench_torch.OURS]
     assert all("ratio" in r and "max_rel_diff" in r for r in ours)
-    assert summary["max_rel_diff"] < 1e-3  # float32 agreement with anomalib's algorithms
+    # Bound: both sides run in float32; anomalib's explicit inverse of the ridge-regularised covariance
+    # (condition number below ~1e2 at these sizes) is off by about κ·C·eps32 ~ 1e-4 relative.
+    assert summary["max_rel_diff"] < 1e-3
     assert "kde_forward" in capsys.readouterr().out
