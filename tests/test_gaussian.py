@@ -96,7 +96,7 @@ def fit_bounds(data, ridge=DEFAULT_RIDGE, shrinkage=None, streamed=False, merges
     }
 
 
-def logpdf_atol(covariance, n, d2, mean_error=0.0, *, shared_fit=False):
+def logpdf_atol(covariance, n, d2, mean_error=0.0, *, shared_fit=False, dtype=np.float64):
     """Absolute tolerance of ``log p = -(c log 2 pi + log det A + d^2) / 2`` between two computations.
 
     ``d^2`` by ``2 rtol d^2 + 2 d atol + atol^2`` (mahalanobis_tolerances for d), ``log det`` by
@@ -105,12 +105,12 @@ def logpdf_atol(covariance, n, d2, mean_error=0.0, *, shared_fit=False):
     """
     a = np.atleast_2d(np.asarray(covariance, dtype=np.float64))
     c = a.shape[-1]
-    rtol, atol = mahalanobis_tolerances(a, n, mean_error, shared_fit=shared_fit)
+    rtol, atol = mahalanobis_tolerances(a, n, mean_error, dtype, shared_fit=shared_fit)
     d2 = np.asarray(d2, dtype=np.float64)
     d = np.sqrt(d2)
     det = (TWO_SIDES * c * np.linalg.cond(a) * 2 * c * eps(np.float64)) if shared_fit else log_det_atol(a, n)
     terms = c * math.log(2 * math.pi) + abs(np.linalg.slogdet(a)[1]) + d2
-    return 0.5 * (2 * rtol * d2 + 2 * d * atol + atol**2 + det) + TWO_SIDES * eps(np.float64) * terms
+    return 0.5 * (2 * rtol * d2 + 2 * d * atol + atol**2 + det) + TWO_SIDES * eps(dtype) * terms
 
 
 def fits_close(actual, expected, bounds, names):
