@@ -503,7 +503,7 @@ def cholesky_perturbation_atol(a, da) -> float:
     return float(sv[0] / sv[-1] * np.linalg.norm(np.asarray(da, dtype=np.float64)) / sv[0] * math.sqrt(sv[0]))
 
 
-def streamed_covariance_atol(observations, merges: int) -> np.ndarray:
+def streamed_covariance_atol(observations, merges: int, dtype=np.float64) -> np.ndarray:
     """Entrywise extra difference of a covariance merged from ``merges + 1`` parts, against one pass.
 
     Each merge (Chan, Golub, LeVeque) adds ``(n_a n_b / n) D D^T`` to the centred sums, with ``D`` the
@@ -511,10 +511,11 @@ def streamed_covariance_atol(observations, merges: int) -> np.ndarray:
     :func:`mean_atol`), ``D`` by twice that (``e``), and ``|D_i| <= range_i`` of the data,
     ``n_a n_b / n <= n / 4``: per merge ``(n / 4) (e_i range_j + range_i e_j) / (n - 1)``. For data far from
     the origin (an offset of 100, a small spread) this first-order term exceeds :func:`covariance_atol`'s.
+    ``dtype``: the accumulation's.
     """
     x = np.atleast_2d(np.asarray(observations, dtype=np.float64))
     n = x.shape[0]
-    e = 2 * (sum_error(n) + eps(np.float64)) * np.abs(x).max(axis=0)
+    e = 2 * (sum_error(n, dtype) + eps(dtype)) * np.abs(x).max(axis=0)
     spread = x.max(axis=0) - x.min(axis=0)
     return int(merges) * (n / 4) * (np.outer(e, spread) + np.outer(spread, e)) / max(n - 1, 1)
 
