@@ -459,3 +459,153 @@ def patch_covariances(embedding, ridge: float) -> np.ndarray:
     centred = v - v.mean(axis=0)
     cov = np.einsum("bcp,bdp->pcd", centred, centred) / max(b - 1, 1)
     return cov + ridge * np.eye(c)
+
+
+# --------------------------------------------------------------------------- Gaussian fits: perturbations, shrinkage
+def cholesky_residual_atol(covariance, dtype=np.float64) -> np.ndarray:
+    """Entrywise ``|R^T R - A|`` allowed for a computed Cholesky factor ``R`` of ``A`` (c x c), one side.
+
+    Higham thm. 10.3: ``R^T R = A + dA`` with ``|dA| <= (c + 1) eps |R^T| |R|``, and
+    ``(|R^T| |R|)_ij <= |r_i| |r_j| = sqrt(a_ii a_jj)`` (Cauchy-Schwarz on the columns of R).
+    """
+    a = np.atleast_2d(np.asarray(covariance, dtype=np.float64))
+    d = np.sqrt(np.abs(np.diagonal(a, axis1=-2, axis2=-1)))
+    return (a.shape[-1] + 1) * eps(dtype) * d[..., :, None] * d[..., None, :]
+
+
+def inverse_perturbation_atol(a, da) -> float:
+    """Entrywise change of ``A^-1`` allowed when ``A`` (c x c) moves by at most ``da`` per entry.
+
+    First order: ``d(A^-1) = -A^-1 dA A^-1``, so ``|d(A^-1)|_ij <= ||A^-1||_2^2 ||dA||_2`` and
+    ``||dA||_2 <= ||dA||_F``. With ``||dA|| = delta ||A||`` this is :func:`precision_atol`'s ``kappa delta |P|``.
+    """
+    a = np.atleast_2d(np.asarray(a, dtype=np.float64))
+    p_norm = 1.0 / np.linalg.svd(a, compute_uv=False)[-1]
+    return float(p_norm**2 * np.linalg.norm(np.asarray(da, dtype=np.float64)))
+
+
+def log_det_perturbation_atol(a, da) -> float:
+    """Change of ``log det A`` allowed when ``A`` moves by at most ``da`` per entry.
+
+    First order: ``d log det A = tr(A^-1 dA) <= ||A^-1||_F ||dA||_F``.
+    """
+    a = np.atleast_2d(np.asarray(a, dtype=np.float64))
+    return float(np.linalg.norm(np.linalg.inv(a)) * np.linalg.norm(np.asarray(da, dtype=np.float64)))
+
+
+def cholesky_perturbation_atol(a, da) -> float:
+    """Entrywise change of the Cholesky factor ``R`` of ``A`` allowed when ``A`` moves by ``da`` per entry.
+
+    As :func:`cholesky_atol` (``|dR| <= kappa(A) |dA| / |A| |R|``, 2-norms) with ``|dA|_2 <= ||dA||_F``.
+    """
+    a = np.atleast_2d(np.asarray(a, dtype=np.float64))
+    sv = np.linalg.svd(a, compute_uv=False)
+    return float(sv[0] / sv[-1] * np.linalg.norm(np.asarray(da, dtype=np.float64)) / sv[0] * math.sqrt(sv[0]))
+
+
+def streamed_covariance_atol(observations, merges: int, dtype=np.float64) -> np.ndarray:
+    """Entrywise extra difference of a covariance merged from ``merges + 1`` parts, against one pass.
+
+    Each merge (Chan, Golub, LeVeque) adds ``(n_a n_b / n) D D^T`` to the centred sums, with ``D`` the
+    difference of the parts' means. Each mean is off by up to ``(sqrt(n) + 1) eps max|x|`` (one side of
+    :func:`mean_atol`), ``D`` by twice that (``e``), and ``|D_i| <= range_i`` of the data,
+    ``n_a n_b / n <= n / 4``: per merge ``(n / 4) (e_i range_j + range_i e_j) / (n - 1)``. For data far from
+    the origin (an offset of 100, a small spread) this first-order term exceeds :func:`covariance_atol`'s.
+    ``dtype``: the accumulation's.
+    """
+    x = np.atleast_2d(np.asarray(observations, dtype=np.float64))
+    n = x.shape[0]
+    e = 2 * (sum_error(n, dtype) + eps(dtype)) * np.abs(x).max(axis=0)
+    spread = x.max(axis=0) - x.min(axis=0)
+    return int(merges) * (n / 4) * (np.outer(e, spread) + np.outer(spread, e)) / max(n - 1, 1)
+
+
+def streamed_fourth_power_error(observations, merges: int = 0) -> float:
+    """Absolute error of ``F = sum_n ||x_n - m||^4`` formed from the moments of ``(||x||^2, x)``, one side.
+
+    The streaming Ledoit-Wolf fit (``anomstats.gaussian``, class notes "Streaming Ledoit-Wolf") computes
+    ``F = n var(q) + n trace(S)^2`` with ``q = ||x - m||^2 = a - 2 m^T b + const``, ``a_k = r_k - mean(r)``,
+    ``r_k = ||x_k||^2``, ``b_k = x_k - m``: ``n var(q) = sum a^2 - 4 m^T sum a b + 4 m^T (n S) m``. The
+    terms are of size ``||m||^2 trace(S)``, the result of size ``trace(S)^2``: that cancellation is the
+    class notes' relative loss ``eps ||m||^2 / trace(S)``. Precisely, with ``g_k = |a_k| + 2 |m|^T |b_k|``:
+
+    * the sums of n products (and the merges' mean corrections, which are sums too) round by
+      ``(sqrt(n) + c + 3) eps sum_k g_k^2`` (:func:`sum_error`, the c-term products ``m^T b``);
+    * ``r_k`` itself is rounded by ``(c + 1) eps r_k`` before centring, which moves ``sum_k g_k^2`` by
+      ``2 (c + 1) eps sum_k g_k r_k``;
+    * ``n trace(S)^2`` by ``2 (sqrt(n) + 3) eps n trace(S)^2``;
+    * each of ``merges`` merges adds ``(n_a n_b / n) D D^T`` of the parts' mean differences
+      (:func:`streamed_covariance_atol` for the augmented vector ``(r, x)``), whose error enters
+      ``n var(q)`` through the weights ``(1, -2 m)``: ``merges (n / 2) e_g range_g`` with ``e_g``,
+      ``range_g`` the mean error and range of ``r - 2 m^T x``.
+    """
+    x = np.atleast_2d(np.asarray(observations, dtype=np.float64))
+    n, c = x.shape
+    m = x.mean(axis=0)
+    b = x - m
+    r = np.einsum("ij,ij->i", x, x)
+    g = np.abs(r - r.mean()) + 2 * np.abs(b) @ np.abs(m)
+    trace = np.einsum("ij,ij->", b, b) / n
+    e = eps(np.float64)
+    mean_err = 2 * (sum_error(n) + e) * (r.max() + 2 * np.abs(m) @ np.abs(x).max(axis=0))
+    lin = r - 2 * x @ m
+    return float(
+        (sum_error(n) + (c + 3) * e) * np.sum(g**2)
+        + 2 * (c + 1) * e * np.sum(g * r)
+        + 2 * (sum_error(n) + 3 * e) * n * trace**2
+        + int(merges) * (n / 2) * mean_err * (lin.max() - lin.min())
+    )
+
+
+def shrinkage_tolerances(observations, method: str, fourth_error: float = 0.0) -> tuple[float, np.ndarray]:
+    """``(coef_atol, cov_atol)`` between two computed shrinkage coefficients of the same data (c features).
+
+    ``coef_atol``: the coefficient ``s`` in [0, 1] (``anomstats._shrinkage``: Ledoit-Wolf
+    ``s = min(beta, delta) / delta``, ``beta = (F / n - ||S||_F^2) / (c n)``, ``delta = ||S - mu I||_F^2 / c``;
+    OAS ``s = min(num / den, 1)``, ``num = ||S||_F^2 / c^2 + mu^2``,
+    ``den = (n + 1) (||S||_F^2 - c mu^2) / c^2``; ``S`` biased, ``mu = trace(S) / c``). The inputs are
+    sums of positive terms rounded by ``e1 = (sqrt(n) + c + 3) eps`` of their size (``|S_ij| <= |Xc|^T|Xc| / n``
+    entrywise, ``||S||_F^2`` by ``2 e1 ||S||_F^2``, ``F`` by ``e1 F``) plus ``fourth_error`` for a ``F``
+    streamed from moments (:func:`streamed_fourth_power_error`); the differences ``beta`` and
+    ``delta`` / ``den`` cancel, which is why their errors are divided by ``delta`` (distance of ``S`` from
+    ``mu I``), not by ``||S||^2``: ``|ds| <= |d beta| / delta + s |d delta| / delta`` (Ledoit-Wolf),
+    ``s (|d num| / num + |d den| / den)`` (OAS). Doubled (two sides; ``fourth_error``, one side's, with it).
+
+    ``cov_atol`` (c x c): what ``ds`` does to the shrunk covariance ``(1 - s) S + s mu I``:
+    ``ds |mu I - S|`` entrywise, plus rounding the shrinkage itself (``3 eps`` of its entries). The error
+    of ``S`` itself is :func:`covariance_atol`'s (``(1 - s) <= 1``).
+    """
+    x = np.atleast_2d(np.asarray(observations, dtype=np.float64))
+    n, c = x.shape
+    xc = x - x.mean(axis=0)
+    s_mat = xc.T @ xc / n
+    abs_s = np.abs(xc).T @ np.abs(xc) / n
+    mu = np.trace(s_mat) / c
+    frob = float(np.sum(s_mat**2))
+    e1 = sum_error(n) + (c + 3) * eps(np.float64)
+    d_frob = 2 * e1 * float(np.sum(abs_s**2))
+    d_trace = e1 * float(np.trace(abs_s))
+    distance = np.sum((s_mat - mu * np.eye(c)) ** 2)  # c * delta
+    if c == 1:
+        coef, d_coef = 0.0, 0.0
+    elif method == "ledoit-wolf":
+        fourth = float(np.sum(np.einsum("ij,ij->i", xc, xc) ** 2))
+        beta = (fourth / n - frob) / (c * n)
+        delta = distance / c
+        d_beta = (e1 * fourth / n + fourth_error / n + d_frob) / (c * n)
+        d_delta = (d_frob + 6 * mu * d_trace) / c  # d(frob - 2 mu trace + c mu^2)
+        coef = 0.0 if delta <= 0 else min(beta, delta) / delta
+        d_coef = math.inf if delta <= 0 else (d_beta + max(coef, 0.0) * d_delta) / delta
+    elif method == "oas":
+        num = frob / c**2 + mu**2
+        den = (n + 1) * distance / c**2
+        d_num = d_frob / c**2 + 2 * mu * d_trace / c
+        d_den = (n + 1) * (d_frob + 2 * mu * d_trace) / c**2
+        coef = 1.0 if den <= 0 else min(num / den, 1.0)
+        d_coef = math.inf if den <= 0 else coef * (d_num / num + d_den / den)
+    else:
+        raise ValueError(f"unknown shrinkage {method!r}")
+    coef_atol = TWO_SIDES * d_coef
+    shrunk = (1 - coef) * s_mat + coef * mu * np.eye(c)
+    cov_atol = coef_atol * np.abs(mu * np.eye(c) - s_mat) + TWO_SIDES * 3 * eps(np.float64) * np.abs(shrunk)
+    return float(min(coef_atol, 1.0)), cov_atol

@@ -20,6 +20,26 @@ from scipy.stats import multivariate_normal
 from anomstats import MultiVariateGaussian
 from anomstats._validation import check_fit_shape, check_score_shape, describe_patch
 from anomstats.gaussian import DEFAULT_RIDGE, NotFittedError
+from tests._tolerances import (
+    TWO_SIDES,
+    cholesky_atol,
+    cholesky_perturbation_atol,
+    cholesky_residual_atol,
+    covariance_atol,
+    eps,
+    inverse_perturbation_atol,
+    log_det_atol,
+    log_det_perturbation_atol,
+    mahalanobis_tolerances,
+    assert_close_each,
+    covariance_backward_error,
+    mean_atol,
+    patch_covariances,
+    precision_atol,
+    shrinkage_tolerances,
+    streamed_covariance_atol,
+    streamed_fourth_power_error,
+)
 
 SPATIAL_SHAPES = [(), (3,), (2, 3)]
 
@@ -40,14 +60,69 @@ def patches(x: np.ndarray) -> np.ndarray:
     return np.moveaxis(x.reshape(n, c, -1), 2, 0)
 
 
-def assert_close_rel(actual, expected, rtol):
-    """Max abs difference relative to the largest reference magnitude (per whole array)."""
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    assert actual.shape == expected.shape
-    scale = max(np.abs(expected).max(), np.finfo(float).tiny)
-    err = np.abs(actual - expected).max() / scale
-    assert err <= rtol, f"relative error {err:.3g} > {rtol:.1g}"
+def fit_bounds(data, ridge=DEFAULT_RIDGE, shrinkage=None, streamed=False, merges=0):
+    """Entrywise tolerances between two float64 fits of one patch's data (n, c), from tests/_tolerances.py.
+
+    mean_atol (sums of n values); covariance_atol (n-term sums of products); the regularised
+    covariance ``A`` then carries precision_atol / cholesky_atol / log_det_atol (kappa(A) times the
+    backward error of accumulation and factorisation, both sides). With shrinkage, the coefficient's
+    own error (shrinkage_tolerances; a ``streamed`` (partial_fit) Ledoit-Wolf fit adds streamed_fourth_power_error, the
+    eps ||m||^2 / trace(S) loss of the class notes) moves ``A`` by ``extra``, which the inverse,
+    factor and log det amplify by kappa(A) (the *_perturbation_atol bounds). A fit merged from
+    ``merges + 1`` parts adds streamed_covariance_atol (the merges' mean-difference corrections) to ``extra``.
+    """
+    x = np.atleast_2d(np.asarray(data, dtype=np.float64))
+    n, c = x.shape
+    cov = np.atleast_2d(np.cov(x, rowvar=False))
+    coef_atol, extra = 0.0, np.zeros((c, c))
+    if shrinkage is not None:
+        fourth = streamed_fourth_power_error(x, merges) if streamed and shrinkage == "ledoit-wolf" else 0.0
+        coef_atol, extra = shrinkage_tolerances(x, shrinkage, fourth)
+        from sklearn.covariance import OAS, LedoitWolf
+
+        cov = (LedoitWolf() if shrinkage == "ledoit-wolf" else OAS()).fit(x).covariance_
+    if merges:
+        extra = extra + streamed_covariance_atol(x, merges)
+    a = cov + ridge * np.eye(c)
+    ridge_rounding = TWO_SIDES * eps(np.float64) * np.abs(a)  # adding the ridge: one rounding per side
+    return {
+        "mean": mean_atol(np.abs(x).max(), n),
+        "covariance": covariance_atol(x) + extra + ridge_rounding,
+        "precision": precision_atol(a, n) + inverse_perturbation_atol(a, extra + ridge_rounding),
+        "cholesky": cholesky_atol(a, n) + cholesky_perturbation_atol(a, extra + ridge_rounding),
+        "log_det": log_det_atol(a, n) + log_det_perturbation_atol(a, extra + ridge_rounding),
+        "shrinkage": coef_atol,
+        "A": a,
+    }
+
+
+def logpdf_atol(covariance, n, d2, mean_error=0.0, *, shared_fit=False, dtype=np.float64):
+    """Absolute tolerance of ``log p = -(c log 2 pi + log det A + d^2) / 2`` between two computations.
+
+    ``d^2`` by ``2 rtol d^2 + 2 d atol + atol^2`` (mahalanobis_tolerances for d), ``log det`` by
+    log_det_atol (with ``shared_fit``, the same stored ``A`` factored twice: only the factorisations'
+    ``2 c eps`` backward error, times c kappa(A), doubled), the final sum by ``2 eps`` of its terms' sizes.
+    """
+    a = np.atleast_2d(np.asarray(covariance, dtype=np.float64))
+    c = a.shape[-1]
+    rtol, atol = mahalanobis_tolerances(a, n, mean_error, dtype, shared_fit=shared_fit)
+    d2 = np.asarray(d2, dtype=np.float64)
+    d = np.sqrt(d2)
+    det = (TWO_SIDES * c * np.linalg.cond(a) * 2 * c * eps(np.float64)) if shared_fit else log_det_atol(a, n)
+    terms = c * math.log(2 * math.pi) + abs(np.linalg.slogdet(a)[1]) + d2
+    return 0.5 * (2 * rtol * d2 + 2 * d * atol + atol**2 + det) + TWO_SIDES * eps(dtype) * terms
+
+
+def fits_close(actual, expected, bounds, names):
+    """Per patch k: ``|actual.name[k] - expected.name[k]| <= bounds[k][name]`` (entrywise, rtol 0)."""
+    for k, b in enumerate(bounds):
+        for name in names:
+            got, ref = getattr(actual, name), getattr(expected, name)
+            got, ref = (got[:, k], ref[:, k]) if name == "mean" else (got[k], ref[k])
+            try:
+                assert_close_each(got, ref, rtol=0, atol=b[name])
+            except AssertionError as error:
+                raise AssertionError(f"{name} of patch {k}: {error}") from None
 
 
 fit_cases = st.tuples(
@@ -75,14 +150,21 @@ def test_fit_matches_numpy_cov_and_inverse_per_patch(case):
     for k, data in enumerate(patches(x)):
         cov = np.atleast_2d(np.cov(data, rowvar=False)) + DEFAULT_RIDGE * np.eye(c)
         inv = np.linalg.inv(cov)
-        assert_close_rel(mvg.mean[:, k], data.astype(np.float64).mean(axis=0), 1e-14)
-        assert_close_rel(mvg.covariance[k], cov, 1e-12)
-        assert_close_rel(mvg.precision[k], inv, 1e-10)
+        # float32 inputs are exact in float64: float64 bounds (fit_bounds: mean_atol, covariance_atol,
+        # precision_atol = kappa(A) delta |P|, log_det_atol = c kappa(A) delta, both sides).
+        b = fit_bounds(data)
+        assert_close_each(mvg.mean[:, k], data.astype(np.float64).mean(axis=0), rtol=0, atol=b["mean"])
+        assert_close_each(mvg.covariance[k], cov, rtol=0, atol=b["covariance"])
+        assert_close_each(mvg.precision[k], inv, rtol=0, atol=b["precision"])
         chol = mvg.cholesky[k]
-        assert np.all(np.triu(chol, 1) == 0)
-        assert_close_rel(chol @ chol.T, cov, 1e-13)
+        assert np.all(np.triu(chol, 1) == 0)  # bound 0: the upper triangle is never written
+        # R R^T against numpy's covariance: covariance_atol, plus cholesky_residual_atol (Higham 10.3,
+        # (c + 1) eps sqrt(a_ii a_jj)) twice: the factorisation's residual and this product's rounding.
+        assert_close_each(
+            chol @ chol.T, cov, rtol=0, atol=b["covariance"] + TWO_SIDES * cholesky_residual_atol(cov)
+        )
         sign, logdet = np.linalg.slogdet(cov)
-        assert sign == 1 and abs(mvg.log_det[k] - logdet) <= 1e-11 * max(1.0, abs(logdet))
+        assert sign == 1 and abs(mvg.log_det[k] - logdet) <= b["log_det"]  # log_det_atol
 
 
 @given(fit_cases)
@@ -99,7 +181,9 @@ def test_default_ridge_is_anomalib_effective_ridge():
     mvg = MultiVariateGaussian().fit(x)
     for k, data in enumerate(patches(x)):
         expected = np.cov(data, rowvar=False) + 0.01 * np.eye(6) + 1e-5 * np.eye(6)
-        assert_close_rel(mvg.covariance[k], expected, 1e-13)
+        # covariance_atol (+ the ridge's roundings, in fit_bounds) + one more eps |A| for adding two ridges
+        atol = fit_bounds(data)["covariance"] + eps(np.float64) * np.abs(expected)
+        assert_close_each(mvg.covariance[k], expected, rtol=0, atol=atol)
 
 
 def test_ridge_zero_and_custom_ridge():
@@ -107,7 +191,9 @@ def test_ridge_zero_and_custom_ridge():
     for ridge in (0.0, 0.5):
         mvg = MultiVariateGaussian(ridge=ridge).fit(x)
         for k, data in enumerate(patches(x)):
-            assert_close_rel(mvg.covariance[k], np.cov(data, rowvar=False) + ridge * np.eye(3), 1e-13)
+            # covariance_atol plus the ridge's rounding (fit_bounds)
+            atol = fit_bounds(data, ridge)["covariance"]
+            assert_close_each(mvg.covariance[k], np.cov(data, rowvar=False) + ridge * np.eye(3), rtol=0, atol=atol)
 
 
 def test_float32_input_accumulates_in_float64_by_default():
@@ -117,17 +203,32 @@ def test_float32_input_accumulates_in_float64_by_default():
     assert mvg.precision.dtype == np.float64 and mvg.mean.dtype == np.float64
     # Same result as fitting the float32 values converted exactly to float64.
     ref = MultiVariateGaussian().fit(x32.astype(np.float64))
-    np.testing.assert_allclose(mvg.precision, ref.precision, rtol=1e-13, atol=0)
+    # precision_atol of the regularised patch covariances (two float64 fits of the same values)
+    atol = precision_atol(patch_covariances(x32, DEFAULT_RIDGE), 30)
+    assert_close_each(mvg.precision, ref.precision, rtol=0, atol=atol)
 
 
 def test_float32_working_dtype():
     x = make_embedding(3, 40, 4, (2, 2))
     mvg32 = MultiVariateGaussian(dtype=np.float32).fit(x)
     mvg64 = MultiVariateGaussian().fit(x)
+    # float32 fit against float64 (whose error is negligible): the float32 backward error
+    # delta32 = covariance_backward_error(n, c, float32) of A = cov + ridge, entrywise <= delta32 ||A||_2;
+    # mean_atol, precision_atol (kappa delta |P|), cholesky: kappa delta ||A||^1/2 (as cholesky_atol), in float32.
+    a = patch_covariances(x, DEFAULT_RIDGE)
+    delta32 = covariance_backward_error(40, 4, np.float32)
+    norms = np.linalg.norm(a, 2, axis=(1, 2))
+    kappa = np.linalg.cond(a)
+    atols = {
+        "mean": mean_atol(np.abs(x).max(), 40, np.float32),
+        "covariance": TWO_SIDES * delta32 * norms.max(),
+        "cholesky": TWO_SIDES * float(np.max(kappa * delta32 * np.sqrt(norms))),
+        "precision": precision_atol(a, 40, np.float32),
+    }
     for name in ("mean", "covariance", "cholesky", "precision"):
         assert getattr(mvg32, name).dtype == np.float32
-        assert_close_rel(getattr(mvg32, name), getattr(mvg64, name), 1e-4)
-    assert np.array_equal(mvg32.precision, mvg32.precision.transpose(0, 2, 1))
+        assert_close_each(getattr(mvg32, name), getattr(mvg64, name), rtol=0, atol=atols[name])
+    assert np.array_equal(mvg32.precision, mvg32.precision.transpose(0, 2, 1))  # bound 0: exact symmetry
     assert mvg32.mahalanobis(x[:3]).dtype == np.float32
 
 
@@ -147,11 +248,11 @@ def test_chunking_and_threads_do_not_change_results(budget, workers):
     x = make_embedding(5, 25, 4, (5, 7))
     ref = MultiVariateGaussian().fit(x)
     mvg = MultiVariateGaussian(memory_budget=budget, workers=workers).fit(x)
-    for name in ("mean", "covariance", "cholesky", "precision", "log_det"):
-        np.testing.assert_allclose(getattr(mvg, name), getattr(ref, name), rtol=1e-13, atol=0)
-    np.testing.assert_allclose(
-        mvg.mahalanobis(x[:4]), ref.mahalanobis(x[:4]), rtol=1e-12
-    )
+    # Chunks and threads change the blocking of the sums: fit_bounds per patch (mean_atol, covariance_atol,
+    # precision_atol, cholesky_atol, log_det_atol), mahalanobis_tolerances for the scores.
+    fits_close(mvg, ref, [fit_bounds(p) for p in patches(x)], ("mean", "covariance", "cholesky", "precision", "log_det"))
+    rtol, atol = mahalanobis_tolerances(patch_covariances(x, DEFAULT_RIDGE), 25, mean_atol(np.abs(x).max(), 25))
+    assert_close_each(mvg.mahalanobis(x[:4]), ref.mahalanobis(x[:4]), rtol=rtol, atol=atol)
 
 
 def test_non_contiguous_and_integer_inputs():
@@ -161,7 +262,8 @@ def test_non_contiguous_and_integer_inputs():
     np.testing.assert_array_equal(MultiVariateGaussian().fit(transposed).precision, MultiVariateGaussian().fit(x).precision)
     ints = np.round(x * 10).astype(np.int32)
     mvg = MultiVariateGaussian().fit(ints)
-    assert_close_rel(mvg.covariance[0], np.cov(patches(ints)[0], rowvar=False) + DEFAULT_RIDGE * np.eye(3), 1e-13)
+    expected = np.cov(patches(ints)[0], rowvar=False) + DEFAULT_RIDGE * np.eye(3)
+    assert_close_each(mvg.covariance[0], expected, rtol=0, atol=fit_bounds(patches(ints)[0])["covariance"])  # covariance_atol
 
 
 # ---------------------------------------------------------------- shrinkage vs scikit-learn
@@ -181,9 +283,12 @@ def test_shrinkage_matches_sklearn_per_patch(seed, n, c, method, offset):
     mvg = MultiVariateGaussian(ridge=ridge, shrinkage=method).fit(x)
     for k, data in enumerate(patches(x)):
         ref = (LedoitWolf() if method == "ledoit-wolf" else OAS()).fit(data)
-        assert abs(mvg.shrinkage_[k] - ref.shrinkage_) <= 1e-9
-        assert_close_rel(mvg.covariance[k], ref.covariance_ + ridge * np.eye(c), 1e-10)
-        assert_close_rel(mvg.mean[:, k], ref.location_, 1e-14)
+        # shrinkage_tolerances: the coefficient's inputs' rounding over its cancellations (delta, den);
+        # the shrunk covariance: covariance_atol + ds |mu I - S|; mean_atol.
+        b = fit_bounds(data, ridge, method)
+        assert abs(mvg.shrinkage_[k] - ref.shrinkage_) <= b["shrinkage"]
+        assert_close_each(mvg.covariance[k], ref.covariance_ + ridge * np.eye(c), rtol=0, atol=b["covariance"])
+        assert_close_each(mvg.mean[:, k], ref.location_, rtol=0, atol=b["mean"])
 
 
 def test_ridge_is_added_on_top_of_shrinkage():
@@ -193,8 +298,10 @@ def test_ridge_is_added_on_top_of_shrinkage():
     mvg = MultiVariateGaussian(shrinkage="ledoit-wolf").fit(x)
     for k, data in enumerate(patches(x)):
         expected = LedoitWolf().fit(data).covariance_ + DEFAULT_RIDGE * np.eye(4)
-        assert_close_rel(mvg.covariance[k], expected, 1e-12)
-        assert_close_rel(mvg.precision[k], np.linalg.inv(expected), 1e-10)
+        # fit_bounds with Ledoit-Wolf: covariance_atol + the coefficient's, and its kappa(A)-amplified inverse
+        b = fit_bounds(data, DEFAULT_RIDGE, "ledoit-wolf")
+        assert_close_each(mvg.covariance[k], expected, rtol=0, atol=b["covariance"])
+        assert_close_each(mvg.precision[k], np.linalg.inv(expected), rtol=0, atol=b["precision"])
 
 
 @pytest.mark.parametrize("low_memory", [False, True])
@@ -210,7 +317,7 @@ def test_exactly_singular_patch_is_refused_not_rounded(seed, low_memory):
     # with the default ridge the same data fits and matches numpy
     mvg = MultiVariateGaussian().fit(x)
     expected = np.linalg.inv(np.cov(x[:, :, 1], rowvar=False) + DEFAULT_RIDGE * np.eye(4))
-    assert_close_rel(mvg.precision[1], expected, 1e-9)
+    assert_close_each(mvg.precision[1], expected, rtol=0, atol=fit_bounds(x[:, :, 1])["precision"])  # precision_atol
 
 
 def test_shape_in_messages_is_python_tuple_text():
@@ -248,10 +355,14 @@ def test_any_split_matches_one_shot(case):
     for part in np.split(x, cuts):
         streamed.partial_fit(part)
     assert streamed.n_samples_seen_ == n
-    for name in ("mean", "covariance", "cholesky", "precision", "log_det"):
-        assert_close_rel(getattr(streamed, name), getattr(one_shot, name), 1e-9)
-    # coefficients live in [0, 1]: compare absolutely (one near 0 is pure rounding noise)
-    np.testing.assert_allclose(streamed.shrinkage_, one_shot.shrinkage_, rtol=0, atol=1e-9)
+    # fit_bounds(streamed=True, merges=len(cuts)): the one-shot bounds, the merges' mean corrections
+    # (streamed_covariance_atol), and for Ledoit-Wolf the streamed coefficient's loss
+    # (streamed_fourth_power_error, eps ||m||^2 / trace(S) relative, over the cancellation in delta),
+    # amplified by kappa(A) in the precision, factor and log det.
+    bounds = [fit_bounds(p, shrinkage=shrinkage, streamed=True, merges=len(cuts)) for p in patches(x)]
+    fits_close(streamed, one_shot, bounds, ("mean", "covariance", "cholesky", "precision", "log_det"))
+    # coefficients live in [0, 1]: compare absolutely (shrinkage_tolerances' coef_atol)
+    assert_close_each(streamed.shrinkage_, one_shot.shrinkage_, rtol=0, atol=[b["shrinkage"] for b in bounds])
 
 
 @given(split_cases)
@@ -265,25 +376,27 @@ def test_merge_of_parts_matches_one_shot(case):
     merged = left.merge(right)
     assert merged is left and right.n_samples_seen_ == right_count
     one_shot = MultiVariateGaussian(shrinkage=shrinkage).fit(x)
-    for name in ("mean", "covariance", "precision", "log_det"):
-        assert_close_rel(getattr(merged, name), getattr(one_shot, name), 1e-9)
-    np.testing.assert_allclose(merged.shrinkage_, one_shot.shrinkage_, rtol=0, atol=1e-9)
+    # as test_any_split_matches_one_shot: fit_bounds(merges=...), shrinkage_tolerances' coef_atol
+    bounds = [fit_bounds(p, shrinkage=shrinkage, streamed=True, merges=1) for p in patches(x)]
+    fits_close(merged, one_shot, bounds, ("mean", "covariance", "precision", "log_det"))
+    assert_close_each(merged.shrinkage_, one_shot.shrinkage_, rtol=0, atol=[b["shrinkage"] for b in bounds])
 
 
 def test_partial_fit_refits_lazily_after_each_update():
     x = make_embedding(9, 30, 3, (2, 2))
     streamed = MultiVariateGaussian().partial_fit(x[:10])
     first = streamed.precision.copy()
-    np.testing.assert_allclose(first, MultiVariateGaussian().fit(x[:10]).precision, rtol=1e-10)
+    # precision_atol (fit_bounds per patch): streamed and one-shot sums differ in order only
+    fits_close(streamed, MultiVariateGaussian().fit(x[:10]), [fit_bounds(p) for p in patches(x[:10])], ("precision",))
     streamed.partial_fit(x[10:])
     assert not np.allclose(streamed.precision, first)
-    np.testing.assert_allclose(streamed.precision, MultiVariateGaussian().fit(x).precision, rtol=1e-10)
+    fits_close(streamed, MultiVariateGaussian().fit(x), [fit_bounds(p, merges=1) for p in patches(x)], ("precision",))  # precision_atol
 
 
 def test_merge_into_empty_model_and_with_empty_model():
     x = make_embedding(10, 12, 3, (2,))
     empty = MultiVariateGaussian().merge(MultiVariateGaussian().partial_fit(x))
-    np.testing.assert_allclose(empty.precision, MultiVariateGaussian().fit(x).precision, rtol=1e-10)
+    fits_close(empty, MultiVariateGaussian().fit(x), [fit_bounds(p, merges=1) for p in patches(x)], ("precision",))  # precision_atol
     model = MultiVariateGaussian().partial_fit(x).merge(MultiVariateGaussian())
     assert model.n_samples_seen_ == 12
 
@@ -303,10 +416,13 @@ def test_mahalanobis_matches_scipy(case, m):
     for k in range(math.prod(spatial)):
         vi = np.linalg.inv(np.atleast_2d(np.cov(patches(x)[k], rowvar=False)) + DEFAULT_RIDGE * np.eye(c))
         mu = patches(x)[k].astype(np.float64).mean(axis=0)
+        # mahalanobis_tolerances (two fits: Cholesky vs numpy.inv; evaluation; the means' mean_atol);
+        # squared: d(d^2) = 2 d dd, so 2 rtol d^2 + 2 d atol + atol^2.
+        rtol, atol = mahalanobis_tolerances(np.linalg.inv(vi), n, mean_atol(np.abs(patches(x)[k]).max(), n))
         for i in range(m):
             expected = scipy_mahalanobis(q[i, :, k], mu, vi)
-            assert abs(flat_d[i, k] - expected) <= 1e-9 * max(1.0, expected)
-            assert abs(flat_sq[i, k] - expected**2) <= 1e-9 * max(1.0, expected**2)
+            assert abs(flat_d[i, k] - expected) <= atol + rtol * expected
+            assert abs(flat_sq[i, k] - expected**2) <= 2 * rtol * expected**2 + 2 * expected * atol + atol**2
     assert np.all(sq >= 0)
 
 
@@ -315,7 +431,8 @@ def test_mahalanobis_of_the_mean_is_zero_and_never_negative():
     mvg = MultiVariateGaussian().fit(x)
     at_mean = mvg.mean.reshape((1, 5, 3, 3))
     sq = mvg.mahalanobis(at_mean, squared=True)
-    assert np.all(sq >= 0) and np.all(sq < 1e-10)
+    # bound 0: the query is the stored mean itself, so every difference x - mean is exactly 0
+    assert np.all(sq == 0)
 
 
 @given(fit_cases, st.integers(1, 3))
@@ -329,7 +446,9 @@ def test_logpdf_matches_scipy_multivariate_normal(case, m):
     q = queries.reshape(m, c, -1)
     for k in range(math.prod(spatial)):
         ref = multivariate_normal(mvg.mean[:, k], mvg.covariance[k]).logpdf(q[:, :, k])
-        np.testing.assert_allclose(logpdf.reshape(m, -1)[:, k], np.atleast_1d(ref), rtol=1e-10, atol=1e-10)
+        d2 = mvg.mahalanobis(queries, squared=True).reshape(m, -1)[:, k]
+        atol = logpdf_atol(mvg.covariance[k], n, d2, shared_fit=True)  # see logpdf_atol
+        assert_close_each(logpdf.reshape(m, -1)[:, k], np.atleast_1d(ref), atol=atol)
 
 
 def test_scoring_in_tiny_chunks_matches():
@@ -337,8 +456,13 @@ def test_scoring_in_tiny_chunks_matches():
     q = make_embedding(13, 7, 4, (4, 4))
     ref = MultiVariateGaussian().fit(x)
     tiny = MultiVariateGaussian(memory_budget=1, workers=2).fit(x)
-    np.testing.assert_allclose(tiny.mahalanobis(q), ref.mahalanobis(q), rtol=1e-13)
-    np.testing.assert_allclose(tiny.logpdf(q), ref.logpdf(q), rtol=1e-13)
+    # two fits in other chunks: mahalanobis_tolerances, logpdf_atol (per patch)
+    a = patch_covariances(x, DEFAULT_RIDGE)
+    rtol, atol = mahalanobis_tolerances(a, 20, mean_atol(np.abs(x).max(), 20))
+    assert_close_each(tiny.mahalanobis(q), ref.mahalanobis(q), rtol=rtol, atol=atol)
+    d2 = ref.mahalanobis(q, squared=True).reshape(7, -1)
+    atols = np.stack([logpdf_atol(a[k], 20, d2[:, k], mean_error=mean_atol(np.abs(x).max(), 20)) for k in range(16)], 1)
+    assert_close_each(tiny.logpdf(q), ref.logpdf(q), atol=atols.reshape(7, 4, 4))
 
 
 # ---------------------------------------------------------------- inputs never modified
@@ -489,7 +613,8 @@ def test_single_patch_without_spatial_axes():
     mvg = MultiVariateGaussian().fit(x)
     assert mvg.mean.shape == (4, 1) and mvg.precision.shape == (1, 4, 4)
     assert mvg.mahalanobis(x[:3]).shape == (3,)
-    np.testing.assert_allclose(mvg.covariance[0], np.cov(x, rowvar=False) + DEFAULT_RIDGE * np.eye(4), rtol=1e-13)
+    expected = np.cov(x, rowvar=False) + DEFAULT_RIDGE * np.eye(4)
+    assert_close_each(mvg.covariance[0], expected, rtol=0, atol=fit_bounds(x)["covariance"])  # covariance_atol
 
 
 # ---------------------------------------------------------------- benchmark smoke test
