@@ -459,3 +459,34 @@ def patch_covariances(embedding, ridge: float) -> np.ndarray:
     centred = v - v.mean(axis=0)
     cov = np.einsum("bcp,bdp->pcd", centred, centred) / max(b - 1, 1)
     return cov + ridge * np.eye(c)
+
+
+# --- moments, batched covariance, dask, LAPACK
+def spd_factor_atol(a, dtype=np.float64) -> tuple[float, float]:
+    """``(cholesky_atol, inverse_atol)``: entrywise differences allowed between two computations of the
+    Cholesky factor ``R`` and of the inverse ``P`` of the same given SPD matrix ``a`` (c x c) in ``dtype``.
+
+    Cholesky has a backward error ``|dA| <= 2 c eps |A|`` (Higham thm. 10.3, norm form), which moves the
+    factor by ``|dR| <= kappa(A) 2 c eps |R|`` (Sun 1991; ``|R|_2 = |A|_2^1/2``). The inverse from the
+    factor (a triangular inverse and a product, ``potri``) adds ``c eps`` to the backward error:
+    ``|dP| <= kappa(A) 3 c eps |P|`` (Higham ch. 14). An entry is bounded by the 2-norm. Doubled.
+    """
+    m = np.atleast_2d(np.asarray(a, dtype=np.float64))
+    c = m.shape[0]
+    sv = np.linalg.svd(m, compute_uv=False)
+    kappa = sv[0] / sv[-1]
+    e = eps(dtype)
+    return (
+        float(TWO_SIDES * kappa * 2 * c * e * math.sqrt(sv[0])),
+        float(TWO_SIDES * kappa * 3 * c * e / sv[-1]),
+    )
+
+
+def gram_atol(rows, alpha: float = 1.0, dtype=np.float64) -> np.ndarray:
+    """Entrywise differences allowed between two computations of ``alpha * rows^T rows`` (rows (n, c)).
+
+    Each entry is a sum of n products (:func:`sum_error`, one rounding for the product, one for alpha) of
+    the sum of magnitudes ``|alpha| (|rows|^T |rows|)_ij``. Doubled.
+    """
+    r = np.abs(np.asarray(rows, dtype=np.float64))
+    return TWO_SIDES * (sum_error(r.shape[0], dtype) + 2 * eps(dtype)) * abs(alpha) * (r.T @ r)
