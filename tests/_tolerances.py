@@ -490,3 +490,36 @@ def gram_atol(rows, alpha: float = 1.0, dtype=np.float64) -> np.ndarray:
     """
     r = np.abs(np.asarray(rows, dtype=np.float64))
     return TWO_SIDES * (sum_error(r.shape[0], dtype) + 2 * eps(dtype)) * abs(alpha) * (r.T @ r)
+
+
+def streaming_covariance_atol(x, weights=None, dtype=np.float64, ddof=1) -> np.ndarray:
+    """Entrywise differences allowed between two computed covariances of ``x`` (..., n, c), one of them
+    possibly streamed (``RunningMoments`` updates and merges) in ``dtype``; real or complex data.
+
+    The one-pass part is :func:`covariance_atol`'s ``(sqrt(n) + 3) eps (|Xc|^T W |Xc|)_ij / norm``. A stream
+    combines partial results with ``C_a + C_b + (n_a n_b / n) (m_a - m_b)(m_a - m_b)^H``; the partial means
+    carry the mean's rounding ``delta = (sqrt(n) + 1) eps max|x|`` (:func:`mean_atol`, one side), which does
+    NOT cancel in the difference of means (of size ``s``, the data's RMS deviation): it leaves
+    ``sum(w) (delta_i s_j + s_i delta_j + delta_i delta_j) / norm``. Relative to the covariance that is
+    ``~ sqrt(n) eps |offset| / s``: data far from the origin lose accuracy in streaming (the current
+    algorithm's known limitation; the term states it rather than hiding it). ``norm`` is
+    ``sum(w) - ddof sum(w^2) / sum(w)``; it is itself computed with cancellation, a relative error
+    ``(sqrt(n) + 2) eps (sum(w) + |ddof| sum(w^2) / sum(w)) / norm`` of every entry (large near ``ddof``'s
+    degenerate normalisation, n = 3 with ddof = 2). Doubled.
+    """
+    v = np.asarray(x)
+    v = v.astype(np.complex128 if np.iscomplexobj(v) else np.float64)
+    n = v.shape[-2]
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+    e = eps(dtype)
+    mean = np.tensordot(v, w, axes=([-2], [0])) / w.sum()
+    centred = np.abs(v - mean[..., None, :])
+    norm = w.sum() - ddof * (w @ w) / w.sum()
+    norm = norm if norm > 0 else 1e-300
+    normaliser = (sum_error(n, dtype) + 2 * e) * (w.sum() + abs(ddof) * (w @ w) / w.sum()) / norm
+    first = (sum_error(n, dtype) + 3 * e + normaliser) * np.einsum("...ni,n,...nj->...ij", centred, w, centred) / norm
+    s = np.sqrt(np.einsum("...ni,n->...i", centred**2, w) / w.sum())
+    delta = (sum_error(n, dtype) + e) * np.abs(v).max(axis=-2)
+    outer = lambda a, b: a[..., :, None] * b[..., None, :]  # noqa: E731
+    offset = w.sum() * (outer(delta, s) + outer(s, delta) + outer(delta, delta)) / norm
+    return TWO_SIDES * (first + offset)
