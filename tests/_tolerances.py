@@ -492,7 +492,7 @@ def gram_atol(rows, alpha: float = 1.0, dtype=np.float64) -> np.ndarray:
     return TWO_SIDES * (sum_error(r.shape[0], dtype) + 2 * eps(dtype)) * abs(alpha) * (r.T @ r)
 
 
-def streaming_covariance_atol(x, weights=None, dtype=np.float64, ddof=1) -> np.ndarray:
+def streaming_covariance_atol(x, weights=None, dtype=np.float64, ddof=1, *, streamed=True) -> np.ndarray:
     """Entrywise differences allowed between two computed covariances of ``x`` (..., n, c), one of them
     possibly streamed (``RunningMoments`` updates and merges) in ``dtype``; real or complex data.
 
@@ -505,7 +505,9 @@ def streaming_covariance_atol(x, weights=None, dtype=np.float64, ddof=1) -> np.n
     algorithm's known limitation; the term states it rather than hiding it). ``norm`` is
     ``sum(w) - ddof sum(w^2) / sum(w)``; it is itself computed with cancellation, a relative error
     ``(sqrt(n) + 2) eps (sum(w) + |ddof| sum(w^2) / sum(w)) / norm`` of every entry (large near ``ddof``'s
-    degenerate normalisation, n = 3 with ddof = 2). Doubled.
+    degenerate normalisation, n = 3 with ddof = 2). ``streamed=False``: both computations centre at a
+    one-shot mean (``batched_cov``, ``numpy.cov``), whose error cancels to first order (as in
+    :func:`covariance_atol`): only ``sum(w) delta_i delta_j / norm`` remains. Doubled.
     """
     v = np.asarray(x)
     v = v.astype(np.complex128 if np.iscomplexobj(v) else np.float64)
@@ -521,5 +523,6 @@ def streaming_covariance_atol(x, weights=None, dtype=np.float64, ddof=1) -> np.n
     s = np.sqrt(np.einsum("...ni,n->...i", centred**2, w) / w.sum())
     delta = (sum_error(n, dtype) + e) * np.abs(v).max(axis=-2)
     outer = lambda a, b: a[..., :, None] * b[..., None, :]  # noqa: E731
-    offset = w.sum() * (outer(delta, s) + outer(s, delta) + outer(delta, delta)) / norm
+    cross = outer(delta, s) + outer(s, delta) if streamed else 0.0
+    offset = w.sum() * (cross + outer(delta, delta)) / norm
     return TWO_SIDES * (first + offset)
