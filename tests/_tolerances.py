@@ -609,3 +609,70 @@ def shrinkage_tolerances(observations, method: str, fourth_error: float = 0.0) -
     shrunk = (1 - coef) * s_mat + coef * mu * np.eye(c)
     cov_atol = coef_atol * np.abs(mu * np.eye(c) - s_mat) + TWO_SIDES * 3 * eps(np.float64) * np.abs(shrunk)
     return float(min(coef_atol, 1.0)), cov_atol
+
+
+# --- moments, batched covariance, dask, LAPACK
+def spd_factor_atol(a, dtype=np.float64) -> tuple[float, float]:
+    """``(cholesky_atol, inverse_atol)``: entrywise differences allowed between two computations of the
+    Cholesky factor ``R`` and of the inverse ``P`` of the same given SPD matrix ``a`` (c x c) in ``dtype``.
+
+    Cholesky has a backward error ``|dA| <= 2 c eps |A|`` (Higham thm. 10.3, norm form), which moves the
+    factor by ``|dR| <= kappa(A) 2 c eps |R|`` (Sun 1991; ``|R|_2 = |A|_2^1/2``). The inverse from the
+    factor (a triangular inverse and a product, ``potri``) adds ``c eps`` to the backward error:
+    ``|dP| <= kappa(A) 3 c eps |P|`` (Higham ch. 14). An entry is bounded by the 2-norm. Doubled.
+    """
+    m = np.atleast_2d(np.asarray(a, dtype=np.float64))
+    c = m.shape[0]
+    sv = np.linalg.svd(m, compute_uv=False)
+    kappa = sv[0] / sv[-1]
+    e = eps(dtype)
+    return (
+        float(TWO_SIDES * kappa * 2 * c * e * math.sqrt(sv[0])),
+        float(TWO_SIDES * kappa * 3 * c * e / sv[-1]),
+    )
+
+
+def gram_atol(rows, alpha: float = 1.0, dtype=np.float64) -> np.ndarray:
+    """Entrywise differences allowed between two computations of ``alpha * rows^T rows`` (rows (n, c)).
+
+    Each entry is a sum of n products (:func:`sum_error`, one rounding for the product, one for alpha) of
+    the sum of magnitudes ``|alpha| (|rows|^T |rows|)_ij``. Doubled.
+    """
+    r = np.abs(np.asarray(rows, dtype=np.float64))
+    return TWO_SIDES * (sum_error(r.shape[0], dtype) + 2 * eps(dtype)) * abs(alpha) * (r.T @ r)
+
+
+def streaming_covariance_atol(x, weights=None, dtype=np.float64, ddof=1, *, streamed=True) -> np.ndarray:
+    """Entrywise differences allowed between two computed covariances of ``x`` (..., n, c), one of them
+    possibly streamed (``RunningMoments`` updates and merges) in ``dtype``; real or complex data.
+
+    The one-pass part is :func:`covariance_atol`'s ``(sqrt(n) + 3) eps (|Xc|^T W |Xc|)_ij / norm``. A stream
+    combines partial results with ``C_a + C_b + (n_a n_b / n) (m_a - m_b)(m_a - m_b)^H``; the partial means
+    carry the mean's rounding ``delta = (sqrt(n) + 1) eps max|x|`` (:func:`mean_atol`, one side), which does
+    NOT cancel in the difference of means (of size ``s``, the data's RMS deviation): it leaves
+    ``sum(w) (delta_i s_j + s_i delta_j + delta_i delta_j) / norm``. Relative to the covariance that is
+    ``~ sqrt(n) eps |offset| / s``: data far from the origin lose accuracy in streaming (the current
+    algorithm's known limitation; the term states it rather than hiding it). ``norm`` is
+    ``sum(w) - ddof sum(w^2) / sum(w)``; it is itself computed with cancellation, a relative error
+    ``(sqrt(n) + 2) eps (sum(w) + |ddof| sum(w^2) / sum(w)) / norm`` of every entry (large near ``ddof``'s
+    degenerate normalisation, n = 3 with ddof = 2). ``streamed=False``: both computations centre at a
+    one-shot mean (``batched_cov``, ``numpy.cov``), whose error cancels to first order (as in
+    :func:`covariance_atol`): only ``sum(w) delta_i delta_j / norm`` remains. Doubled.
+    """
+    v = np.asarray(x)
+    v = v.astype(np.complex128 if np.iscomplexobj(v) else np.float64)
+    n = v.shape[-2]
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+    e = eps(dtype)
+    mean = np.tensordot(v, w, axes=([-2], [0])) / w.sum()
+    centred = np.abs(v - mean[..., None, :])
+    norm = w.sum() - ddof * (w @ w) / w.sum()
+    norm = norm if norm > 0 else 1e-300
+    normaliser = (sum_error(n, dtype) + 2 * e) * (w.sum() + abs(ddof) * (w @ w) / w.sum()) / norm
+    first = (sum_error(n, dtype) + 3 * e + normaliser) * np.einsum("...ni,n,...nj->...ij", centred, w, centred) / norm
+    s = np.sqrt(np.einsum("...ni,n->...i", centred**2, w) / w.sum())
+    delta = (sum_error(n, dtype) + e) * np.abs(v).max(axis=-2)
+    outer = lambda a, b: a[..., :, None] * b[..., None, :]  # noqa: E731
+    cross = outer(delta, s) + outer(s, delta) if streamed else 0.0
+    offset = w.sum() * (cross + outer(delta, delta)) / norm
+    return TWO_SIDES * (first + offset)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from anomstats import bandwidth
+from tests._tolerances import TWO_SIDES, eps, sum_error
 
 
 @given(n=st.integers(2, 10_000), d=st.integers(1, 50))
@@ -30,7 +31,8 @@ def test_effective_sample_size_matches_scipy_neff(seed, n):
 
 def test_effective_sample_size_extremes_and_input_untouched():
     w = np.array([2.0, 2.0, 2.0])
-    assert bandwidth.effective_sample_size(w) == pytest.approx(3.0, rel=1e-15)
+    # Bound: w / sum(w) (1 rounding), its squares (1), their sum of 3 (sum_error(3)) and the reciprocal (1).
+    assert bandwidth.effective_sample_size(w) == pytest.approx(3.0, rel=sum_error(3) + 3 * eps(np.float64), abs=0)
     np.testing.assert_array_equal(w, [2.0, 2.0, 2.0])
     assert bandwidth.effective_sample_size([0.0, 5.0, 0.0]) == 1.0
 
@@ -95,8 +97,14 @@ def test_log_normalisation_matches_scipy_log_det(d, seed):
     data = np.random.default_rng(seed).standard_normal((d, 3 * d + 5))
     ref = stats.gaussian_kde(data)
     log_det_h = 2.0 * np.log(np.diag(ref.cho_cov)).sum()
-    assert bandwidth.log_normalisation(log_det_h, d) == pytest.approx(-ref.log_det / 2, rel=1e-13, abs=1e-13)
+    # Bound: both sides add d logs of cho_cov's diagonal (scipy's scaled by sqrt(2 pi)) and d log(2 pi):
+    # (sum_error(d) + 1 rounding each) of the sum of magnitudes 2 sum|log L_ii| + d log(2 pi), halved; doubled.
+    magnitudes = 2.0 * np.abs(np.log(np.diag(ref.cho_cov))).sum() + d * math.log(2 * math.pi)
+    atol = TWO_SIDES * (sum_error(2 * d) + 2 * eps(np.float64)) * magnitudes / 2
+    assert bandwidth.log_normalisation(log_det_h, d) == pytest.approx(-ref.log_det / 2, rel=0, abs=atol)
 
 
 def test_log_normalisation_standard_normal():
-    assert bandwidth.log_normalisation(0.0, 1) == pytest.approx(-0.5 * math.log(2 * math.pi), rel=1e-15)
+    # Bound: log, product and halving on both sides: 2 roundings each of |log(2 pi) / 2|, doubled.
+    rtol = TWO_SIDES * 2 * eps(np.float64)
+    assert bandwidth.log_normalisation(0.0, 1) == pytest.approx(-0.5 * math.log(2 * math.pi), rel=rtol, abs=0)

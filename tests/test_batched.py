@@ -15,7 +15,7 @@ from anomstats import batched_cov
 from anomstats._budget import batch_chunks, chunk_slices
 from anomstats._moment_kernels import gather
 
-RTOL = 1e-10
+from tests._tolerances import assert_close_each, streaming_covariance_atol
 
 
 def loop_of_numpy_cov(x, obs_axis=0, var_axis=1, **kwargs):
@@ -29,9 +29,15 @@ def loop_of_numpy_cov(x, obs_axis=0, var_axis=1, **kwargs):
     return out
 
 
-def assert_close(got, ref, rtol=RTOL):
-    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
-    np.testing.assert_allclose(got, ref, rtol=rtol, atol=rtol * scale)
+def assert_close(got, ref, x, obs_axis=0, var_axis=1, weights=None, ddof=1, dtype=np.float64):
+    """Within tests/_tolerances.streaming_covariance_atol(streamed=False): two one-pass centred covariances
+    of the observations ``x`` (the one-shot mean's error cancels to first order), per entry, both sides."""
+    view = np.moveaxis(np.asarray(x), (obs_axis, var_axis), (-2, -1))
+    atol = streaming_covariance_atol(view, weights, dtype, 1 if ddof is None else ddof, streamed=False)
+    got, ref = np.asarray(got), np.asarray(ref)
+    for part in (np.real, np.imag):  # complex: |Re d|, |Im d| <= |d| <= atol (assert_close_each is real)
+        # equal_nan: a degenerate normalisation (zero weights) gives NaN on both sides, as numpy does.
+        assert_close_each(part(got), part(ref), atol=atol, equal_nan=True)
 
 
 @st.composite
@@ -77,7 +83,7 @@ def test_matches_loop_of_numpy_cov(problem, budget):
     ref = loop_of_numpy_cov(x, obs, var, ddof=ddof, aweights=weights)
     assert got.dtype == np.float64
     assert got.shape == ref.shape
-    assert_close(got, ref)
+    assert_close(got, ref, x, obs, var, weights, ddof)
     np.testing.assert_array_equal(x, x_before)
     if weights is not None:
         np.testing.assert_array_equal(weights, w_before)
@@ -89,7 +95,7 @@ def test_tiny_budgets_and_thread_counts_give_the_same_result(n_patches, n_var, s
     reference = batched_cov(x, workers=1)
     for budget, workers in [(1, 1), (1, 3), (200, 2), (10**9, 2)]:
         got = batched_cov(x, memory_budget=budget, workers=workers)
-        assert_close(got, reference, rtol=1e-13)
+        assert_close(got, reference, x)
 
 
 def test_padim_layout_gives_patch_grid_first():
@@ -100,7 +106,7 @@ def test_padim_layout_gives_patch_grid_first():
     assert c.dtype == np.float64
     for h in range(2):
         for w in range(4):
-            assert_close(c[h, w], np.cov(x[:, :, h, w], rowvar=False))
+            assert_close(c[h, w], np.cov(x[:, :, h, w], rowvar=False), x[:, :, h, w])
 
 
 @pytest.mark.parametrize("order", ["C", "F"])
@@ -124,17 +130,17 @@ def test_far_from_origin_float64_keeps_its_digits():
     # Raw sums of products would lose ~16 digits here; centring first keeps them.
     rng = np.random.default_rng(1)
     x = rng.normal(size=(50, 4, 3)) + 1e8
-    assert_close(batched_cov(x), loop_of_numpy_cov(x), rtol=1e-7)
+    assert_close(batched_cov(x), loop_of_numpy_cov(x), x)
     y = rng.normal(size=(50, 4, 3)) + 1e3
-    assert_close(batched_cov(y), loop_of_numpy_cov(y))
+    assert_close(batched_cov(y), loop_of_numpy_cov(y), y)
 
 
 def test_no_batch_axes_and_single_variable_shapes():
     x = np.random.default_rng(2).normal(size=(5, 3))
-    assert_close(batched_cov(x), np.cov(x, rowvar=False))
+    assert_close(batched_cov(x), np.cov(x, rowvar=False), x)
     single = batched_cov(x[:, :1])
     assert single.shape == (1, 1)  # numpy would squeeze this to 0-d
-    assert_close(single[0, 0], np.cov(x[:, 0]))
+    assert_close(single, np.atleast_2d(np.cov(x[:, 0])), x[:, :1])
 
 
 def test_empty_batch_and_empty_variables():
@@ -147,8 +153,8 @@ def test_non_contiguous_and_fortran_inputs():
     base = rng.normal(size=(12, 8, 6))
     strided = base[::2, ::2, 1:]
     fortran = np.asfortranarray(base)
-    assert_close(batched_cov(strided, obs_axis=1, var_axis=2), loop_of_numpy_cov(strided, 1, 2))
-    assert_close(batched_cov(fortran, var_axis=-1), loop_of_numpy_cov(fortran, 0, 2))
+    assert_close(batched_cov(strided, obs_axis=1, var_axis=2), loop_of_numpy_cov(strided, 1, 2), strided, 1, 2)
+    assert_close(batched_cov(fortran, var_axis=-1), loop_of_numpy_cov(fortran, 0, 2), fortran, 0, 2)
 
 
 def test_float64_input_no_batch_is_not_modified():
@@ -164,7 +170,8 @@ def test_dtype_keyword_and_result_dtypes():
     x32 = rng.normal(size=(20, 3, 2)).astype(np.float32)
     c32 = batched_cov(x32, dtype=np.float32)
     assert c32.dtype == np.float32
-    np.testing.assert_allclose(c32, loop_of_numpy_cov(x32), rtol=1e-4, atol=1e-5)
+    # Bound: the same, with float32's eps (the reference works in float64).
+    assert_close(c32, loop_of_numpy_cov(x32), x32, dtype=np.float32)
     assert batched_cov(np.arange(12).reshape(4, 3)).dtype == np.float64
     assert batched_cov(np.ones((4, 3), dtype=bool)).dtype == np.float64
     assert batched_cov(x32, dtype=np.longdouble).dtype == np.longdouble
@@ -176,7 +183,7 @@ def test_complex_input_matches_numpy():
     got = batched_cov(x, aweights=rng.uniform(0.5, 1.5, size=7))
     assert got.dtype == np.complex128
     w = rng.uniform(0.5, 1.5, size=7)
-    assert_close(batched_cov(x, aweights=w), loop_of_numpy_cov(x, aweights=w))
+    assert_close(batched_cov(x, aweights=w), loop_of_numpy_cov(x, aweights=w), x, weights=w)
 
 
 def test_degrees_of_freedom_warning_and_values_follow_numpy():
@@ -186,12 +193,12 @@ def test_degrees_of_freedom_warning_and_values_follow_numpy():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         ref = loop_of_numpy_cov(x, ddof=2)
-    np.testing.assert_array_equal(got, ref)  # the same inf / -inf / nan pattern
+    np.testing.assert_array_equal(got, ref)  # bound 0: the same inf / -inf / nan pattern
 
 
 def test_negative_ddof_is_allowed_like_numpy():
     x = np.random.default_rng(8).normal(size=(5, 2, 3))
-    assert_close(batched_cov(x, ddof=-1), loop_of_numpy_cov(x, ddof=-1))
+    assert_close(batched_cov(x, ddof=-1), loop_of_numpy_cov(x, ddof=-1), x, ddof=-1)
 
 
 @pytest.mark.parametrize(

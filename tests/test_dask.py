@@ -25,11 +25,68 @@ distributed = pytest.importorskip("distributed")
 import anomstats  # noqa: E402
 from anomstats import GaussianKDE, RunningMoments, _dask  # noqa: E402
 
-RTOL = 1e-10
+from tests._tolerances import (  # noqa: E402
+    KDEErrorModel,
+    assert_close_each,
+    core_route,
+    mahalanobis_tolerances,
+    mean_atol,
+    patch_covariances,
+    precision_atol,
+    streaming_covariance_atol,
+)
 
 
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(np.asarray(a) - b).max() / max(np.abs(b).max(), 1e-300))
+def _assert_cov(got, x, ddof=1, aweights=None, dtype=np.float64) -> None:
+    """Covariances of x (N, C, *batch) within tests/_tolerances.streaming_covariance_atol: dask merges
+    chunks' moments, so the streamed means' sqrt(n) eps |offset| / s relative loss (offset 100) is in it."""
+    view = np.moveaxis(np.asarray(x, dtype=np.float64), (0, 1), (-2, -1))
+    atol = streaming_covariance_atol(view, aweights, dtype, ddof)
+    assert_close_each(got, _per_batch_cov(x, ddof=ddof, aweights=aweights), atol=atol)
+
+
+def _assert_mean(got, expected, x) -> None:
+    """Bound: mean_atol of the data's magnitude (n terms and a division, both sides)."""
+    assert_close_each(got, expected, atol=mean_atol(np.abs(x).max(), x.shape[0]))
+
+
+def _assert_kde(kde, q, got, method) -> None:
+    """Bound: KDEErrorModel of two computations of the same fit (shared whitening) by the core's route."""
+    routes = (core_route(kde.d), core_route(kde.d))
+    points = q.T if q.ndim > 1 else q[:, None]
+    model = KDEErrorModel.of(kde.dataset.T, points, kde.covariance, routes, shared_whitening=True)
+    expected = getattr(kde, method)(q)
+    log_ref = expected if method == "logpdf" else kde.logpdf(q)
+    if method == "logpdf":
+        assert_close_each(got, expected, atol=model.log_atol_each(log_ref))
+    else:
+        assert_close_each(got, expected, rtol=model.rtol_each(log_ref), atol=model.atol())
+
+
+def _assert_precision(got, expected, emb, ridge) -> None:
+    """Bound: precision_atol of the regularised covariances, plus the streamed fit's covariance error
+    (streaming_covariance_atol, its offset term included) carried to the inverse: |dP| <= |P|_2^2 |dA|_F."""
+    a = patch_covariances(emb, ridge)
+    view = np.moveaxis(np.asarray(emb, dtype=np.float64), (0, 1), (-2, -1)).reshape(-1, emb.shape[0], emb.shape[1])
+    d_a = np.linalg.norm(streaming_covariance_atol(view), axis=(-2, -1))
+    p_norm = 1.0 / np.linalg.eigvalsh(a)[:, 0]
+    atol = precision_atol(a, emb.shape[0]) + float(np.max(p_norm**2 * d_a))
+    assert_close_each(got, expected, atol=atol)
+
+
+def _assert_scores(model, q, got, method, kwargs) -> None:
+    """Bound: mahalanobis_tolerances with the shared fit (the same stored mean and precision): rtol of the
+    distance, twice that for its square; logpdf = -d^2 / 2 + const: that much of d^2 / 2 plus 4 roundings
+    of the magnitudes involved."""
+    expected = getattr(model, method)(q, **kwargs)
+    cov = np.linalg.inv(np.asarray(model.precision, dtype=np.float64))
+    rtol, _ = mahalanobis_tolerances(cov, 2, shared_fit=True)
+    if method == "mahalanobis":
+        assert_close_each(got, expected, rtol=2 * rtol if kwargs.get("squared") else rtol)
+    else:
+        d2 = model.mahalanobis(q, squared=True)
+        eps64 = np.finfo(np.float64).eps
+        assert_close_each(got, expected, atol=2 * rtol * d2 / 2 + 4 * eps64 * (np.abs(expected) + d2))
 
 
 def _per_batch_cov(x: np.ndarray, ddof: int = 1, aweights: np.ndarray | None = None) -> np.ndarray:
@@ -107,7 +164,7 @@ def test_batched_cov_is_lazy_and_exact(scheduler: str) -> None:
         c = anomstats.batched_cov(dx)
     assert _dask.is_dask_array(c)
     assert c.shape == (3, 2, 4, 4) and c.dtype == np.float64
-    assert _rel(c.compute(), _per_batch_cov(x)) < RTOL
+    _assert_cov(c.compute(), x)
     np.testing.assert_array_equal(x, before)
 
 
@@ -123,7 +180,7 @@ def test_batched_cov_any_chunking_sync(cuts: list[int], split_every: int, ddof: 
     dx = da.from_array(x, chunks=(chunks, 3, 2))
     with mock.patch.object(_dask, "DEFAULT_SPLIT_EVERY", split_every):
         got = anomstats.batched_cov(dx, ddof=ddof).compute(scheduler="sync")
-    assert _rel(got, _per_batch_cov(x, ddof=ddof)) < RTOL
+    _assert_cov(got, x, ddof=ddof)
 
 
 def test_batched_cov_other_axes_and_dtype() -> None:
@@ -131,7 +188,7 @@ def test_batched_cov_other_axes_and_dtype() -> None:
     moved = np.moveaxis(x, (0, 1), (2, 0))  # (C, batch, N): var_axis=0, obs_axis=2
     dx = da.from_array(moved, chunks=(3, 2, 6))
     got = anomstats.batched_cov(dx, obs_axis=2, var_axis=0).compute(scheduler="sync")
-    assert _rel(got, _per_batch_cov(x)) < RTOL
+    _assert_cov(got, x)
     got32 = anomstats.batched_cov(da.from_array(x.astype(np.float32), chunks=(5, 3, 2)), dtype=np.float32)
     assert got32.dtype == np.float32
     assert got32.compute(scheduler="sync").dtype == np.float32
@@ -140,11 +197,10 @@ def test_batched_cov_other_axes_and_dtype() -> None:
 def test_batched_cov_weights(scheduler: str) -> None:
     x = _data(n=30, c=3, batch=(2,), seed=3)
     w = np.random.default_rng(3).uniform(0.1, 2.0, size=30)
-    expected = _per_batch_cov(x, aweights=w)
     dx = da.from_array(x, chunks=(8, 3, 2))
-    assert _rel(anomstats.batched_cov(dx, aweights=w).compute(), expected) < RTOL
+    _assert_cov(anomstats.batched_cov(dx, aweights=w).compute(), x, aweights=w)
     dw = da.from_array(w, chunks=11)  # mismatched chunks are realigned
-    assert _rel(anomstats.batched_cov(dx, aweights=dw).compute(), expected) < RTOL
+    _assert_cov(anomstats.batched_cov(dx, aweights=dw).compute(), x, aweights=w)
 
 
 def test_running_moments_update(scheduler: str) -> None:
@@ -155,9 +211,11 @@ def test_running_moments_update(scheduler: str) -> None:
     assert result is moments
     one_shot = RunningMoments().update(x)
     assert moments.count == 45
-    assert _rel(moments.mean, one_shot.mean) < RTOL
-    assert _rel(moments.covariance(), one_shot.covariance()) < RTOL
-    assert _rel(moments.covariance(), _per_batch_cov(x)) < RTOL
+    _assert_mean(moments.mean, one_shot.mean, x)
+    # Bound: both streamed (streaming_covariance_atol against numpy's one-shot each; the triangle inequality).
+    view = np.moveaxis(x, (0, 1), (-2, -1))
+    assert_close_each(moments.covariance(), one_shot.covariance(), atol=2 * streaming_covariance_atol(view))
+    _assert_cov(moments.covariance(), x)
 
 
 def test_running_moments_update_keeps_the_configuration() -> None:
@@ -167,14 +225,16 @@ def test_running_moments_update_keeps_the_configuration() -> None:
         moments = RunningMoments(dtype=np.float32).update(da.from_array(x, chunks=(7, 3, 2)))
     got = moments.covariance()
     assert got.dtype == np.float32
-    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    # Bound: streaming_covariance_atol in float32, both sides streamed (twice it).
+    view = np.moveaxis(x, (0, 1), (-2, -1))
+    assert_close_each(got, expected, atol=2 * streaming_covariance_atol(view, dtype=np.float32))
 
 
 def test_running_moments_delayed() -> None:
     x = _data(n=12, c=2, batch=(), seed=5)
     delayed = _dask.reduce_observations(RunningMoments(), da.from_array(x, chunks=(5, 2)), 0)
     moments = delayed.compute(scheduler="sync")
-    assert _rel(moments.covariance(), np.cov(x, rowvar=False)) < RTOL
+    assert_close_each(moments.covariance(), np.cov(x, rowvar=False), atol=streaming_covariance_atol(x))
 
 
 def test_fitting_errors() -> None:
@@ -207,7 +267,7 @@ def test_kde_scores_lazily(scheduler: str, method: str) -> None:
     expected = getattr(kde, method)(q)
     assert out.dtype == expected.dtype
     got = out.compute()
-    assert _rel(got, expected) < 1e-12
+    _assert_kde(kde, q, got, method)
     np.testing.assert_array_equal(q, before)
 
 
@@ -216,7 +276,7 @@ def test_kde_one_dimensional_points_and_errors() -> None:
     kde1 = GaussianKDE(rng.normal(size=40))
     q = rng.normal(size=11)
     got = kde1.pdf(da.from_array(q, chunks=4)).compute(scheduler="sync")
-    assert _rel(got, kde1.pdf(q)) < 1e-12
+    _assert_kde(kde1, q, got, "pdf")
     kde2 = GaussianKDE(rng.normal(size=(2, 40)))
     # The in-memory path's shape check and message (dask parity).
     with pytest.raises(ValueError, match=r"points have dimension 3, dataset has dimension 2"):
@@ -231,17 +291,17 @@ def test_gaussian_fit_partial_fit_and_scores(scheduler: str) -> None:
     reference = anomstats.MultiVariateGaussian().fit(emb)
     dx = da.from_array(emb, chunks=(9, 3, 2, 2))
     model = anomstats.MultiVariateGaussian().fit(dx)
-    assert _rel(model.mean, reference.mean) < 1e-9
-    assert _rel(model.precision, reference.precision) < 1e-9
+    _assert_mean(model.mean, reference.mean, emb)
+    _assert_precision(model.precision, reference.precision, emb, reference.ridge)
     streamed = anomstats.MultiVariateGaussian().partial_fit(emb[:4])
     streamed.partial_fit(da.from_array(emb[4:], chunks=(10, 3, 2, 2)))
-    assert _rel(streamed.precision, reference.precision) < 1e-9
+    _assert_precision(streamed.precision, reference.precision, emb, reference.ridge)
     q = _data(n=11, c=3, batch=(2, 2), offset=5.0, seed=9)
     dq = da.from_array(q, chunks=(4, 3, 2, 2))
     for method, kwargs in [("mahalanobis", {}), ("mahalanobis", {"squared": True}), ("logpdf", {})]:
         out = getattr(reference, method)(dq, **kwargs)
         assert _dask.is_dask_array(out) and out.shape == (11, 2, 2) and out.numblocks == (3, 1, 1)
-        assert _rel(out.compute(), getattr(reference, method)(q, **kwargs)) < 1e-12
+        _assert_scores(reference, q, out.compute(), method, kwargs)
     np.testing.assert_array_equal(emb, before)
 
 
@@ -251,7 +311,7 @@ def test_gaussian_fit_keeps_the_configuration() -> None:
     with dask.config.set(scheduler="synchronous"):
         model = anomstats.MultiVariateGaussian(ridge=0.5).fit(da.from_array(emb, chunks=(8, 3, 2)))
     assert model.ridge == 0.5
-    assert _rel(model.precision, reference.precision) < 1e-9
+    _assert_precision(model.precision, reference.precision, emb, 0.5)
 
 
 def test_gaussian_score_checks_shape_now() -> None:
@@ -282,7 +342,7 @@ def test_public_batched_cov_dispatch() -> None:
     x = _data(n=20, c=3, batch=(2,))
     got = anomstats.batched_cov(da.from_array(x, chunks=(6, 3, 2)))
     assert _dask.is_dask_array(got)
-    assert _rel(got.compute(scheduler="sync"), _per_batch_cov(x)) < RTOL
+    _assert_cov(got.compute(scheduler="sync"), x)
 
 
 def test_public_running_moments_dispatch() -> None:
@@ -290,7 +350,7 @@ def test_public_running_moments_dispatch() -> None:
     x = _data(n=20, c=3, batch=(2,))
     with dask.config.set(scheduler="synchronous"):
         m = RunningMoments().update(da.from_array(x, chunks=(6, 3, 2)))
-    assert _rel(m.covariance(), _per_batch_cov(x)) < RTOL
+    _assert_cov(m.covariance(), x)
 
 
 def test_public_kde_dispatch() -> None:
@@ -301,7 +361,7 @@ def test_public_kde_dispatch() -> None:
     for method in ("pdf", "logpdf"):
         out = getattr(kde, method)(da.from_array(q, chunks=(2, 4)))
         assert _dask.is_dask_array(out)
-        assert _rel(out.compute(scheduler="sync"), getattr(kde, method)(q)) < 1e-12
+        _assert_kde(kde, q, out.compute(scheduler="sync"), method)
 
 
 def test_public_gaussian_dispatch() -> None:
@@ -311,7 +371,7 @@ def test_public_gaussian_dispatch() -> None:
     with dask.config.set(scheduler="synchronous"):
         model = cls().fit(da.from_array(emb, chunks=(8, 3, 2)))
         reference = cls().fit(emb)
-        assert _rel(model.precision, reference.precision) < 1e-9
+        _assert_precision(model.precision, reference.precision, emb, reference.ridge)
         out = reference.mahalanobis(da.from_array(emb, chunks=(7, 3, 2)))
         assert _dask.is_dask_array(out)
-        assert _rel(out.compute(), reference.mahalanobis(emb)) < 1e-12
+        _assert_scores(reference, emb, out.compute(), "mahalanobis", {})

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from anomstats import _lapack
+from tests._tolerances import assert_close_each, gram_atol, spd_factor_atol
 
 
 def _spd(c, dtype, seed=0):
@@ -16,19 +17,22 @@ def _spd(c, dtype, seed=0):
 def test_factor_invert_and_gram_match_numpy(dtype, use_ctypes, monkeypatch):
     if not use_ctypes:
         monkeypatch.setattr(_lapack, "_ROUTINES", {})  # force scipy's wrappers
-    rtol = 1e-4 if dtype == np.float32 else 1e-11
     a, rows = _spd(7, dtype)
+    # Bound: spd_factor_atol (Cholesky / inverse of the same matrix: kappa * 2c eps |R|, kappa * 3c eps |P|,
+    # eps of dtype, both sides).
+    chol_atol, inv_atol = spd_factor_atol(a, dtype)
     t = np.tril(a)
     assert _lapack.potrf_lower(t) == 0
-    np.testing.assert_allclose(t, np.linalg.cholesky(a.astype(np.float64)), rtol=rtol, atol=rtol)
+    assert_close_each(t, np.linalg.cholesky(a.astype(np.float64)), atol=chol_atol)
     assert np.all(np.triu(t, 1) == 0)  # the strict upper triangle is never written
     assert _lapack.potri_lower(t) == 0
     full = t + np.tril(t, -1).T
-    np.testing.assert_allclose(full, np.linalg.inv(a.astype(np.float64)), rtol=rtol * 10, atol=rtol)
+    assert_close_each(full, np.linalg.inv(a.astype(np.float64)), atol=inv_atol)
 
     g = np.zeros((7, 7), dtype=dtype)
     _lapack.syrk_lower(0.5, rows, g)
-    np.testing.assert_allclose(np.tril(g), np.tril(0.5 * rows.T @ rows), rtol=rtol, atol=rtol)
+    # Bound: gram_atol (entries are sums of 3c products, eps of dtype, both sides), per entry.
+    assert_close_each(np.tril(g), np.tril(0.5 * rows.T @ rows), atol=np.tril(gram_atol(rows, 0.5, dtype)))
     assert np.all(np.triu(g, 1) == 0)
 
 
@@ -47,7 +51,7 @@ def test_bound_scratch_kernels_match_the_functions(dtype, use_ctypes, monkeypatc
     for _ in range(2):  # the prepared arguments are reusable
         kernels.syrk(0.25, rows)
         assert kernels.potrf() == 0 and kernels.potri() == 0
-        np.testing.assert_array_equal(t, expected)
+        np.testing.assert_array_equal(t, expected)  # bound 0: the same LAPACK calls on the same inputs
     with pytest.raises(ValueError, match="C-contiguous"):
         kernels.syrk(1.0, np.ones((4, 5), dtype=dtype))
 

@@ -10,13 +10,22 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from anomstats import RunningMoments, batched_cov
+from tests._tolerances import TWO_SIDES, assert_close_each, eps, mean_atol, streaming_covariance_atol, sum_error
 
-RTOL = 1e-10
+
+def assert_close(got, ref, observations, weights=None, dtype=np.float64, ddof=1):
+    """Covariances within tests/_tolerances.streaming_covariance_atol of ``observations`` (..., n, c): the
+    one-pass bound plus the streamed means' ``sqrt(n) eps |offset| / s`` relative loss far from the origin."""
+    atol = streaming_covariance_atol(observations, weights, dtype, ddof)
+    got, ref = np.asarray(got), np.asarray(ref)
+    for part in (np.real, np.imag):  # complex: |Re d|, |Im d| <= |d| <= atol (assert_close_each is real)
+        # equal_nan: a degenerate normalisation (zero weights) gives NaN on both sides, as numpy does.
+        assert_close_each(part(got), part(ref), atol=atol, equal_nan=True)
 
 
-def assert_close(got, ref, rtol=RTOL):
-    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
-    np.testing.assert_allclose(got, ref, rtol=rtol, atol=rtol * scale)
+def weight_sum_rtol(n):
+    """Two sums of n weights (or squared weights) in other orders: sum_error(n) + 1 rounding, both sides."""
+    return TWO_SIDES * (sum_error(n) + eps(np.float64))
 
 
 def take(x, axis, start, stop):
@@ -69,17 +78,20 @@ def test_any_split_and_merge_tree_gives_the_one_shot_result(problem, ddof):
 
     assert result.count == x.shape[obs]
     expected_sum = float(x.shape[obs]) if weights is None else float(weights.sum())
-    assert result.sum_weights == pytest.approx(expected_sum, rel=1e-14)
+    assert result.sum_weights == pytest.approx(expected_sum, rel=weight_sum_rtol(x.shape[obs]), abs=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # degenerate ddof: checked below
         ref_cov = batched_cov(x, obs_axis=obs, var_axis=var, ddof=ddof, aweights=weights)
     ref_mean = np.average(np.moveaxis(x, (obs, var), (-2, -1)).astype(np.float64), axis=-2, weights=weights)
     assert result.mean.dtype == np.float64
-    assert_close(result.mean, ref_mean)
+    # Bound: mean_atol of the data's magnitude (n terms, a division; both sides), in float64.
+    assert_close_each(result.mean, ref_mean, atol=mean_atol(np.abs(x).max(), x.shape[obs]))
     w = np.ones(x.shape[obs]) if weights is None else weights
     norm = w.sum() - ddof * (w @ w) / w.sum()
     if norm > 1e-3 * w.sum():  # well away from the degenerate normalisation
-        assert_close(result.covariance(ddof), ref_cov)
+        moved = np.moveaxis(x, (obs, var), (-2, -1))
+        work = np.float32 if ref_cov.dtype == np.float32 else np.float64  # the reference's own rounding
+        assert_close(result.covariance(ddof), ref_cov, moved, weights, work, ddof)
     elif norm < 0:
         with pytest.raises(ValueError, match="leaves no degrees of freedom"):
             result.covariance(ddof)
@@ -92,18 +104,18 @@ def test_one_observation_at_a_time_far_from_origin(n_obs, n_var, seed):
     moments = RunningMoments()
     for i in range(n_obs):
         moments.update(x[i : i + 1])
-    assert_close(moments.covariance(0), batched_cov(x, ddof=0))
+    assert_close(moments.covariance(0), batched_cov(x, ddof=0), np.moveaxis(x, (0, 1), (-2, -1)), ddof=0)
 
 
 def test_counts_and_weight_sums():
     x = np.random.default_rng(0).normal(size=(5, 2))
     m = RunningMoments().update(x[:2]).update(x[2:], weights=[0.5, 2.0, 1.0])
     assert m.count == 5
-    assert m.sum_weights == pytest.approx(2 + 3.5)
-    assert m.sum_squared_weights == pytest.approx(2 + 0.25 + 4 + 1)
+    assert m.sum_weights == pytest.approx(2 + 3.5, rel=weight_sum_rtol(5), abs=0)
+    assert m.sum_squared_weights == pytest.approx(2 + 0.25 + 4 + 1, rel=weight_sum_rtol(5), abs=0)
     # Unit weights for the first two: the same as aweights [1, 1, 0.5, 2, 1] in one go.
     ref = batched_cov(x, aweights=[1, 1, 0.5, 2, 1], ddof=1)
-    assert_close(m.covariance(), ref)
+    assert_close(m.covariance(), ref, x, [1, 1, 0.5, 2, 1])
 
 
 def test_zero_weight_update_counts_but_changes_nothing():
@@ -132,16 +144,17 @@ def test_dtypes():
     assert RunningMoments().update(x32).covariance().dtype == np.float64
     m32 = RunningMoments(dtype=np.float32).update(x32)
     assert m32.dtype == np.float32 and m32.covariance().dtype == np.float32
-    np.testing.assert_allclose(m32.covariance(), np.cov(x32, rowvar=False), rtol=1e-5, atol=1e-6)
+    # Bound: streaming_covariance_atol with float32's eps (the reference, np.cov, works in float64).
+    assert_close(m32.covariance(), np.cov(x32, rowvar=False), x32, dtype=np.float32)
     assert RunningMoments().update(np.arange(12).reshape(4, 3)).dtype == np.float64
     xc = x32 + 1j * x32[::-1]
-    assert_close(RunningMoments().update(xc[:3]).update(xc[3:]).covariance(), np.cov(xc, rowvar=False))
+    assert_close(RunningMoments().update(xc[:3]).update(xc[3:]).covariance(), np.cov(xc, rowvar=False), xc)
     zc = np.random.default_rng(4).normal(size=(9, 3, 4)) * (1 + 2j) + 3j
     m = RunningMoments().update(zc[:4]).update(zc[4:], weights=np.linspace(0.5, 2, 5))
     merged = RunningMoments().update(zc[:2]).merge(RunningMoments().update(zc[2:4])).update(zc[4:], np.linspace(0.5, 2, 5))
     w = np.r_[np.ones(4), np.linspace(0.5, 2, 5)]
-    assert_close(m.covariance(), batched_cov(zc, aweights=w))
-    assert_close(merged.covariance(), batched_cov(zc, aweights=w))
+    assert_close(m.covariance(), batched_cov(zc, aweights=w), np.moveaxis(zc, (0, 1), (-2, -1)), w)
+    assert_close(merged.covariance(), batched_cov(zc, aweights=w), np.moveaxis(zc, (0, 1), (-2, -1)), w)
 
 
 def test_memory_budget_does_not_change_the_result():
@@ -150,7 +163,8 @@ def test_memory_budget_does_not_change_the_result():
     tiny = RunningMoments(memory_budget=1, workers=2).update(x[:4]).update(x[4:])
     tiny.merge(RunningMoments(memory_budget=1).update(x[:2]))
     big.merge(RunningMoments().update(x[:2]))
-    assert_close(tiny.covariance(), big.covariance(), rtol=1e-13)
+    # Bound: both stream the same 11 observations (offset 50) in other blocks: streaming_covariance_atol.
+    assert_close(tiny.covariance(), big.covariance(), np.moveaxis(np.concatenate([x, x[:2]]), (0, 1), (-2, -1)))
 
 
 def test_state_round_trip_and_views_are_read_only():
@@ -179,14 +193,16 @@ def test_state_round_trip_and_views_are_read_only():
 def test_merge_with_empty_and_with_itself():
     x = np.random.default_rng(6).normal(size=(7, 3))
     m = RunningMoments().update(x)
-    assert_close(RunningMoments().merge(m).covariance(), m.covariance(), rtol=1e-15)
-    assert_close(m.copy().merge(RunningMoments()).covariance(), m.covariance(), rtol=1e-15)
+    # Bound 0: merging with an empty accumulator copies the state.
+    np.testing.assert_array_equal(RunningMoments().merge(m).covariance(), m.covariance())
+    np.testing.assert_array_equal(m.copy().merge(RunningMoments()).covariance(), m.covariance())
     doubled = m.copy().merge(m.copy())
     twice = m.copy()
     twice.merge(twice)
     assert twice.count == 14
-    assert_close(twice.covariance(0), doubled.covariance(0), rtol=1e-14)
-    assert_close(twice.covariance(0), batched_cov(x, ddof=0))
+    x2 = np.concatenate([x, x])
+    assert_close(twice.covariance(0), doubled.covariance(0), x2, ddof=0)
+    assert_close(twice.covariance(0), batched_cov(x, ddof=0), x2, ddof=0)
 
 
 def test_clear_errors():
