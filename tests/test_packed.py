@@ -218,5 +218,8 @@ def test_benchmark_quick_mode_writes_rows(tmp_path, monkeypatch) -> None:
     assert {r["library"] for r in memory} == {"anomstats", "anomalib (numpy)"}
     assert all(r["peak_rss_bytes"] > 0 and "peak_ratio_ours_over_anomalib" in r for r in memory)
     accuracy = {r["library"]: r for r in rows if "max_rel_error_vs_float64" in r}
-    assert accuracy["anomstats (float64 acc)"]["max_rel_error_vs_float64"] < 1e-6  # float32 rounding
+    # Bound: float64 accumulation and factorisation, then one rounding to float32: eps32/2 = 6e-8 of each
+    # entry (the float64 work adds κ·C·eps64, below 1e-10 at the quick sizes); 1e-6 keeps a margin of 16
+    # and still fails a float32 accumulation (about 1e-4 measured).
+    assert accuracy["anomstats (float64 acc)"]["max_rel_error_vs_float64"] < 1e-6
     assert accuracy["anomstats (float64 acc)"]["max_asymmetry"] == 0.0
