@@ -227,7 +227,8 @@ def _run_on_pool(task: Callable[[T], None], chunks: list[T], workers: int) -> No
                 failed.set()
                 raise
 
-    futures = [shared_executor(workers).submit(runner) for _ in range(workers)]
+    pool = shared_executor(workers)
+    futures = [pool.submit(runner) for _ in range(workers)]
     errors = [f.exception() for f in futures]  # waits for every runner
     for error in errors:
         if error is not None:

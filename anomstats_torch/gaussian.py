@@ -17,7 +17,6 @@ from anomstats._validation import (
     DTypeError,
     NotFittedError,
     check_ddof,
-    check_dtype,
     check_fit_shape,
     check_memory_budget,
     check_patch_score_shape,
@@ -179,9 +178,8 @@ class MultiVariateGaussian(DynamicBufferModule):
                 "give both n_features and n_patches (anomalib 0.x form) or neither (anomalib >= 1.0 form), "
                 f"got n_features={n_features!r}, n_patches={n_patches!r}"
             )
-        if accumulate_dtype not in (torch.float32, torch.float64):  # the core's check and message
-            check_dtype(str(accumulate_dtype).removeprefix("torch."), "accumulate_dtype")
-            raise DTypeError(f"accumulate_dtype must be torch.float32 or torch.float64, got {accumulate_dtype!r}")
+        if accumulate_dtype not in (torch.float32, torch.float64):  # the core's fault type and wording
+            raise DTypeError(f"accumulate_dtype must be float64 or float32 (torch dtypes), got {accumulate_dtype!r}")
         self.ridge = check_ridge(ridge)
         self.chunk_bytes = check_memory_budget(chunk_bytes, "chunk_bytes")
         self.accumulate_dtype = accumulate_dtype
