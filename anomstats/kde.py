@@ -19,8 +19,7 @@ from . import _dask
 from . import bandwidth as _bw
 from ._rules import gaussian_log_normaliser
 from ._budget import DEFAULT_MEMORY_BUDGET
-from ._kernel_sums import WhitenedCentres, kernel_sums
-from ._parallel import single_threaded_blas
+from ._kernel_sums import WhitenedCentres, kernel_sums, whiten
 from .covariance import cov
 from ._validation import (
     D_GREATER_THAN_N,
@@ -44,7 +43,7 @@ class _EvaluationState:
         # Centre at the weighted mean: keeps whitened norms small, which the product form needs.
         self.mean = data @ w if dtype in (np.float32, np.float64) else np.einsum("ij,j->i", data, w)
         keep = w > 0  # zero-weight points contribute nothing; dropping them avoids log(0) entirely
-        self.centres = WhitenedCentres(_whiten(data[:, keep], self.mean, self.cho), w[keep])
+        self.centres = WhitenedCentres(whiten(data[:, keep], self.mean, self.cho), w[keep])
         d = data.shape[0]
         with np.errstate(divide="ignore"):
             log_det = 2 * np.log(np.diagonal(self.cho)).sum()  # of the kernel covariance, from its factor
@@ -53,27 +52,6 @@ class _EvaluationState:
             norm = np.exp(self.log_norm)
         # The plain sums are scaled by the norm only where that cannot overflow or lose precision.
         self.norm = norm if np.isfinite(norm) and norm >= np.finfo(dtype).tiny else None
-
-
-def _whiten(x: np.ndarray, mean: np.ndarray, cho: np.ndarray) -> np.ndarray:
-    """``L^{-1} (x - mean)`` for columns of ``x`` (d, k); returned as (k, d), C-contiguous."""
-    centred = x - mean[:, None]
-    if centred.dtype in (np.float32, np.float64):
-        # One BLAS thread: for small d BLAS threads cost far more than the solve (a 2 x 2 solve for 300
-        # points took 6 ms with two threads on a busy machine, 0.1 ms with one), and for large d the
-        # threads keep spinning after the solve, stealing the cores from the kernel-sum workers that
-        # follow (d = 100, m = 2000: the evaluation took 28 ms after a threaded solve, 18.5 ms after one
-        # single-threaded solve).
-        with single_threaded_blas():
-            z = linalg.solve_triangular(cho, centred, lower=True, check_finite=False)
-        return np.ascontiguousarray(z.T, dtype=centred.dtype)
-    # Long double: LAPACK has no such type; forward substitution, vectorised over the points.
-    d = cho.shape[0]
-    z = np.empty((centred.shape[1], d), dtype=centred.dtype)
-    for k in range(d):
-        acc = centred[k] - z[:, :k] @ cho[k, :k] if k else centred[k].copy()
-        z[:, k] = acc / cho[k, k]
-    return z
 
 
 def _check_random_state(seed):
@@ -95,10 +73,17 @@ class GaussianKDE:
     dataset : array_like
         Data points: shape (d, n) (each *column* is a point), or (n,) for one dimension.
     bw_method : str, scalar or callable, optional
-        ``'scott'`` (default), ``'silverman'``, a scalar used directly as the bandwidth ``factor``, or a
-        callable taking the estimator and returning the factor.
+        ``'scott'`` (default), ``'silverman'``, ``'cv_ml'`` (the factor that maximises the leave-one-out
+        likelihood, :func:`anomstats.bandwidth.cv_ml_factor`; not in scipy), a scalar used directly as the
+        bandwidth ``factor``, or a callable taking the estimator and returning the factor.
     weights : array_like, optional
         Non-negative weights of the data points, shape (n,); normalised to sum to one.
+    kernel_covariance : array_like, shape (d, d), keyword-only, optional
+        An explicit symmetric positive-definite kernel covariance ``H`` instead of ``factor**2`` times the
+        data covariance (not in scipy), e.g. ``np.diag(h**2)`` for the per-dimension bandwidths of
+        :func:`anomstats.bandwidth.cv_ml_bandwidths`. Exclusive with ``bw_method``; ``factor`` is then
+        ``None``, the data covariance is never computed (so ``d > n`` is allowed), and a later
+        ``set_bandwidth(rule)`` returns to scipy's model.
     memory_budget : int, keyword-only
         Budget in bytes for the evaluation temporaries that would otherwise scale with ``n * m``
         (default 64 MiB). The whitened data and query copies (``O((n + m) d)``) are not included.
@@ -115,10 +100,10 @@ class GaussianKDE:
         Normalised weights (computed lazily: ``1/n`` each when none were given).
     neff : float
         Effective number of points, ``1 / sum(weights**2)`` (lazy).
-    factor : float
-        The bandwidth factor from :meth:`covariance_factor`.
+    factor : float or None
+        The bandwidth factor from :meth:`covariance_factor` (``None`` with an explicit ``kernel_covariance``).
     covariance : ndarray, shape (d, d)
-        Kernel covariance: the weighted data covariance times ``factor**2``.
+        Kernel covariance: the weighted data covariance times ``factor**2``, or ``kernel_covariance``.
     inv_cov : ndarray, shape (d, d)
         Its inverse (recomputed on access, as in scipy).
     cho_cov : ndarray, shape (d, d)
@@ -188,6 +173,7 @@ class GaussianKDE:
         bw_method=None,
         weights=None,
         *,
+        kernel_covariance=None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         workers: int | None = None,
     ) -> None:
@@ -209,7 +195,12 @@ class GaussianKDE:
         # computing the covariance).
         if weights is not None:
             weights = kde_weights_of_valid_shape(weights, self.n)
-        if self.d > self.n:
+        if kernel_covariance is not None and bw_method is not None:
+            raise ValueError(
+                "Pass either `bw_method` or `kernel_covariance`, not both: an explicit kernel covariance "
+                "replaces the bandwidth rule."
+            )
+        if self.d > self.n and kernel_covariance is None:
             raise ValueError(D_GREATER_THAN_N)
         _bw.resolve_bw_method(bw_method)
         if weights is not None:
@@ -219,6 +210,8 @@ class GaussianKDE:
             if not np.all(np.isfinite(data)):
                 raise ValueError(NON_FINITE_DATA)
 
+        if kernel_covariance is not None:
+            self._kernel_covariance = _bw.check_kernel_covariance(kernel_covariance, self.d)
         try:
             self.set_bandwidth(bw_method=bw_method)
         except linalg.LinAlgError as exc:
@@ -292,6 +285,31 @@ class GaussianKDE:
         """
         return np.float64(_bw.silverman_factor(self.neff, self.d))
 
+    def cv_ml_factor(self):
+        """The factor that maximises the leave-one-out likelihood (``bw_method='cv_ml'``; not in scipy).
+
+        Computed by :func:`anomstats.bandwidth.cv_ml_factor` (O(n**2 d) per step, memory-bounded) and
+        cached until ``dataset`` or ``weights`` is reassigned.
+
+        Returns
+        -------
+        numpy.float64
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> x = np.random.default_rng(0).standard_normal(400)
+        >>> print(f"{GaussianKDE(x, bw_method='cv_ml').factor:.4f}")
+        0.3824
+        """
+        cached = self.__dict__.get("_cv_ml")
+        if cached is None or cached[0] is not self.dataset or cached[1] is not self.weights:
+            factor = _bw.cv_ml_factor(
+                self.dataset, self.weights, memory_budget=self.memory_budget, workers=self.workers
+            )
+            self._cv_ml = (self.dataset, self.weights, np.float64(factor))
+        return self._cv_ml[2]
+
     # Default rule; a subclass may override it, or set_bandwidth/assignment may replace it per instance.
     covariance_factor = scotts_factor
 
@@ -301,8 +319,9 @@ class GaussianKDE:
         Parameters
         ----------
         bw_method : str, scalar or callable, optional
-            ``'scott'``, ``'silverman'``, a scalar used as ``factor``, or a callable taking this estimator
-            and returning the factor. ``None`` keeps the current ``covariance_factor``.
+            ``'scott'``, ``'silverman'``, ``'cv_ml'``, a scalar used as ``factor``, or a callable taking
+            this estimator and returning the factor. ``None`` keeps the current ``covariance_factor`` (or
+            the explicit ``kernel_covariance``); any other value replaces an explicit kernel covariance.
 
         Raises
         ------
@@ -323,11 +342,14 @@ class GaussianKDE:
         """
         rule = _bw.resolve_bw_method(bw_method)
         # Restored if the new rule gives an unusable factor, so a failed call changes nothing.
-        saved = {k: self.__dict__[k] for k in ("covariance_factor", "_bw_method") if k in self.__dict__}
+        kept = ("covariance_factor", "_bw_method", "_kernel_covariance")
+        saved = {k: self.__dict__[k] for k in kept if k in self.__dict__}
         try:
+            if rule is not None:
+                self.__dict__.pop("_kernel_covariance", None)  # a rule replaces an explicit covariance
             self._apply_bw_rule(rule)
-        except ValueError:
-            for key in ("covariance_factor", "_bw_method"):
+        except (ValueError, linalg.LinAlgError):
+            for key in kept:
                 self.__dict__.pop(key, None)
             self.__dict__.update(saved)
             raise
@@ -339,6 +361,8 @@ class GaussianKDE:
             self.covariance_factor = self.scotts_factor
         elif isinstance(rule, str) and rule == "silverman":
             self.covariance_factor = self.silverman_factor
+        elif isinstance(rule, str) and rule == "cv_ml":
+            self.covariance_factor = self.cv_ml_factor
         elif callable(rule):
             self._bw_method = rule
             self.covariance_factor = lambda: self._bw_method(self)
@@ -355,18 +379,30 @@ class GaussianKDE:
             self._data_covariance = data_cov
 
     def _compute_covariance(self) -> None:
-        """Recompute ``factor``, ``covariance``, ``cho_cov`` and ``log_det`` from ``covariance_factor()``."""
-        factor = self.covariance_factor()
-        _bw.check_factor(factor)
-        self.factor = factor
-        self._data_moments()
-        self.covariance = self._data_covariance * self.factor**2
-        self.cho_cov = (self._data_cho_cov * self.factor).astype(np.float64)
+        """Recompute ``factor``, ``covariance``, ``cho_cov`` and ``log_det`` from ``covariance_factor()``
+
+        (or from the explicit kernel covariance, when one was given).
+        """
+        explicit = self.__dict__.get("_kernel_covariance")
+        if explicit is not None:
+            self.factor = None
+            self.covariance = np.array(explicit)  # writable, as scipy's attribute
+            self.cho_cov = linalg.cholesky(explicit, lower=True)
+        else:
+            factor = self.covariance_factor()
+            _bw.check_factor(factor)
+            self.factor = factor
+            self._data_moments()
+            self.covariance = self._data_covariance * self.factor**2
+            self.cho_cov = (self._data_cho_cov * self.factor).astype(np.float64)
         self.log_det = 2 * np.log(np.diag(self.cho_cov * np.sqrt(2 * np.pi))).sum()
 
     @property
     def inv_cov(self) -> np.ndarray:
         """Inverse of the kernel covariance (refreshes ``factor`` from ``covariance_factor()``, as scipy)."""
+        explicit = self.__dict__.get("_kernel_covariance")
+        if explicit is not None:
+            return linalg.inv(explicit)
         self.factor = self.covariance_factor()
         self._data_moments()
         return linalg.inv(self._data_covariance) / self.factor**2
@@ -430,7 +466,7 @@ class GaussianKDE:
         if not np.all(np.isfinite(points)):
             raise ValueError(NON_FINITE_POINTS)
         state = self._evaluation_state(dtype)
-        z = _whiten(np.asarray(points, dtype=dtype), state.mean, state.cho)
+        z = whiten(np.asarray(points, dtype=dtype), state.mean, state.cho)
         log_sums, sums = kernel_sums(state.centres, z, memory_budget=self.memory_budget, workers=self.workers)
         return log_sums, sums, state
 
@@ -559,7 +595,7 @@ class GaussianKDE:
         # LinAlgError if not positive definite (LAPACK works in float64).
         cho = linalg.cholesky(sum_cov.astype(np.float64), lower=True)
         state = _EvaluationState(data, weights, cho, dtype)
-        z = _whiten(np.asarray(queries, dtype=dtype), state.mean, state.cho)
+        z = whiten(np.asarray(queries, dtype=dtype), state.mean, state.cho)
         log_sums, sums = kernel_sums(state.centres, z, memory_budget=self.memory_budget, workers=self.workers)
         values = np.where(np.isnan(sums), np.exp(log_sums), sums) * np.exp(state.log_norm)
         if query_weights is None:
@@ -736,6 +772,15 @@ class GaussianKDE:
         invalid = (dims < 0) | (dims >= n_dims)
         if np.any(invalid):
             raise ValueError(f"Dimensions {original[invalid]} are invalid for a distribution in {n_dims} dimensions.")
+        explicit = self.__dict__.get("_kernel_covariance")
+        if explicit is not None:  # the marginal of N(0, H) over `dims` is N(0, H[dims, dims])
+            return GaussianKDE(
+                self.dataset[dims],
+                weights=self.weights,
+                kernel_covariance=explicit[np.ix_(dims, dims)],
+                memory_budget=self.memory_budget,
+                workers=self.workers,
+            )
         return GaussianKDE(
             self.dataset[dims],
             bw_method=self.covariance_factor(),
@@ -745,6 +790,8 @@ class GaussianKDE:
         )
 
     def __repr__(self) -> str:
+        if self.__dict__.get("_kernel_covariance") is not None:
+            return f"{type(self).__name__}(d={self.d}, n={self.n}, kernel_covariance=explicit)"
         factor = getattr(self, "factor", None)
         factor_text = "unset" if factor is None else f"{float(factor):.6g}"
         return f"{type(self).__name__}(d={self.d}, n={self.n}, factor={factor_text})"
