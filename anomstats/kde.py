@@ -150,6 +150,10 @@ class GaussianKDE:
     * ``integrate_kde`` is vectorised and memory-bounded; ``integrate_box_1d`` works for long double data
       (scipy raises ``TypeError``).
 
+    Additions (not in scipy): ``bw_method='cv_ml'`` (the factor maximising the leave-one-out likelihood,
+    see :mod:`anomstats.bandwidth`) and ``kernel_covariance=H`` (an explicit kernel covariance, e.g. the
+    per-dimension bandwidths of :func:`anomstats.bandwidth.cv_ml_bandwidths` as ``np.diag(h**2)``).
+
     Examples
     --------
     >>> import numpy as np
