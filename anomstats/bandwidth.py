@@ -43,6 +43,7 @@ from .covariance import cov
 
 __all__ = [
     "BW_METHOD_ERROR",
+    "BW_METHOD_AND_KERNEL_COVARIANCE",
     "scotts_factor",
     "silverman_factor",
     "effective_sample_size",
@@ -60,6 +61,13 @@ __all__ = [
 #: The message of the ``ValueError`` raised for an unusable ``bw_method`` (scipy's wording, which does not
 #: name this library's extra rule ``'cv_ml'``; the docstrings do).
 BW_METHOD_ERROR = "`bw_method` should be 'scott', 'silverman', a scalar or a callable."
+
+#: The message of the ``ValueError`` raised when a KDE is given both a ``bw_method`` and a
+#: ``kernel_covariance`` (both packages' KDEs).
+BW_METHOD_AND_KERNEL_COVARIANCE = (
+    "Pass either `bw_method` or `kernel_covariance`, not both: an explicit kernel covariance "
+    "replaces the bandwidth rule."
+)
 
 #: The names of the rules a ``bw_method`` string may give.
 BW_RULES = ("scott", "silverman", "cv_ml")
@@ -392,6 +400,10 @@ def _selection_data(dataset: Any, weights: Any) -> tuple[np.ndarray, np.ndarray]
         raise ValueError(NON_FINITE_DATA)
     n = data.shape[1]
     w = np.full(n, 1.0 / n) if weights is None else kde_weights(weights, n)
+    if w.min() == w.max():
+        # Equal weights are no weights: take exactly 1/n (renormalising them rounds), so that a KDE's own
+        # uniform weights and no weights select the same bandwidth to the last bit.
+        w = np.full(n, 1.0 / n)
     if np.count_nonzero(w) < 2:
         raise ValueError(
             "The leave-one-out likelihood needs at least two points of positive weight; got "
@@ -557,7 +569,8 @@ def cv_ml_factor(
     ValueError
         For the data faults of ``GaussianKDE`` (non-finite values, ``d > n``), fewer than two points of
         positive weight, or a likelihood that grows without bound as the bandwidth shrinks (duplicated
-        points). ``numpy.linalg.LinAlgError`` if the data covariance is singular.
+        points). ``numpy.linalg.LinAlgError`` if the data covariance is singular: an eigenvalue at most
+        ``d sqrt(n) eps`` times its largest variance, the rounding of a covariance of data in a subspace.
 
     Notes
     -----
@@ -580,10 +593,13 @@ def cv_ml_factor(
         raise ValueError(D_GREATER_THAN_N)
     memory_budget, workers = _budget_and_workers(memory_budget, workers)
     data_cov = np.atleast_2d(cov(data, rowvar=1, bias=False, aweights=w))
-    try:
-        base = linalg.cholesky(data_cov, lower=True)
-    except linalg.LinAlgError as exc:
-        raise linalg.LinAlgError(SINGULAR_DATA) from exc
+    # A rank test rather than whether a Cholesky happens to succeed: the computed covariance of data in a
+    # subspace has eigenvalues of rounding size, up to d sqrt(n) eps max(diag) (each entry sums n products
+    # bounded by the diagonal), so smaller ones are taken as zero.
+    tolerance = d * np.sqrt(n) * np.finfo(np.float64).eps * float(np.diagonal(data_cov).max())
+    if not linalg.eigvalsh(data_cov)[0] > tolerance:
+        raise linalg.LinAlgError(SINGULAR_DATA)
+    base = linalg.cholesky(data_cov, lower=True)
     objective = _LeaveOneOut(data, w, base, memory_budget, workers)
 
     def slope(t: float) -> float:

@@ -200,10 +200,7 @@ class GaussianKDE:
         if weights is not None:
             weights = kde_weights_of_valid_shape(weights, self.n)
         if kernel_covariance is not None and bw_method is not None:
-            raise ValueError(
-                "Pass either `bw_method` or `kernel_covariance`, not both: an explicit kernel covariance "
-                "replaces the bandwidth rule."
-            )
+            raise ValueError(_bw.BW_METHOD_AND_KERNEL_COVARIANCE)
         if self.d > self.n and kernel_covariance is None:
             raise ValueError(D_GREATER_THAN_N)
         _bw.resolve_bw_method(bw_method)

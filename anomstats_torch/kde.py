@@ -1,16 +1,19 @@
 """Gaussian kernel density estimation as a torch module: a drop-in for anomalib's ``GaussianKDE``.
 
-Every scalar rule comes from the NumPy core: the bandwidth rule and its validation (:mod:`anomstats.bandwidth`),
-the Gaussian log-normaliser, the exponent floor and the trusted-sum floor of the log-sum-exp fallback, the
-dimension up to which squared distances are direct differences (:mod:`anomstats._rules`), the data faults'
-messages (:mod:`anomstats._validation`, scipy's words, as the core's KDE). The kernel sums run as a few matrix
-products and element-wise passes per chunk on the module's device (in float64 up to ``DIRECT_MAX_D``
-dimensions the squared distances are direct differences, as in the NumPy core, which is more accurate there).
+Every scalar rule comes from the NumPy core: the bandwidth rule and its validation, the leave-one-out selection
+``bw_method='cv_ml'`` and the explicit kernel covariance's validation (:mod:`anomstats.bandwidth`, run on the
+dataset as float64 NumPy), the Gaussian log-normaliser, the exponent floor and the trusted-sum floor of the
+log-sum-exp fallback, the dimension up to which squared distances are direct differences
+(:mod:`anomstats._rules`), the data faults' messages (:mod:`anomstats._validation`, scipy's words, as the
+core's KDE). The kernel sums run as a few matrix products and element-wise passes per chunk on the module's
+device (in float64 up to ``DIRECT_MAX_D`` dimensions the squared distances are direct differences, as in the
+NumPy core, which is more accurate there).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +35,15 @@ from anomstats._validation import (
     NotFittedError,
     check_memory_budget,
 )
-from anomstats.bandwidth import bandwidth_factor, check_factor, resolve_bw_method
+from anomstats.bandwidth import (
+    BW_METHOD_AND_KERNEL_COVARIANCE,
+    BwMethod,
+    bandwidth_factor,
+    check_factor,
+    check_kernel_covariance,
+    cv_ml_factor,
+    resolve_bw_method,
+)
 
 from ._policy import (
     DEFAULT_CHUNK_BYTES,
@@ -83,8 +94,26 @@ def _direct_exponent(
     return out.mul_(-0.5)
 
 
-def _whitening_factor(covariance: Tensor, factor: float) -> Tensor:
-    """Lower-triangular ``L`` with ``L @ L.T == inv(covariance) / factor**2`` (float64).
+def _as_numpy(kernel_covariance: Any) -> np.ndarray:
+    """A NumPy copy of an explicit kernel covariance, for the core's check (which runs in float64).
+
+    Real tensors are taken to the CPU in float64 (bfloat16 has no NumPy dtype); complex ones keep their
+    dtype, so that the core names it in its message. A copy either way: the caller's H is never shared.
+    """
+    if isinstance(kernel_covariance, Tensor):
+        t = kernel_covariance.detach().cpu().resolve_conj().resolve_neg()
+        if not t.is_complex():
+            t = t.to(torch.float64)
+        return np.array(t.numpy())
+    return np.array(kernel_covariance)
+
+
+def _whitening_factor(covariance: Tensor, factor: float = 1.0) -> Tensor:
+    """Lower-triangular ``L`` with ``L @ L.T == inv(factor**2 * covariance)`` (float64).
+
+    The one path for both forms of the kernel covariance ``H``: scipy's ``factor**2 * cov(dataset)``
+    (``covariance`` the data's) and an explicit ``kernel_covariance`` (``factor=1``, exact). The factor
+    scales the triangular result, as the core scales its Cholesky factor, rather than ``H`` itself.
 
     This is the lower Cholesky factor of the inverse bandwidth matrix, as anomalib stores it, but obtained
     without forming an explicit inverse: with ``J`` the exchange matrix and ``J C J = R R^T`` (lower ``R``),
@@ -105,7 +134,8 @@ class GaussianKDE(DynamicBufferModule):
     Buffers (anomalib's names and meaning, so checkpoints load both ways with ``strict=True``):
 
     - ``bw_transform`` (D, D): lower-triangular ``L`` with ``L @ L.T`` the inverse of the bandwidth
-      matrix ``H = factor**2 * cov(dataset)`` (Scott's ``factor = N ** (-1 / (D + 4))`` by default);
+      matrix ``H = factor**2 * cov(dataset)`` (Scott's ``factor = N ** (-1 / (D + 4))`` by default), or
+      of the explicit ``kernel_covariance``;
     - ``dataset`` (N, D): the training points in whitened coordinates, ``dataset @ L``;
     - ``norm`` (0-d): ``prod(diag(L)) * (2*pi) ** (-D / 2)``, i.e. ``1 / sqrt(det(2*pi*H))``.
 
@@ -116,16 +146,38 @@ class GaussianKDE(DynamicBufferModule):
     ----------
     dataset : torch.Tensor, optional
         Training points (N, D); when given, the module is fitted at construction.
-    bw_method : {"scott", "silverman"}, float or callable, default "scott"
-        Bandwidth factor rule (anomalib uses Scott's), the factor itself, or a callable taking this module
-        and returning the factor: the rules, their validation and messages are
-        :func:`anomstats.bandwidth.bandwidth_factor`'s (unweighted: ``neff = N``).
+    bw_method : {"scott", "silverman", "cv_ml"}, float or callable, optional
+        Bandwidth factor rule (``None``, the default, is Scott's, as anomalib uses), the factor itself, or a
+        callable taking this module and returning the factor: the rules, their validation and messages are
+        :func:`anomstats.bandwidth.bandwidth_factor`'s (unweighted: ``neff = N``). ``"cv_ml"`` selects, at
+        fit time, the factor maximising the leave-one-out likelihood
+        (:func:`anomstats.bandwidth.cv_ml_factor` on the dataset as float64 NumPy: the same factor as
+        ``anomstats.GaussianKDE(dataset.T, bw_method="cv_ml")``; O(N**2 D) per step, on the CPU).
+    kernel_covariance : torch.Tensor or array_like (D, D), optional
+        An explicit kernel covariance ``H`` used instead of ``factor**2 * cov(dataset)`` (e.g.
+        ``numpy.diag(h**2)`` for the per-dimension bandwidths ``h`` of
+        :func:`anomstats.bandwidth.cv_ml_bandwidths`). Real, finite, symmetric, positive definite:
+        validated by :func:`anomstats.bandwidth.check_kernel_covariance` (its ``ValueError`` and message),
+        its shape against ``D`` at fit. Exclusive with ``bw_method``. Configuration, not fitted state: it
+        is not in the state dict (the buffers hold everything the densities need). As for the core, the
+        dataset then needs no more points than dimensions (its covariance is not used).
     chunk_bytes : int, default 64 MiB
         Upper bound on the temporaries of one block of the (queries x training points) kernel matrix.
         On CPU blocks are further limited to 4 MiB tiles (256 query rows), which stay in cache; on GPU
         the whole budget is used. While tracing/exporting, the batch axis is not split (the graph must
         hold for every batch size): training points are blocked for a nominal 64-row batch, so peak
         temporaries grow with the batch size there.
+
+    Attributes
+    ----------
+    bw_method : str, float or callable or None
+        The rule as given (``"scott"`` when left at the default); ``None`` with a ``kernel_covariance``.
+    kernel_covariance : numpy.ndarray or None
+        The explicit kernel covariance as float64 NumPy (after a fit, the core's validated, read-only
+        copy), or ``None``.
+    factor : float or None
+        The bandwidth factor of the last :meth:`fit`; ``None`` before one, with a ``kernel_covariance``,
+        and after ``load_state_dict`` (a checkpoint holds only the buffers).
 
     Notes
     -----
@@ -186,15 +238,30 @@ class GaussianKDE(DynamicBufferModule):
         self,
         dataset: Tensor | None = None,
         *,
-        bw_method: str | float = "scott",
+        bw_method: BwMethod = None,
+        kernel_covariance: Tensor | Any | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
         super().__init__()
+        # None is the default (Scott's) so that an explicit rule next to an explicit H is detected, as the
+        # core KDE detects it, and in the core's order: this check before the rule's.
+        if kernel_covariance is not None and bw_method is not None:
+            raise ValueError(BW_METHOD_AND_KERNEL_COVARIANCE)
         rule = resolve_bw_method(bw_method)  # the core's rules and message
-        if rule is None or not (isinstance(rule, str) or callable(rule)):
+        if rule is not None and not (isinstance(rule, str) or callable(rule)):
             check_factor(rule)
-        self.bw_method = bw_method
+        self.bw_method: BwMethod = "scott" if rule is None and kernel_covariance is None else bw_method
         self.chunk_bytes = check_memory_budget(chunk_bytes, "chunk_bytes")
+        self.kernel_covariance: np.ndarray | None = None
+        if kernel_covariance is not None:
+            self.kernel_covariance = _as_numpy(kernel_covariance)
+            if dataset is None and self.kernel_covariance.ndim == 2:
+                # D is not known before the fit: check all but the size now (squareness, values) so that a
+                # bad H fails here. With a dataset, the fit below checks it against the data's D at once.
+                self.kernel_covariance = check_kernel_covariance(
+                    self.kernel_covariance, self.kernel_covariance.shape[0]
+                )
+        self.factor: float | None = None
         self.register_buffer("bw_transform", torch.empty(0))
         self.register_buffer("dataset", torch.empty(0))
         self.register_buffer("norm", torch.empty(0))
@@ -206,8 +273,15 @@ class GaussianKDE(DynamicBufferModule):
             self.fit(dataset)
 
     # ------------------------------------------------------------------ fitting
-    def _factor(self, n: int, d: int) -> float:
-        factor = bandwidth_factor(self.bw_method, n, d, self)  # the core's rule resolution
+    def _factor(self, x64: Tensor) -> float:
+        n, d = x64.shape
+        if isinstance(self.bw_method, str) and self.bw_method == "cv_ml":
+            # The core's selection on the same float64 values in the core's (d, n) layout, unweighted, with
+            # the same memory budget: the factor the core KDE selects (bandwidth_factor refuses 'cv_ml'
+            # without the data).
+            factor = cv_ml_factor(x64.cpu().numpy().T, memory_budget=self.chunk_bytes)
+        else:
+            factor = bandwidth_factor(self.bw_method, n, d, self)  # the core's rule resolution
         check_factor(factor)
         return float(factor)
 
@@ -217,28 +291,47 @@ class GaussianKDE(DynamicBufferModule):
         The covariance, Cholesky factor and whitening are computed in float64 on the dataset's device,
         then stored in the working dtype (see the class notes).
 
+        With ``bw_method="cv_ml"`` the factor is selected here, on the CPU (the dataset is copied there
+        once); with a ``kernel_covariance``, that ``H`` is checked against the dataset's ``D`` and used.
+
         Parameters
         ----------
         dataset : torch.Tensor
-            Training points, one per row, with more rows than columns.
+            Training points, one per row, with more rows than columns (at least one row with an explicit
+            ``kernel_covariance``).
 
         Raises
         ------
         ValueError
             If ``dataset`` is not 2-D, has no more rows than columns, holds NaN/inf, or its covariance is
-            singular.
+            singular; if ``kernel_covariance`` does not fit it (the core's messages); for ``"cv_ml"``, the
+            selection's faults (e.g. duplicated points, which make the likelihood unbounded).
         """
         x = as_float_tensor(dataset, "dataset").detach()  # fitted statistics, not a graph: see Notes
         if x.ndim != 2:
             raise ValueError(f"dataset must be 2-D (N points, D dimensions), got shape {tuple(x.shape)}")
         n, d = x.shape
-        if d == 0 or n <= d:  # the covariance would be singular whatever the rounding
+        explicit = self.kernel_covariance is not None
+        # Without an explicit H the data covariance would be singular whatever the rounding; with one, as in
+        # the core, any number of points will do.
+        if d == 0 or (n <= d and not explicit):
             raise ValueError(f"{D_GREATER_THAN_N} Got N={n} points in D={d} dimensions.")
+        if n == 0:
+            raise ValueError(f"dataset must hold at least one point, got shape {tuple(x.shape)}")
         if not is_tracing() and not bool(torch.isfinite(x).all()):
             raise ValueError(NON_FINITE_DATA)  # the core KDE's message
         store_dtype = working_dtype(self.bw_transform.dtype, x.dtype)
         x64 = x.to(torch.float64)
-        whitening = _whitening_factor(self.cov(x64.mT), self._factor(n, d))
+        factor: float | None
+        if explicit:
+            kernel = check_kernel_covariance(self.kernel_covariance, d)  # the core's check, now with D
+            self.kernel_covariance = kernel
+            factor = None
+            # np.array: a writable copy (the core's array is read-only, which torch.from_numpy warns about).
+            whitening = _whitening_factor(torch.from_numpy(np.array(kernel)).to(x64.device))
+        else:
+            factor = self._factor(x64)
+            whitening = _whitening_factor(self.cov(x64.mT), factor)
         # L Lᵀ = H⁻¹, so log det H = −2 Σ log diag(L) (never the log of a product, which overflows).
         log_norm = gaussian_log_normaliser(d, -2.0 * torch.log(whitening.diagonal()).sum())
         centre = x64.mean(dim=0)
@@ -247,14 +340,16 @@ class GaussianKDE(DynamicBufferModule):
         self.norm = torch.exp(log_norm).to(store_dtype)
         self._centre = centre.to(store_dtype)
         self._centred = ((x64 - centre) @ whitening).to(store_dtype)
+        self.factor = factor
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):  # type: ignore[no-untyped-def]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         if not any(prefix + name in state_dict for name in ("bw_transform", "dataset", "norm")):
             return  # nothing of this module was loaded (e.g. a partial parent checkpoint): keep the fit
-        # The loaded buffers define the model now; forget the centred copy of an earlier fit.
+        # The loaded buffers define the model now; forget the centred copy and the factor of an earlier fit.
         self._centre = torch.empty(0, dtype=self.dataset.dtype, device=self.dataset.device)
         self._centred = torch.empty(0, dtype=self.dataset.dtype, device=self.dataset.device)
+        self.factor = None
 
     @staticmethod
     def cov(tensor: Tensor) -> Tensor:

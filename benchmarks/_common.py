@@ -219,3 +219,83 @@ def targets_summary(suite: str, rows: list[dict[str, Any]], ours: Iterable[dict[
         "all_targets_met": all(r.get("met", True) for r in ours),
         "max_rel_diff": max(r["max_rel_diff"] for r in ours),
     }
+
+
+def machine_floor(*, exp_block: int = 65_536, exp_repeats: int = 15, gemm_n: int = 1000, copy_mib: int = 128) -> dict[str, Any]:
+    """Measure this machine's throughput floors: NumPy ``exp``, BLAS ``dgemm`` and memory copy.
+
+    A suite that is bound by exponentials and a matrix product (the KDE's kernel sums) can then say how
+    far it is from what the hardware allows in the same run, on the same (shared) machine, instead of
+    against a number measured elsewhere.
+
+    Parameters
+    ----------
+    exp_block : int, default 65536
+        Elements per ``np.exp`` call, float64: 512 KiB in and out, so the block stays in the L2/L3
+        cache and the rate measured is the arithmetic's, not the memory's.
+    exp_repeats : int, default 15
+        Timed rounds (each ~0.1 s of ``exp`` calls at most); the best is kept.
+    gemm_n : int, default 1000
+        Side of the square float64 ``A @ B`` (``2 n**3`` flops), best of at least 3 runs (up to 20 while
+        they take under half a second) after a warm-up. BLAS uses all its threads, as the library's
+        kernel sums do.
+    copy_mib : int, default 128
+        Size of the array copied (well beyond the caches), best of at least 3 runs after a warm-up.
+
+    Returns
+    -------
+    dict
+        ``exp_ns`` (ns per float64 element, one thread), ``dgemm_gflops`` (GFLOP/s, all BLAS threads),
+        ``copy_gbps`` (GB/s counting bytes read plus bytes written, as STREAM's Copy does), ``cores``
+        (``os.cpu_count()``) and the sizes used.
+
+    Examples
+    --------
+    >>> f = machine_floor(exp_block=4096, exp_repeats=1, gemm_n=64, copy_mib=1)
+    >>> sorted(f) == ['copy_gbps', 'copy_mib', 'cores', 'dgemm_gflops', 'exp_block', 'exp_ns', 'gemm_n']
+    True
+    >>> all(f[k] > 0 for k in ('copy_gbps', 'dgemm_gflops', 'exp_ns'))
+    True
+    """
+    import os
+
+    rng = np.random.default_rng(0)
+    # Exponents in the range a KDE meets (-r2/2 of nearby points); ufunc exp runs on one thread.
+    x = rng.uniform(-30.0, 0.0, exp_block)
+    y = np.empty_like(x)
+    np.exp(x, out=y)
+    calls = 1
+    # Enough calls per round for ~10 ms, so that the timer's resolution does not matter.
+    while True:
+        start = time.perf_counter()
+        for _ in range(calls):
+            np.exp(x, out=y)
+        if time.perf_counter() - start > 0.01 or calls >= 1 << 16:
+            break
+        calls *= 2
+    best_exp = float("inf")
+    for _ in range(max(exp_repeats, 1)):
+        start = time.perf_counter()
+        for _ in range(calls):
+            np.exp(x, out=y)
+        best_exp = min(best_exp, (time.perf_counter() - start) / (calls * exp_block))
+
+    a = rng.standard_normal((gemm_n, gemm_n))
+    b = rng.standard_normal((gemm_n, gemm_n))
+    c = np.empty((gemm_n, gemm_n))
+    # A shared machine's other work shows up as slow runs: more of them (about half a second) steady the best.
+    gemm_wall, _, _ = best_time(lambda: np.matmul(a, b, out=c), repeats=3, fill_seconds=0.5, max_runs=20)
+
+    src = np.ones(copy_mib * 2**20 // 8)
+    dst = np.empty_like(src)
+    copy_wall, _, _ = best_time(lambda: np.copyto(dst, src), repeats=3, fill_seconds=0.3, max_runs=20)
+
+    return {
+        "exp_ns": best_exp * 1e9,
+        "dgemm_gflops": 2.0 * gemm_n**3 / gemm_wall / 1e9,
+        "copy_gbps": 2.0 * src.nbytes / copy_wall / 1e9,
+        "cores": os.cpu_count() or 1,
+        "exp_block": exp_block,
+        "gemm_n": gemm_n,
+        "copy_mib": copy_mib,
+    }

@@ -13,7 +13,9 @@ Outputs (next to the inputs by default):
 
 The problem size of a row is its ``size`` (or ``problem_size``/``n_elements``) field when it has
 one, otherwise the product of the numbers written in its ``case`` (so ``"n=10000 m=10000 d=2"``
-gives 2e8); when neither tells cases apart, the cases are placed side by side in order.
+gives 2e8); when neither tells cases apart, the cases are placed side by side in order. A panel's
+x axis is labelled by its rows' ``size_label`` when they all give the same one. Rows whose
+``seconds`` is missing or null (a peer skipped at that size) are in the table but not in the plot.
 
 Usage::
 
@@ -199,7 +201,12 @@ def plot_file(name: str, rows: Sequence[dict], path: Path) -> bool:
         if numeric:
             ax.set_xscale("log")
             from_field = all(any(isinstance(r.get(k), (int, float)) for k in SIZE_KEYS) for r in srows)
-            ax.set_xlabel("problem size" + ("" if from_field else " (product of the numbers in the case)"))
+            labels = {r.get("size_label") for r in srows}
+            if len(labels) == 1 and isinstance(next(iter(labels)), str):
+                # The suite says what its size counts (e.g. "n (data points)"): more telling than a product.
+                ax.set_xlabel(next(iter(labels)))
+            else:
+                ax.set_xlabel("problem size" + ("" if from_field else " (product of the numbers in the case)"))
         else:
             ax.set_xticks(range(len(cases)))
             ax.set_xticklabels(cases, rotation=30, ha="right", fontsize=7)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -111,6 +112,22 @@ def test_torch_backend_requested_but_unavailable(monkeypatch):
     assert impl.name == "numpy" and "torch is not installed" in note
 
 
+def test_torch_backend_scores_a_rule_the_adapter_lacks_with_the_core():
+    # An adapter without bw_method='cv_ml' (refusing it on construction): the core scores that rule, and
+    # the reason is kept for the printed note. No torch needed: the refusal comes before any tensor.
+    class RefusingKDE:
+        def __init__(self, bw_method="scott"):
+            raise ValueError("no such rule here")
+
+    backend = object.__new__(demo._TorchBackend)
+    backend.mod, backend.torch, backend.kde_source = types.SimpleNamespace(GaussianKDE=RefusingKDE), None, {}
+    rng = np.random.default_rng(3)
+    train, query = rng.standard_normal((60, 3)), rng.standard_normal((10, 3))
+    got = backend.kde_logpdf(train, query, bw_method="cv_ml")
+    np.testing.assert_array_equal(got, demo._NumpyBackend().kde_logpdf(train, query, bw_method="cv_ml"))
+    assert "NumPy core" in backend.kde_source["cv_ml"] and "no such rule here" in backend.kde_source["cv_ml"]
+
+
 @pytest.mark.parametrize(("module", "name"), [("sklearn.datasets", "scikit-learn"), ("matplotlib", "matplotlib")])
 def test_missing_package_fails_loudly(monkeypatch, tmp_path, capsys, module, name):
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
@@ -138,6 +155,16 @@ def test_quick_demo_numpy_backend(tmp_path, capsys):
     assert min(result.padim_pixel_auroc.values()) > 0.85
     assert min(result.padim_image_auroc.values()) > 0.85
     assert "DFKDE-style" in printed and "PaDiM-style" in printed and "pixel AUROC" in printed
+    # Both bandwidth rules are reported, per digit and as the mean.
+    assert "AUROC Scott" in printed and "AUROC cv_ml" in printed
+    assert sorted(result.dfkde_cv_ml_auroc) == [0, 1, 2]
+    assert all(0.0 <= a <= 1.0 for a in result.dfkde_cv_ml_auroc.values())
+    mean_row = next(line for line in printed.splitlines() if line.strip().startswith("mean"))
+    scott_mean, cv_ml_mean = (float(v) for v in mean_row.split()[1:3])
+    assert scott_mean == pytest.approx(np.mean(list(result.dfkde_auroc.values())), abs=5e-4)
+    assert cv_ml_mean == pytest.approx(np.mean(list(result.dfkde_cv_ml_auroc.values())), abs=5e-4)
+    # The likelihood-selected bandwidth is a sensible detector too (not that it must beat Scott's here).
+    assert cv_ml_mean > 0.5 and cv_ml_mean > scott_mean - 0.1
 
 
 def test_demo_command_line_prints_the_figure_path(tmp_path, capsys):
@@ -156,4 +183,7 @@ def test_quick_demo_torch_backend_agrees_with_numpy(tmp_path):
     # swap pairs whose scores are that close; the quick demo's AUROCs move by one such pair in 10^3 at most.
     for d in numpy_run.dfkde_auroc:
         assert torch_run.dfkde_auroc[d] == pytest.approx(numpy_run.dfkde_auroc[d], abs=1e-3)
+        # The same bound for cv_ml: the factor is selected to 1e-10 relative on both backends (or by the core
+        # for both, where the adapter lacks the rule), so only the scoring differs, as for Scott's rule.
+        assert torch_run.dfkde_cv_ml_auroc[d] == pytest.approx(numpy_run.dfkde_cv_ml_auroc[d], abs=1e-3)
         assert torch_run.padim_pixel_auroc[d] == pytest.approx(numpy_run.padim_pixel_auroc[d], abs=1e-3)
