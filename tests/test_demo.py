@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -110,22 +109,6 @@ def test_torch_backend_requested_but_unavailable(monkeypatch):
         run_demo(backend="torch")
     impl, note = demo._pick_backend("auto")
     assert impl.name == "numpy" and "torch is not installed" in note
-
-
-def test_torch_backend_scores_a_rule_the_adapter_lacks_with_the_core():
-    # An adapter without bw_method='cv_ml' (refusing it on construction): the core scores that rule, and
-    # the reason is kept for the printed note. No torch needed: the refusal comes before any tensor.
-    class RefusingKDE:
-        def __init__(self, bw_method="scott"):
-            raise ValueError("no such rule here")
-
-    backend = object.__new__(demo._TorchBackend)
-    backend.mod, backend.torch, backend.kde_source = types.SimpleNamespace(GaussianKDE=RefusingKDE), None, {}
-    rng = np.random.default_rng(3)
-    train, query = rng.standard_normal((60, 3)), rng.standard_normal((10, 3))
-    got = backend.kde_logpdf(train, query, bw_method="cv_ml")
-    np.testing.assert_array_equal(got, demo._NumpyBackend().kde_logpdf(train, query, bw_method="cv_ml"))
-    assert "NumPy core" in backend.kde_source["cv_ml"] and "no such rule here" in backend.kde_source["cv_ml"]
 
 
 @pytest.mark.parametrize(("module", "name"), [("sklearn.datasets", "scikit-learn"), ("matplotlib", "matplotlib")])

@@ -148,21 +148,13 @@ def paste_defect(image: np.ndarray, rng: np.random.Generator, *, threshold: floa
 # --------------------------------------------------------------------------------------------------
 
 
-def _core_kde_logpdf(train: np.ndarray, query: np.ndarray, bw_method: str) -> np.ndarray:
-    # The core takes scipy's layout: variables in rows.
-    kde = anomstats.GaussianKDE(train.T, bw_method=bw_method)
-    return np.asarray(kde.logpdf(query.T), dtype=np.float64)
-
-
 class _NumpyBackend:
     name = "numpy"
 
-    def __init__(self) -> None:
-        # Where a bandwidth rule's scores come from when not from this backend (the core has them all).
-        self.kde_source: dict[str, str] = {}
-
     def kde_logpdf(self, train: np.ndarray, query: np.ndarray, bw_method: str = "scott") -> np.ndarray:
-        return _core_kde_logpdf(train, query, bw_method)
+        # The core takes scipy's layout: variables in rows.
+        kde = anomstats.GaussianKDE(train.T, bw_method=bw_method)
+        return np.asarray(kde.logpdf(query.T), dtype=np.float64)
 
     def mahalanobis_maps(self, train: np.ndarray, test: np.ndarray) -> np.ndarray:
         model = anomstats.MultiVariateGaussian().fit(train)
@@ -179,36 +171,12 @@ class _TorchBackend:
 
         self.torch = torch
         self.mod = anomstats_torch
-        # Bandwidth rules the adapter does not take (an older adapter without 'cv_ml') are scored by the
-        # core instead, so the demo still shows both rules; the rule and the reason are noted here.
-        self.kde_source: dict[str, str] = {}
 
     def _tensor(self, a: np.ndarray) -> Any:
         """A float64 tensor sharing memory with a contiguous float64 copy (or view) of ``a``."""
         return self.torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
 
-    def _adapter_takes(self, bw_method: str) -> bool:
-        """Whether the adapter's KDE fits and scores with ``bw_method``, probed once on well-posed data.
-
-        Probing on generated data (not the user's) keeps a genuine data fault of a real fit an error
-        instead of a silent fallback.
-        """
-        if bw_method in self.kde_source:
-            return False
-        try:
-            kde = self.mod.GaussianKDE(bw_method=bw_method).double()
-            probe = self._tensor(np.random.default_rng(0).standard_normal((40, 2)))
-            with self.torch.no_grad():
-                kde.fit(probe)
-                kde.log_prob(probe)
-        except (TypeError, ValueError) as exc:
-            self.kde_source[bw_method] = f"the NumPy core; the torch adapter does not take it ({exc})"
-            return False
-        return True
-
     def kde_logpdf(self, train: np.ndarray, query: np.ndarray, bw_method: str = "scott") -> np.ndarray:
-        if bw_method != "scott" and not self._adapter_takes(bw_method):
-            return _core_kde_logpdf(train, query, bw_method)
         kde = self.mod.GaussianKDE(bw_method=bw_method).double()
         with self.torch.no_grad():
             kde.fit(self._tensor(train))
@@ -405,8 +373,6 @@ def _dfkde_table(
             f"{auc_cv:11.3f}")
     say(f"{'mean':>12}  {'':>5}  {'':>11}  {'':>9}  {np.mean(list(result.dfkde_auroc.values())):11.3f}  "
         f"{np.mean(list(result.dfkde_cv_ml_auroc.values())):11.3f}")
-    for rule, source in getattr(backend, "kde_source", {}).items():
-        say(f"({rule} scores from {source})")
     return splits
 
 
