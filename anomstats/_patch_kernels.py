@@ -107,12 +107,17 @@ class ThreadScratch:
     def __init__(self) -> None:
         self._local = threading.local()
 
-    def array(self, shape: tuple[int, ...], dtype: np.dtype) -> NDArray:
-        """An uninitialised array of ``shape``, backed by this thread's buffer (grown when needed)."""
+    def array(self, shape: tuple[int, ...], dtype: np.dtype, name: str = "buffer") -> NDArray:
+        """An uninitialised array of ``shape``, backed by this thread's buffer ``name`` (grown when needed).
+
+        Arrays of different names are independent; asking for the same name again reuses (and overwrites)
+        that buffer.
+        """
         size = math.prod(shape)
-        buffer = getattr(self._local, "buffer", None)
+        buffer = getattr(self._local, name, None)
         if buffer is None or buffer.size < size or buffer.dtype != dtype:
-            buffer = self._local.buffer = np.empty(size, dtype=dtype)
+            buffer = np.empty(size, dtype=dtype)
+            setattr(self._local, name, buffer)
         return buffer[:size].reshape(shape)
 
     def finisher(

@@ -1,0 +1,333 @@
+"""Exact low-rank per-patch Gaussians: the state, its streaming merge and its kernels.
+
+With ``N`` observations of ``C`` features and ``N <= C``, a patch's sample covariance has rank at most
+``r = N - 1``, and with the ridge ``ρ`` the regularised covariance is exactly
+
+    Σ = V diag(λ) Vᵀ + ρ (I − V Vᵀ),   λ_i = s_i² / (N − 1) + ρ,
+
+with ``V`` (C, r) an orthonormal basis of the centred observations and ``s_i`` their singular values.
+Storing ``V`` and ``λ`` takes ``C·r`` numbers instead of ``C²``; the fit needs no ``C×C`` matrix at all.
+
+* The basis comes from a thin SVD of the centred observations themselves (LAPACK ``gesdd``), never from
+  the ``C×C`` covariance nor from the ``N×N`` Gram matrix (which would square the condition number and
+  lose the orthogonality of the directions of small singular values).
+* Streaming keeps a *scatter factor* ``F`` (C, k) per patch with ``Σ (x − μ)(x − μ)ᵀ = F Fᵀ``: a batch
+  contributes its own centred observations as columns, and a merge adds one column ``δ·sqrt(cross)``
+  (Chan's pairwise update, :func:`anomstats._rules.chan_merge_weights`). Nothing cancels, any split of
+  the data gives the one-shot fit to rounding, and the factor is reduced to its basis when it grows past
+  ``C`` columns (and when the fit is finalised).
+* Mahalanobis distances are the projection term plus the orthogonal residual, computed directly:
+  ``p = Vᵀδ``, ``d² = Σ p_i²/λ_i + |δ − V p|²/ρ`` (never ``|δ|² − |p|²``, which cancels).
+* ``log det Σ = Σ log λ_i + (C − r) log ρ``.
+
+The PyTorch adapter imports the rules here (:func:`low_rank_width`, the messages) and re-implements the
+kernels on tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ._patch_kernels import ThreadScratch
+from ._rules import chan_merge_weights, covariance_normalisation
+from ._validation import describe_patch
+
+__all__ = [
+    "FORMS",
+    "check_form",
+    "low_rank_width",
+    "needs_ridge_message",
+    "no_advantage_message",
+    "LowRankMoments",
+    "basis_of_factor",
+    "eigenvalues_of",
+    "check_definite",
+    "squared_distances",
+    "dense_from_low_rank",
+]
+
+#: The forms of a per-patch Gaussian.
+FORMS = ("dense", "low_rank")
+
+
+def check_form(form: Any) -> str:
+    """Validate ``form``: ``"dense"`` or ``"low_rank"``.
+
+    Examples
+    --------
+    >>> check_form("low_rank")
+    'low_rank'
+    >>> check_form("sparse")
+    Traceback (most recent call last):
+    ...
+    ValueError: form must be 'dense' or 'low_rank', got 'sparse'
+    """
+    if not isinstance(form, str) or form not in FORMS:
+        raise ValueError(f"form must be 'dense' or 'low_rank', got {form!r}")
+    return form
+
+
+def low_rank_width(n_observations: int, n_features: int) -> int:
+    """``r = min(N − 1, C)``: the rank of a sample covariance of ``N`` observations of ``C`` features.
+
+    Examples
+    --------
+    >>> low_rank_width(100, 550), low_rank_width(600, 550)
+    (99, 550)
+    """
+    return max(0, min(int(n_observations) - 1, int(n_features)))
+
+
+def needs_ridge_message(n_observations: int, n_features: int) -> str:
+    """The message for ``ridge=0`` with too few observations (both packages raise it)."""
+    return (
+        f"form='low_rank' with ridge=0 and N = {n_observations} observations of C = {n_features} features: "
+        f"every covariance has rank at most N - 1 = {n_observations - 1} < C and is singular. Use a positive "
+        "ridge (the default is anomalib's 0.01001)."
+    )
+
+
+def no_advantage_message(n_observations: int, n_features: int) -> str:
+    """The warning when the observations reach the number of features (both packages warn it)."""
+    return (
+        f"form='low_rank' with N = {n_observations} observations of C = {n_features} features: the rank "
+        f"reaches C, so the low-rank form stores C x C numbers per patch like the dense one, with no "
+        "advantage; use form='dense' (the results are the same)."
+    )
+
+
+def _as_factor_columns(flat: NDArray, start: int, stop: int,
+                       scratch: ThreadScratch | None = None) -> tuple[NDArray, NDArray]:
+    """Patches ``start:stop`` of ``flat`` (n, C, P) as float64 ``(mean (p, C), centred (p, C, n))``."""
+    n, c, _ = flat.shape
+    shape = (stop - start, c, n)
+    block = np.empty(shape) if scratch is None else scratch.array(shape, np.dtype(np.float64), "factor")
+    np.copyto(block, flat[:, :, start:stop].transpose(2, 1, 0))
+    mean = block.mean(axis=2)
+    block -= mean[:, :, None]
+    return mean, block
+
+
+#: Largest departure from orthonormality (max |VᵀV − I|) of the first pass that is kept as it is: 256 eps
+#: moves a Mahalanobis distance by about 256·eps·sqrt(λ_max/ρ) relative (6e-12 at λ_max/ρ = 1e4).
+_ORTHONORMAL_ENOUGH = 256 * np.finfo(np.float64).eps
+
+
+def basis_of_factor(factor: NDArray, width: int,
+                    scratch: ThreadScratch | None = None) -> tuple[NDArray, NDArray]:
+    """Orthonormal basis ``V`` (p, C, width) and singular values ``s`` (p, width) of factors (p, C, k).
+
+    Two passes through ``k×k`` and ``width×width`` eigenproblems (fast, batched BLAS-3), accurate to
+    rounding:
+
+    1. ``G = FᵀF`` (``k×k``) and its eigenpairs ``(e, W)``; the leading ``width`` directions
+       ``V₁ = F W e^{-1/2}`` span the factor's range. Directions with ``e <= 64 k eps · e_max`` carry no
+       variance above the rounding of ``G`` itself: their columns are set to zero and their singular value
+       to 0, so the covariance is exactly the ridge along them, whichever unit vector completes the basis
+       (a zero column is harmless in :func:`squared_distances`, and the precision and ``log det`` count it
+       as a ridge direction).
+    2. ``V₁`` is orthonormal only to about ``eps · e_max / e`` per column. Where that is within
+       256 eps for every patch of the chunk, ``V₁`` is the basis; otherwise one Cholesky-QR pass
+       (``V₁ᵀV₁ = LLᵀ``, ``V₂ = V₁L⁻ᵀ``: orthonormal to ``eps`` since ``cond(V₁) ≈ 1``) and the eigenpairs
+       of the factor projected on it (``B = V₂ᵀF``, ``BBᵀ = W₃ diag(s²) W₃ᵀ``) give ``V = V₂W₃``, whose
+       columns are orthonormal and diagonalise the scatter to rounding.
+
+    Examples
+    --------
+    >>> f = np.array([[[3.0, 0.0], [0.0, 1.0], [0.0, 0.0]]])   # one patch, C = 3, k = 2
+    >>> v, s = basis_of_factor(f, 2)
+    >>> s.round(12).tolist(), np.abs(v[0]).round(12).tolist()
+    ([[3.0, 1.0]], [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    >>> v, s = basis_of_factor(np.array([[[1.0, -1.0], [2.0, -2.0]]]), 1)   # rank one
+    >>> s.round(12).tolist()
+    [[3.162277660168]]
+    """
+    if width == 0:
+        return np.zeros(factor.shape[:2] + (0,)), np.zeros(factor.shape[:1] + (0,))
+    p, c, k = factor.shape
+    f64 = np.dtype(np.float64)
+
+    def buffer(name: str, shape: tuple[int, ...]) -> NDArray:
+        # Per-thread buffers reused across chunks: fresh ones would be page-faulted in every time (the
+        # dominant cost of the products here, measured).
+        return np.empty(shape) if scratch is None else scratch.array(shape, f64, name)
+
+    gram = np.matmul(factor.transpose(0, 2, 1), factor, out=buffer("gram", (p, k, k)))
+    values, vectors = np.linalg.eigh(gram)  # ascending
+    # Descending, contiguous (a reversed view would send the products below off BLAS).
+    values = np.ascontiguousarray(values[:, ::-1][:, :width])
+    vectors = np.ascontiguousarray(vectors[:, :, ::-1][:, :, :width])
+    floor = 64 * k * np.finfo(np.float64).eps * values[:, :1]
+    kept = values > floor
+    scale = np.where(kept, 1.0 / np.sqrt(np.where(kept, values, 1.0)), 0.0)
+    vectors *= scale[:, None, :]
+    first = np.matmul(factor, vectors, out=buffer("first", (p, c, width)))
+    del gram, vectors
+    # Cholesky-QR on the kept columns (the dropped ones are zero: their block of the Gram is set to I).
+    overlap = np.matmul(first.transpose(0, 2, 1), first, out=buffer("overlap", (p, width, width)))
+    index = np.arange(width)
+    overlap[:, index, index] = np.where(kept, overlap[:, index, index], 1.0)
+    singular = np.sqrt(np.where(kept, values, 0.0))
+    overlap[:, index, index] -= 1.0
+    if np.abs(overlap).max() <= _ORTHONORMAL_ENOUGH:
+        # Pass 1 is orthonormal to a few hundred eps already (the common case: its defect is about
+        # eps·e_max/e_min): the second pass would change nothing that matters.
+        return first, singular
+    overlap[:, index, index] += 1.0
+    # V₁ L⁻ᵀ through the explicit inverse of L: L is within rounding of the identity, so its inverse is
+    # perfectly conditioned, and one product is much faster than a batched solve.
+    inverse = np.linalg.inv(np.linalg.cholesky(overlap)).transpose(0, 2, 1)
+    second = np.matmul(first, inverse, out=buffer("second", (p, c, width)))
+    projected = np.matmul(second.transpose(0, 2, 1), factor, out=buffer("projected", (p, width, k)))
+    scatter = np.matmul(projected, projected.transpose(0, 2, 1), out=buffer("overlap", (p, width, width)))
+    values, vectors = np.linalg.eigh(scatter)
+    values = np.ascontiguousarray(values[:, ::-1])
+    # Written over V₁, no longer needed: the temporaries stay at three (C, k)-sized blocks per patch.
+    basis = np.matmul(second, np.ascontiguousarray(vectors[:, :, ::-1]), out=first)
+    singular = np.sqrt(np.maximum(values, 0.0))
+    # The dropped directions sort last (their projected variance is exactly zero): zero variance there.
+    dropped_count = (~kept).sum(axis=1)
+    singular[np.arange(width)[None, :] >= (width - dropped_count)[:, None]] = 0.0
+    return basis, singular
+
+
+def eigenvalues_of(singular_values: NDArray, n_observations: int, ridge: float) -> NDArray:
+    """``λ = s² / (N − 1) + ρ``: the regularised covariance's eigenvalues along the basis.
+
+    The normalisation is :func:`anomstats._rules.covariance_normalisation` (unit weights, ``ddof = 1``).
+
+    Examples
+    --------
+    >>> eigenvalues_of(np.array([3.0, 1.0]), 10, 0.5).tolist()
+    [1.5, 0.6111111111111112]
+    """
+    return singular_values**2 / covariance_normalisation(n_observations, None, 1) + ridge
+
+
+def check_definite(eigenvalues: NDArray, n_features: int, ridge: float, first_patch: int,
+                   spatial: tuple[int, ...]) -> None:
+    """Without a ridge, refuse a numerically singular patch (``λ_min <= C·eps·λ_max``), naming it.
+
+    The dense fit's rule (a pivot below ``C·eps`` times the diagonal counts as zero), here on the
+    eigenvalues themselves. With a positive ridge every ``λ >= ρ`` and nothing is checked.
+    """
+    if ridge > 0 or eigenvalues.size == 0:
+        return
+    eps = np.finfo(np.float64).eps
+    bad = ~(eigenvalues.min(axis=1) > n_features * eps * eigenvalues.max(axis=1))
+    if bad.any():
+        patch = first_patch + int(np.argmax(bad))
+        raise np.linalg.LinAlgError(
+            f"the covariance at {describe_patch(patch, spatial)} is singular (ridge=0): its smallest "
+            "eigenvalue is below C·eps times its largest. Use a positive ridge."
+        )
+
+
+class LowRankMoments:
+    """Streamed state of low-rank per-patch Gaussians: count, means and scatter factors (float64).
+
+    ``mean`` is (P, C); ``factor`` is (P, C, k) with ``Σ_obs (x − μ)(x − μ)ᵀ = factor @ factorᵀ`` for each
+    patch. ``k`` grows by the batch size (and one column per merge) and is reduced to the rank when it
+    would exceed ``C``.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.normal(size=(6, 4, 2))                     # (n, C, P)
+    >>> a = LowRankMoments(4, 2).update(x[:2]).update(x[2:])
+    >>> scatter = np.einsum("pck,pdk->pcd", a.factor, a.factor)
+    >>> centred = x - x.mean(axis=0)
+    >>> bool(np.allclose(scatter, np.einsum("ncp,ndp->pcd", centred, centred), rtol=1e-13, atol=1e-13))
+    True
+    """
+
+    def __init__(self, n_features: int, n_patches: int) -> None:
+        self.n_features = n_features
+        self.n_patches = n_patches
+        self.count = 0
+        self.mean = np.zeros((n_patches, n_features))
+        self.factor = np.zeros((n_patches, n_features, 0))
+
+    def update(self, flat: NDArray) -> LowRankMoments:
+        """Fold a validated batch ``(n, C, P)`` (n >= 1) into the state; returns ``self``."""
+        mean, centred = _as_factor_columns(flat, 0, flat.shape[2])
+        self._fold(flat.shape[0], mean, centred)
+        return self
+
+    def merge(self, other: LowRankMoments) -> LowRankMoments:
+        """Fold ``other``'s state into this one (``other`` is not modified); returns ``self``."""
+        if other.count:
+            self._fold(other.count, other.mean.copy(), other.factor.copy())
+        return self
+
+    def _fold(self, count: int, mean: NDArray, factor: NDArray) -> None:
+        chan = chan_merge_weights(self.count, count)
+        delta = mean - self.mean
+        columns = [self.factor, factor]
+        if self.count and chan.cross:
+            columns.append((delta * math.sqrt(chan.cross))[:, :, None])
+        self.mean = self.mean + delta * chan.mean_step
+        self.count = int(chan.total)
+        self.factor = np.concatenate(columns, axis=2)
+        if self.factor.shape[2] > self.n_features:
+            # Past C columns the factor is larger than its basis: keep V·diag(s) instead (the same scatter).
+            basis, singular = basis_of_factor(self.factor, low_rank_width(self.count, self.n_features))
+            self.factor = basis * singular[:, None, :]
+
+    def centred_factor(self, start: int, stop: int) -> tuple[NDArray, NDArray]:
+        """Means (p, C) and scatter factors (p, C, k) of patches ``start:stop`` (views)."""
+        return self.mean[start:stop], self.factor[start:stop]
+
+
+def factor_chunk(flat: NDArray, start: int, stop: int,
+                 scratch: ThreadScratch | None = None) -> tuple[NDArray, NDArray]:
+    """Means (p, C) and centred observations (p, C, n) of patches ``start:stop`` of ``flat`` (n, C, P)."""
+    return _as_factor_columns(flat, start, stop, scratch)
+
+
+def squared_distances(delta: NDArray, basis: NDArray, eigenvalues: NDArray, ridge: float,
+                      scratch: ThreadScratch | None = None) -> NDArray:
+    """``d²`` (p, m) of centred queries ``delta = x − μ`` (p, m, C) for patches with ``basis`` (p, C, r).
+
+    ``p = δ V``; ``d² = Σ p_i²/λ_i + |δ − V p|²/ρ``: the projection term plus the residual outside the
+    basis, formed as a vector (no ``|δ|² − |p|²`` cancellation).
+    """
+    p, m, c = delta.shape
+    width = basis.shape[2]
+
+    def buffer(name: str, shape: tuple[int, ...]) -> NDArray:
+        return np.empty(shape, dtype=delta.dtype) if scratch is None else scratch.array(shape, delta.dtype, name)
+
+    coords = np.matmul(delta, basis, out=buffer("coords", (p, m, width)))
+    inside = np.einsum("pmr,pmr,pr->pm", coords, coords, 1.0 / eigenvalues)
+    # V p for every query as (p, C, m): the basis stays the left operand, contiguous (a transposed basis
+    # on the right is three times slower); then minus δ, in place (the sign does not matter when squared).
+    residual = np.matmul(basis, coords.transpose(0, 2, 1), out=buffer("residual", (p, c, m)))
+    residual -= delta.transpose(0, 2, 1)
+    outside = np.einsum("pcm,pcm->pm", residual, residual)
+    if ridge > 0:
+        return inside + outside / ridge
+    return inside  # ridge 0 is only allowed at full rank, where the residual is rounding
+
+
+def dense_from_low_rank(basis: NDArray, eigenvalues: NDArray, ridge: float, *, inverse: bool,
+                        out: NDArray) -> NDArray:
+    """Materialise ``Σ`` (or ``Σ⁻¹`` with ``inverse``) of patches into ``out`` (p, C, C), exactly symmetric.
+
+    ``Σ = V diag(λ − ρ) Vᵀ + ρ I`` and ``Σ⁻¹ = V diag(1/λ − 1/ρ) Vᵀ + I/ρ``.
+    """
+    if inverse:
+        scale, diagonal = (1.0 / eigenvalues - (1.0 / ridge if ridge > 0 else 0.0)), (1.0 / ridge if ridge > 0 else 0.0)
+    else:
+        scale, diagonal = eigenvalues - ridge, ridge
+    np.matmul(basis * scale[:, None, :], basis.transpose(0, 2, 1), out=out)
+    # Symmetrise exactly (the product's two triangles round differently), then the diagonal term.
+    out += out.transpose(0, 2, 1).copy()
+    out *= 0.5
+    index = np.arange(out.shape[1])
+    out[:, index, index] += diagonal
+    return out
