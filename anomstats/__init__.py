@@ -19,7 +19,7 @@ from .batched import batched_cov
 from .moments import RunningMoments
 from . import bandwidth
 from .kde import GaussianKDE
-from .gaussian import MultiVariateGaussian
+from .gaussian import LowRankMultiVariateGaussian, MultiVariateGaussian
 from ._validation import NotFittedError
 
 __all__ = [
@@ -31,5 +31,6 @@ __all__ = [
     "bandwidth",
     "GaussianKDE",
     "MultiVariateGaussian",
+    "LowRankMultiVariateGaussian",
     "NotFittedError",
 ]

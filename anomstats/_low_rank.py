@@ -8,9 +8,12 @@ With ``N`` observations of ``C`` features and ``N <= C``, a patch's sample covar
 with ``V`` (C, r) an orthonormal basis of the centred observations and ``s_i`` their singular values.
 Storing ``V`` and ``λ`` takes ``C·r`` numbers instead of ``C²``; the fit needs no ``C×C`` matrix at all.
 
-* The basis comes from a thin SVD of the centred observations themselves (LAPACK ``gesdd``), never from
-  the ``C×C`` covariance nor from the ``N×N`` Gram matrix (which would square the condition number and
-  lose the orthogonality of the directions of small singular values).
+* The basis comes from the centred ``N×N`` Gram matrix (its eigenpairs, batched BLAS-3: several times
+  faster than a thin SVD here), never from the ``C×C`` covariance. The Gram squares the condition
+  number, which costs the first pass's columns their orthonormality by about ``eps·e_max/e`` where the
+  spread is wide: past :data:`ORTHONORMAL_ENOUGH` one Cholesky-QR pass and the eigenpairs of the scatter
+  projected on its result restore it to rounding, and directions whose variance is below the Gram's
+  rounding (:func:`variance_floor`) are set to exactly the ridge (:func:`basis_of_factor`).
 * Streaming keeps a *scatter factor* ``F`` (C, k) per patch with ``Σ (x − μ)(x − μ)ᵀ = F Fᵀ``: a batch
   contributes its own centred observations as columns, and a merge adds one column ``δ·sqrt(cross)``
   (Chan's pairwise update, :func:`anomstats._rules.chan_merge_weights`). Nothing cancels, any split of
@@ -43,6 +46,8 @@ __all__ = [
     "needs_ridge_message",
     "no_advantage_message",
     "LowRankMoments",
+    "ORTHONORMAL_ENOUGH",
+    "variance_floor",
     "basis_of_factor",
     "eigenvalues_of",
     "check_definite",
@@ -114,7 +119,21 @@ def _as_factor_columns(flat: NDArray, start: int, stop: int,
 
 #: Largest departure from orthonormality (max |VᵀV − I|) of the first pass that is kept as it is: 256 eps
 #: moves a Mahalanobis distance by about 256·eps·sqrt(λ_max/ρ) relative (6e-12 at λ_max/ρ = 1e4).
-_ORTHONORMAL_ENOUGH = 256 * np.finfo(np.float64).eps
+ORTHONORMAL_ENOUGH = 256 * np.finfo(np.float64).eps
+
+
+def variance_floor(n_columns: int) -> float:
+    """Eigenvalues of a ``k``-column Gram below this fraction of the largest are rounding: ``64·k·eps``.
+
+    The Gram's own rounding is about ``k·eps·e_max``; the margin keeps the first pass's columns for the
+    kept directions orthonormal to better than ``1/64`` (so that one Cholesky-QR pass makes them exact).
+
+    Examples
+    --------
+    >>> print(f"{variance_floor(100):.2e}")
+    1.42e-12
+    """
+    return 64 * n_columns * float(np.finfo(np.float64).eps)
 
 
 def basis_of_factor(factor: NDArray, width: int,
@@ -161,7 +180,7 @@ def basis_of_factor(factor: NDArray, width: int,
     # Descending, contiguous (a reversed view would send the products below off BLAS).
     values = np.ascontiguousarray(values[:, ::-1][:, :width])
     vectors = np.ascontiguousarray(vectors[:, :, ::-1][:, :, :width])
-    floor = 64 * k * np.finfo(np.float64).eps * values[:, :1]
+    floor = variance_floor(k) * values[:, :1]
     kept = values > floor
     scale = np.where(kept, 1.0 / np.sqrt(np.where(kept, values, 1.0)), 0.0)
     vectors *= scale[:, None, :]
@@ -173,7 +192,7 @@ def basis_of_factor(factor: NDArray, width: int,
     overlap[:, index, index] = np.where(kept, overlap[:, index, index], 1.0)
     singular = np.sqrt(np.where(kept, values, 0.0))
     overlap[:, index, index] -= 1.0
-    if np.abs(overlap).max() <= _ORTHONORMAL_ENOUGH:
+    if np.abs(overlap).max() <= ORTHONORMAL_ENOUGH:
         # Pass 1 is orthonormal to a few hundred eps already (the common case: its defect is about
         # eps·e_max/e_min): the second pass would change nothing that matters.
         return first, singular

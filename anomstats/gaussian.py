@@ -685,8 +685,11 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
 
     Notes
     -----
-    The basis comes from a thin SVD of each patch's centred observations, accumulated in float64
-    whatever the input dtype; no ``C×C`` matrix is formed. :meth:`partial_fit` keeps a float64 scatter
+    The basis comes from each patch's centred ``N×N`` Gram matrix (its eigenpairs, with one Cholesky-QR
+    pass where the first pass is not orthonormal to 256 eps; see :func:`anomstats._low_rank.basis_of_factor`),
+    accumulated in float64 whatever the input dtype; no ``C×C`` matrix is formed. Directions whose
+    variance is below the Gram's rounding are zero columns of :attr:`basis` with eigenvalue exactly the
+    ridge. :meth:`partial_fit` keeps a float64 scatter
     factor per patch (the centred batches as columns, one more column per merge, Chan's update), reduced
     to its basis at the first use of the fit, so any split of the data equals the one-shot fit to rounding.
     Mahalanobis distances are ``Σ p_i²/λ_i + |δ − V p|²/ρ`` with ``p = Vᵀδ``: the residual outside the

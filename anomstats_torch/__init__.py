@@ -6,7 +6,8 @@ re-implements only the hot kernels as torch operations on the tensors' device.
 - :class:`DynamicBufferModule` (alias :data:`DynamicBufferMixin`): buffers that take a checkpoint's shape;
 - :class:`GaussianKDE`: anomalib's KDE buffers, correct for data of any mean, vectorised and traceable;
 - :class:`MultiVariateGaussian`: PaDiM's per-patch Gaussian, batched fit, streaming/distributed fit,
-  Mahalanobis scoring.
+  Mahalanobis scoring; ``form="low_rank"`` keeps the exact low-rank form (basis and eigenvalues) for
+  fewer images than features.
 """
 
 import torch  # noqa: F401  (the adapter requires torch; the core never imports it)
@@ -14,7 +15,8 @@ import torch  # noqa: F401  (the adapter requires torch; the core never imports 
 from anomstats import __version__
 
 from .dynamic_buffer import DynamicBufferMixin, DynamicBufferModule
-from .gaussian import MultiVariateGaussian
+from .gaussian import LowRankMultiVariateGaussian, MultiVariateGaussian
 from .kde import GaussianKDE
 
-__all__ = ["__version__", "DynamicBufferModule", "DynamicBufferMixin", "GaussianKDE", "MultiVariateGaussian"]
+__all__ = ["__version__", "DynamicBufferModule", "DynamicBufferMixin", "GaussianKDE", "MultiVariateGaussian",
+           "LowRankMultiVariateGaussian"]

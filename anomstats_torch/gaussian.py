@@ -1,17 +1,23 @@
 """Per-patch multivariate Gaussian (PaDiM) as a torch module: a drop-in for anomalib's ``MultiVariateGaussian``.
 
 Every scalar and shape rule comes from the NumPy core: the ridge, the covariance normalisation and its
-degrees-of-freedom policy, Chan's pairwise merge (:mod:`anomstats._rules`), and the validation vocabulary
-(shapes, observations, finiteness, budgets, not fitted: :mod:`anomstats._validation`). Covariance
-accumulation, batched Cholesky and Mahalanobis scoring run as batched torch operations on the tensors'
-device, chunked over patches under a memory budget.
+degrees-of-freedom policy, Chan's pairwise merge (:mod:`anomstats._rules`), the validation vocabulary
+(shapes, observations, finiteness, budgets, not fitted: :mod:`anomstats._validation`) and the low-rank
+form's forms, width, singularity rule and messages (:mod:`anomstats._low_rank`). Covariance accumulation,
+batched Cholesky, the low-rank bases and Mahalanobis scoring run as batched torch operations on the tensors'
+device, chunked over patches under a memory budget (the low-rank kernels: :mod:`anomstats_torch._low_rank`).
 """
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
+import numpy as np
 import torch
 from torch import Tensor
 
+from anomstats._low_rank import check_definite, check_form, low_rank_width, needs_ridge_message, no_advantage_message
 from anomstats._rules import DEFAULT_RIDGE, chan_merge_weights, covariance_normalisation, degrees_of_freedom
 from anomstats._validation import (
     DTypeError,
@@ -39,6 +45,7 @@ from ._policy import (
 )
 from .dynamic_buffer import DynamicBufferModule
 from . import _distributed
+from . import _low_rank
 
 __all__ = ["MultiVariateGaussian"]
 
@@ -92,6 +99,11 @@ def _prod(sizes: tuple[int, ...]) -> int:
     return result
 
 
+def _entries(prefix: str) -> str:
+    """How a message names the checkpoint entries of a module loaded under ``prefix``."""
+    return f"the checkpoint's entries under {prefix!r}" if prefix else "the checkpoint's entries"
+
+
 def _check_mean_finite(mean: Tensor) -> None:
     # Any NaN/inf in the data makes its mean non-finite: one cheap check on (C, P) instead of a full pass.
     require_finite(
@@ -119,6 +131,12 @@ class MultiVariateGaussian(DynamicBufferModule):
         Budget for the temporaries of one chunk of patches (fit, update, compute, mahalanobis).
     accumulate_dtype : torch.float64 or torch.float32, default torch.float64
         dtype of the streaming moments kept by :meth:`update` (float64: a (P, C, C) float64 stack).
+    form : {"dense", "low_rank"}, keyword-only, default "dense"
+        ``"low_rank"``: the exact low-rank form for fewer images than features (PaDiM with
+        wide_resnet50, C = 550, and a few hundred images), with buffers ``mean`` (C, P), ``basis``
+        (P, C, r), ``eigenvalues`` (P, r) and ``ridge`` (0-d), ``r = min(B - 1, C)``, instead of
+        ``inv_covariance`` (P, C, C); the constructor then returns a :class:`LowRankMultiVariateGaussian`.
+        Checked by the core's :func:`anomstats._low_rank.check_form`.
 
     Notes
     -----
@@ -171,18 +189,14 @@ class MultiVariateGaussian(DynamicBufferModule):
         ridge: float = DEFAULT_RIDGE,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         accumulate_dtype: torch.dtype = torch.float64,
+        form: str = "dense",
     ) -> None:
         super().__init__()
-        if (n_features is None) != (n_patches is None):
-            raise ValueError(
-                "give both n_features and n_patches (anomalib 0.x form) or neither (anomalib >= 1.0 form), "
-                f"got n_features={n_features!r}, n_patches={n_patches!r}"
-            )
-        if accumulate_dtype not in (torch.float32, torch.float64):  # the core's fault type and wording
-            raise DTypeError(f"accumulate_dtype must be float64 or float32 (torch dtypes), got {accumulate_dtype!r}")
+        if check_form(form) != "dense":  # only a subclass that is not LowRankMultiVariateGaussian gets here
+            raise ValueError(f"{type(self).__name__} has form='dense', got form={form!r}")
+        self._configure(n_features, n_patches, chunk_bytes, accumulate_dtype)
+        self.form = form
         self.ridge = check_ridge(ridge)
-        self.chunk_bytes = check_memory_budget(chunk_bytes, "chunk_bytes")
-        self.accumulate_dtype = accumulate_dtype
         if n_features is None:
             self.register_buffer("mean", torch.empty(0))
             self.register_buffer("inv_covariance", torch.empty(0))
@@ -192,6 +206,56 @@ class MultiVariateGaussian(DynamicBufferModule):
             self.register_buffer("mean", torch.zeros(n_features, n_patches))
             self.register_buffer("inv_covariance", torch.eye(n_features).repeat(n_patches, 1, 1))
         self.reset()
+
+    def __new__(cls, *args: Any, form: str = "dense", **kwargs: Any) -> MultiVariateGaussian:
+        # The low-rank form is a class of its own (as in the core); choosing it is a constructor argument.
+        if cls is MultiVariateGaussian and check_form(form) == "low_rank":
+            cls = LowRankMultiVariateGaussian
+        return super().__new__(cls)
+
+    def _configure(
+        self, n_features: int | None, n_patches: int | None, chunk_bytes: int, accumulate_dtype: torch.dtype
+    ) -> None:
+        """The checks and settings both forms share (the buffers are each form's own)."""
+        if (n_features is None) != (n_patches is None):
+            raise ValueError(
+                "give both n_features and n_patches (anomalib 0.x form) or neither (anomalib >= 1.0 form), "
+                f"got n_features={n_features!r}, n_patches={n_patches!r}"
+            )
+        if accumulate_dtype not in (torch.float32, torch.float64):  # the core's fault type and wording
+            raise DTypeError(f"accumulate_dtype must be float64 or float32 (torch dtypes), got {accumulate_dtype!r}")
+        self.chunk_bytes = check_memory_budget(chunk_bytes, "chunk_bytes")
+        self.accumulate_dtype = accumulate_dtype
+
+    # ------------------------------------------------------------------ checkpoints
+    def _foreign_checkpoint(self, state_dict: dict[str, Any], prefix: str) -> str | None:
+        """Why ``state_dict`` holds the other form's buffers (then it cannot load here), or None."""
+        if prefix + "basis" in state_dict and prefix + "inv_covariance" not in state_dict:
+            return (
+                f"{_entries(prefix)} hold a low-rank Gaussian ({prefix}basis, {prefix}eigenvalues, {prefix}ridge), "
+                "not a dense one (mean, inv_covariance): load it into MultiVariateGaussian(form='low_rank'), or "
+                "convert it with that module's dense_state_dict() first"
+            )
+        return None
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        refusal = self._foreign_checkpoint(state_dict, prefix)
+        if refusal is not None:
+            # torch raises the collected messages whatever `strict` is: a half-loaded module is never left.
+            error_msgs.append(refusal)
+            return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     # ------------------------------------------------------------------ numpy.cov
     @staticmethod
@@ -366,7 +430,8 @@ class MultiVariateGaussian(DynamicBufferModule):
                 _precision_into(covariance, precision[p0:p1], p0, spatial)
             else:
                 precision[p0:p1] = _precision_into(covariance, torch.empty_like(covariance), p0, spatial)
-        self.mean = mean.to(dtype)
+        # A copy: the running mean is updated in place by later update() calls, the buffer must not follow.
+        self.mean = mean.to(dtype, copy=True)
         self.inv_covariance = precision
         return [self.mean, self.inv_covariance]
 
@@ -420,3 +485,320 @@ class MultiVariateGaussian(DynamicBufferModule):
         if self.mean.ndim == 2:
             return f"n_features={self.mean.shape[0]}, n_patches={self.mean.shape[1]}, ridge={self.ridge}"
         return f"not fitted, ridge={self.ridge}"
+
+
+def _refuse_distributed() -> None:
+    """The low-rank form streams on one process: refuse where the dense form would all-reduce."""
+    if _distributed._is_distributed():
+        raise NotImplementedError(
+            "form='low_rank' does not all-reduce streamed moments across torch.distributed ranks (the dense "
+            "form's compute() does): gather the embeddings on one rank and call fit() there, stream them with "
+            "the NumPy core's MultiVariateGaussian(form='low_rank').partial_fit, or use form='dense'"
+        )
+
+
+class LowRankMultiVariateGaussian(MultiVariateGaussian):
+    """PaDiM's per-patch Gaussians in the exact low-rank form, for fewer images than features.
+
+    Built by ``MultiVariateGaussian(form="low_rank", ...)``; the torch twin of the core's
+    :class:`anomstats.gaussian.LowRankMultiVariateGaussian`. With B images of C features, ``r = min(B - 1, C)``
+    (:func:`anomstats._low_rank.low_rank_width`), every patch's regularised covariance is exactly
+
+        Σ = V diag(λ) Vᵀ + ρ (I − V Vᵀ),   λ_i = s_i² / (B − 1) + ρ,
+
+    with ``V`` (C, r) the orthonormal basis of the patch's centred embeddings, ``s_i`` their singular values and
+    ``ρ`` the ridge. The module keeps ``P·C·r`` numbers instead of anomalib's ``P·C²`` (C = 550, 64×64 patches,
+    200 images: 1.8 GB in float32 instead of 5.0 GB), and no C×C matrix is formed while fitting or scoring.
+
+    Buffers (persistent, in the module's working dtype): ``mean`` (C, H·W) (anomalib's layout), ``basis``
+    (H·W, C, r) (orthonormal columns, by decreasing eigenvalue), ``eigenvalues`` (H·W, r) and ``ridge`` (0-d,
+    the ρ of the fit). There is no ``inv_covariance`` buffer: :meth:`dense_state_dict` materialises anomalib's
+    checkpoint for code that reads it (anomalib's PaDiM anomaly-map generator does).
+
+    Parameters
+    ----------
+    n_features, n_patches : None
+        anomalib 0.x's pre-sized buffers belong to the dense form (``r`` depends on the number of images);
+        giving them raises ``ValueError``.
+    ridge : float, default ``anomstats.gaussian.DEFAULT_RIDGE`` (0.01 + 1e-5, as anomalib 2.x)
+        The ρ of :meth:`fit` and :meth:`compute` (the ``ridge`` buffer is the fitted or loaded state's ρ, which
+        scoring uses). It must be positive when B <= C: the covariances are singular otherwise.
+    chunk_bytes, accumulate_dtype
+        As for :class:`MultiVariateGaussian`. The bases are computed in float64 whatever ``accumulate_dtype`` is.
+
+    Notes
+    -----
+    - The basis comes from each patch's centred (C, B) embeddings in float64 on the embedding's device,
+      chunked over patches under ``chunk_bytes``, by the core's algorithm: the B×B Gram's eigenpairs, with
+      one Cholesky-QR pass where the first pass is not orthonormal to 256 eps (never a C×C covariance).
+    - Distances: ``c = Vᵀδ``, ``d² = Σ c_i²/λ_i + |δ − V c|²/ρ``, the residual outside the basis formed as a
+      vector (no ``|δ|² − |c|²`` cancellation); ``distance = sqrt(max(d², 0))`` as PaDiM. Traceable and
+      exportable like the dense form (chunks run over the patches, an axis fixed by the buffers).
+    - ``update``/``compute`` stream exactly: the state is a float64 (``accumulate_dtype``) scatter factor per
+      patch, the centred batches as columns plus one Chan correction column per merge (reduced to ``V diag(s)``
+      when it would pass C columns), so any split of the data gives the one-shot fit to rounding. Its size is
+      about ``P·C·(B + number of batches)`` numbers. With torch.distributed initialised, ``update`` and
+      ``compute`` raise ``NotImplementedError`` (the dense form all-reduces; this one does not).
+    - dtype policy and devices: as :class:`MultiVariateGaussian` (buffers in float64 if the module or the input
+      is float64, otherwise float32; fitted on the embedding's device, scored on the buffers').
+    - ``ridge=0`` with B <= C raises the core's :class:`numpy.linalg.LinAlgError`; with ``B - 1 >= C`` the form
+      has no advantage and a ``UserWarning`` says so (the results are still exact).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from anomstats_torch import MultiVariateGaussian
+    >>> g = torch.Generator().manual_seed(0)
+    >>> emb = torch.randn(10, 30, 2, 2, generator=g)               # B = 10 < C = 30
+    >>> low = MultiVariateGaussian(form="low_rank")
+    >>> _ = low.fit(emb)
+    >>> tuple(low.basis.shape), tuple(low.eigenvalues.shape)
+    ((4, 30, 9), (4, 9))
+    >>> dense = MultiVariateGaussian()
+    >>> dense.load_state_dict(low.dense_state_dict())
+    <All keys matched successfully>
+    >>> bool(torch.allclose(low.mahalanobis(emb[:2]), dense.mahalanobis(emb[:2]), rtol=1e-4, atol=0))
+    True
+    """
+
+    mean: Tensor
+    basis: Tensor
+    eigenvalues: Tensor
+    ridge: Tensor  # type: ignore[assignment]  # the dense form's ridge is a float setting
+
+    def __init__(
+        self,
+        n_features: int | None = None,
+        n_patches: int | None = None,
+        *,
+        ridge: float = DEFAULT_RIDGE,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        accumulate_dtype: torch.dtype = torch.float64,
+        form: str = "low_rank",
+    ) -> None:
+        DynamicBufferModule.__init__(self)  # not the dense __init__: its buffers are not this form's
+        if check_form(form) != "low_rank":
+            raise ValueError(f"LowRankMultiVariateGaussian has form='low_rank', got form={form!r}")
+        if n_features is not None or n_patches is not None:
+            raise ValueError(
+                "n_features and n_patches (anomalib 0.x's pre-sized buffers) apply to form='dense' only: the "
+                "low-rank buffers take their shapes at fit or load time (their rank depends on the number of "
+                f"images); got n_features={n_features!r}, n_patches={n_patches!r}"
+            )
+        self._configure(None, None, chunk_bytes, accumulate_dtype)
+        self.form = "low_rank"
+        # The setting that fit()/compute() use, exact; the `ridge` buffer is the state's (cast to its dtype).
+        self._fit_ridge = check_ridge(ridge)
+        self.register_buffer("mean", torch.empty(0))
+        self.register_buffer("basis", torch.empty(0))
+        self.register_buffer("eigenvalues", torch.empty(0))
+        self.register_buffer("ridge", torch.tensor(self._fit_ridge))
+        self.reset()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _foreign_checkpoint(self, state_dict: dict[str, Any], prefix: str) -> str | None:
+        if prefix + "inv_covariance" in state_dict and prefix + "basis" not in state_dict:
+            return (
+                f"{_entries(prefix)} hold a dense Gaussian ({prefix}mean, {prefix}inv_covariance), as anomalib "
+                "saves it: the low-rank form (basis, eigenvalues) cannot be recovered from a precision matrix "
+                "without refitting. Load it into MultiVariateGaussian() (form='dense'), or refit this module "
+                "on the embeddings"
+            )
+        return None
+
+    def dense_state_dict(self) -> dict[str, Tensor]:
+        """anomalib's checkpoint of this fit: ``{"mean": (C, H·W), "inv_covariance": (H·W, C, C)}``.
+
+        ``inv_covariance = V diag(1/λ − 1/ρ) Vᵀ + I/ρ`` is materialised in float64 chunk by chunk (under
+        ``chunk_bytes``), exactly symmetric, and returned in the buffers' dtype (float32 by default, as
+        anomalib) on their device; ``mean`` is a copy. A dense module (this package's or anomalib's) loads it
+        with ``strict=True`` and scores the same distances within rounding. It holds ``P·C²`` numbers: the
+        size the low-rank form avoids.
+        """
+        self._require_fitted()
+        channels, patches = self.mean.shape
+        width = self.basis.shape[2]
+        ridge = float(self.ridge)  # the state's ρ, as scoring uses it
+        precision = torch.empty(patches, channels, channels, dtype=self.basis.dtype, device=self.basis.device)
+        per_patch = 8 * (3 * channels * channels + 2 * channels * width)
+        block = rows_per_chunk(per_patch, self.chunk_bytes, patches)
+        for p0 in range(0, patches, block):
+            p1 = min(p0 + block, patches)
+            precision[p0:p1] = _low_rank.precision_of(
+                self.basis[p0:p1].to(_low_rank.FACTOR_DTYPE), self.eigenvalues[p0:p1].to(_low_rank.FACTOR_DTYPE), ridge
+            )
+        return {"mean": self.mean.detach().clone(), "inv_covariance": precision}
+
+    @property
+    def log_det(self) -> Tensor:
+        """``log det Σ = Σ log λ_i + (C − r) log ρ`` per patch, shape (H·W,), in the buffers' dtype."""
+        self._require_fitted()
+        return _low_rank.log_det_of(self.eigenvalues, self.ridge, self.mean.shape[0])
+
+    def _require_fitted(self) -> None:
+        if self.mean.ndim != 2 or self.basis.ndim != 3 or self.eigenvalues.ndim != 2:
+            raise NotFittedError(
+                "this MultiVariateGaussian(form='low_rank') is not fitted yet; call fit(embedding), update(batch) "
+                "and compute(), or load a low-rank state dict first"
+            )
+
+    # ------------------------------------------------------------------ fitting
+    def _width(self, n_observations: int, n_features: int) -> int:
+        """``r`` for a fit of ``n_observations``, after the core's ridge rule and no-advantage warning."""
+        if self._fit_ridge == 0 and n_observations <= n_features:
+            raise np.linalg.LinAlgError(needs_ridge_message(n_observations, n_features))
+        width = low_rank_width(n_observations, n_features)
+        if width >= n_features:
+            # stacklevel: _width <- _finish <- fit/compute <- the caller, whom the warning names
+            warnings.warn(no_advantage_message(n_observations, n_features), UserWarning, stacklevel=4)
+        return width
+
+    def _finish(
+        self, source, n_observations: int, mean: Tensor, n_columns: int, spatial: tuple[int, ...], dtype: torch.dtype
+    ) -> list[Tensor]:
+        """Set the buffers from ``mean`` (C, P) and the factors ``source(p0, p1)`` (p, C, k), chunk by chunk."""
+        channels, patches = mean.shape
+        width = self._width(n_observations, channels)
+        device = mean.device
+        basis = torch.empty(patches, channels, width, dtype=dtype, device=device)
+        eigenvalues = torch.empty(patches, width, dtype=dtype, device=device)
+        block = rows_per_chunk(_low_rank.basis_bytes_per_patch(channels, n_columns), self.chunk_bytes, patches)
+        for p0 in range(0, patches, block):
+            p1 = min(p0 + block, patches)
+            chunk_basis, singular = _low_rank.basis_of_factor(source(p0, p1), width)
+            chunk_eigenvalues = _low_rank.eigenvalues_of(singular, n_observations, self._fit_ridge)
+            if self._fit_ridge == 0:  # the core's singularity rule, on this chunk's (small) eigenvalues
+                check_definite(chunk_eigenvalues.cpu().numpy(), channels, 0.0, p0, spatial)
+            basis[p0:p1] = chunk_basis
+            eigenvalues[p0:p1] = chunk_eigenvalues
+        # Copies (never the caller's or the stream's tensors), in the working dtype on the fit's device.
+        self.mean = mean.to(dtype, copy=True)
+        self.basis = basis
+        self.eigenvalues = eigenvalues
+        self.ridge = torch.tensor(self._fit_ridge, dtype=dtype, device=device)
+        return [self.mean, self.basis, self.eigenvalues, self.ridge]
+
+    def fit(self, embedding: Tensor) -> list[Tensor]:
+        """Fit the low-rank Gaussians of ``embedding`` (B, C, H, W); returns ``[mean, basis, eigenvalues, ridge]``.
+
+        Computed in float64 on the embedding's device, chunked over patches; the buffers are stored in the
+        working dtype. The input is not modified.
+
+        Raises
+        ------
+        ValueError
+            Fewer than 2 embeddings, a wrong number of axes or non-finite values.
+        numpy.linalg.LinAlgError
+            ``ridge=0`` with B <= C (the core's message), or a numerically singular patch with ``ridge=0``.
+        """
+        x = as_float_tensor(embedding, "embedding").detach()  # statistics, not a graph
+        batch, _, spatial = check_fit_shape(x.shape, name="embedding")
+        dtype = working_dtype(self.mean.dtype, x.dtype)
+        vectors = _as_patches(x)
+        mean = vectors.mean(dim=0, dtype=_low_rank.FACTOR_DTYPE)
+        _check_mean_finite(mean)
+        return self._finish(
+            lambda p0, p1: _low_rank.centred_columns(vectors[:, :, p0:p1], mean[:, p0:p1]),
+            batch, mean, batch, spatial, dtype,
+        )
+
+    # ------------------------------------------------------------------ streaming fit
+    def reset(self) -> None:
+        """Forget the streamed state accumulated by :meth:`update`."""
+        self._moments: _low_rank.FactorMoments | None = None
+        self._input_dtype = torch.float32
+        self._spatial: tuple[int, ...] = ()
+
+    def update(self, embedding: Tensor) -> None:
+        """Fold a batch (B, C, H, W) into the streamed scatter factors; call :meth:`compute` to set the buffers.
+
+        The state (count, means (C, P), factors (P, C, k)) is kept in ``accumulate_dtype`` (float64 for float64
+        input) on the device of the first batch. The input is not modified.
+
+        Raises
+        ------
+        NotImplementedError
+            With torch.distributed initialised (see the class notes).
+        """
+        _refuse_distributed()
+        x = as_float_tensor(embedding, "embedding").detach()
+        batch, _, spatial = check_fit_shape(x.shape, min_observations=1, name="embedding")
+        vectors = _as_patches(x)
+        _, channels, patches = vectors.shape
+        if self._moments is None:
+            dtype = torch.float64 if x.dtype == torch.float64 else self.accumulate_dtype
+            self._moments = _low_rank.FactorMoments(channels, patches, dtype, x.device, self.chunk_bytes)
+        elif (self._moments.n_features, self._moments.n_patches) != (channels, patches):
+            raise ValueError(
+                f"embedding has C={channels}, H*W={patches} but earlier updates had "
+                f"C={self._moments.n_features}, H*W={self._moments.n_patches}; call reset() first"
+            )
+        if not torch.is_inference_mode_enabled() and self._moments.factor.is_inference():
+            # A state begun under torch.inference_mode cannot be updated in place outside it: copy it.
+            self._moments = self._moments.clone()
+        vectors = vectors.to(device=self._moments.mean.device)
+        batch_mean = vectors.mean(dim=0, dtype=self._moments.mean.dtype)
+        _check_mean_finite(batch_mean)  # before the state changes
+        self._input_dtype = working_dtype(self._input_dtype, x.dtype)
+        self._spatial = spatial
+        self._moments.update(vectors, batch_mean)
+
+    def compute(self) -> list[Tensor]:
+        """Set the buffers from the streamed factors; returns ``[mean, basis, eigenvalues, ridge]``.
+
+        The bases are computed in float64; the streamed state is left as it was, so more updates can follow.
+
+        Raises
+        ------
+        NotImplementedError
+            With torch.distributed initialised (see the class notes).
+        """
+        _refuse_distributed()
+        moments = self._moments
+        if moments is None:
+            raise NotFittedError("no data: call update(embedding) before compute()")
+        require_observations(
+            moments.count, name="compute: the stream", streamed=True, where="; call update() with more data"
+        )
+        dtype = working_dtype(self.mean.dtype, torch.float64 if self._input_dtype == torch.float64 else torch.float32)
+        patches = moments.n_patches
+        spatial = self._spatial if len(self._spatial) and _prod(self._spatial) == patches else (patches,)
+        factor = moments.factor
+        return self._finish(lambda p0, p1: factor[p0:p1], moments.count, moments.mean, factor.shape[2], spatial, dtype)
+
+    # ------------------------------------------------------------------ scoring
+    def _mahalanobis(self, embedding: Tensor) -> Tensor:
+        x = as_float_tensor(embedding, "embedding")
+        self._require_fitted()
+        channels, patches = self.mean.shape
+        width = self.basis.shape[2]
+        spatial = tuple(int(size) for size in x.shape[2:])
+        check_patch_score_shape(tuple(x.shape), channels, patches)
+        dtype = working_dtype(self.mean.dtype, x.dtype)
+        vectors = _as_patches(x).to(device=self.mean.device)
+        tracing = is_tracing()
+        rows = TRACE_PLANNING_ROWS if tracing else max(1, x.shape[0])  # batch is symbolic when tracing
+        itemsize = torch.finfo(dtype).bits // 8
+        per_patch = (rows * (3 * channels + 2 * width) + 2 * channels * width) * itemsize
+        block = rows_per_chunk(per_patch, self.chunk_bytes, patches)
+        ridge = self.ridge.to(dtype)
+        pieces = []
+        for p0 in range(0, patches, block):
+            p1 = min(p0 + block, patches)
+            mean = self.mean[:, p0:p1].to(dtype)
+            if tracing:  # shape-agnostic expression: the batch size stays symbolic in the graph
+                delta = (vectors[:, :, p0:p1].to(dtype) - mean).permute(2, 0, 1)
+            else:
+                delta = _centred_patches(vectors[:, :, p0:p1], mean, dtype)
+            basis, eigenvalues = self.basis[p0:p1].to(dtype), self.eigenvalues[p0:p1].to(dtype)
+            pieces.append(_low_rank.squared_distances(delta, basis, eigenvalues, ridge))  # (p, B)
+        squared = torch.cat(pieces, dim=0).mT
+        return squared.clamp(min=0).sqrt().reshape((-1,) + spatial)
+
+    def extra_repr(self) -> str:
+        if self.basis.ndim == 3:
+            return (
+                f"form='low_rank', n_features={self.mean.shape[0]}, n_patches={self.mean.shape[1]}, "
+                f"rank={self.basis.shape[2]}, ridge={self._fit_ridge}"
+            )
+        return f"form='low_rank', not fitted, ridge={self._fit_ridge}"

@@ -676,3 +676,95 @@ def streaming_covariance_atol(x, weights=None, dtype=np.float64, ddof=1, *, stre
     cross = outer(delta, s) + outer(s, delta) if streamed else 0.0
     offset = w.sum() * (cross + outer(delta, delta)) / norm
     return TWO_SIDES * (first + offset)
+
+
+# --------------------------------------------------------------------------- low-rank per-patch Gaussians
+def low_rank_backward_error(n: int, c: int, dtype=np.float64) -> float:
+    """``|dA| / |A|`` for the low-rank fit ``A = V diag(λ) Vᵀ + ρ (I − V Vᵀ)`` (c features, n observations).
+
+    Both packages take the basis from the eigenpairs of the k×k Gram ``XᵀX`` of the centred (c, n)
+    observations ``X``, kept where the columns are orthonormal to 256 eps and otherwise re-orthonormalised by
+    one Cholesky-QR pass (:func:`anomstats._low_rank.basis_of_factor`). The Gram and its eigensolver move the
+    scatter by ``~k eps`` of its norm and a basis orthonormal to 256 eps moves it by 256 eps: the bound is
+    ``max(2 max(c, n), 256) eps`` (the first term is a thin SVD's backward error, Golub & Van Loan section
+    8.6, which covers the Gram route's ``k eps``), except for directions under the ``64 k eps`` variance
+    floor (zeroed there), which the tests' data do not have.
+    Added to :func:`covariance_backward_error` (the centring, and the sums and Cholesky of the dense route: a
+    safe over-count). Storing the basis in float32 (orthonormal to ``~sqrt(c) eps``) is within the float32
+    value of either term.
+    """
+    return covariance_backward_error(n, c, dtype) + max(2 * max(int(n), int(c)), 256) * eps(dtype)
+
+
+def _spectra(covariance) -> np.ndarray:
+    a = np.asarray(covariance, dtype=np.float64)
+    c = a.shape[-1]
+    return np.linalg.eigvalsh(a.reshape(-1, c, c))[:, ::-1]  # (P, c), decreasing
+
+
+def low_rank_eigenvalue_atol(covariance, n: int, dtype=np.float64, extra_error: float = 0.0) -> np.ndarray:
+    """Per-patch (P, 1) absolute difference allowed between two computed eigenvalue sets ``λ`` of ``A``.
+
+    Weyl's theorem: ``|dλ_i| <= |dA|_2 <= δ |A|_2`` with ``δ`` the :func:`low_rank_backward_error` (plus
+    ``extra_error``, a further relative backward error such as a stream's merges). Doubled.
+    """
+    c = np.asarray(covariance).shape[-1]
+    norms = _spectra(covariance)[:, :1]
+    return TWO_SIDES * (low_rank_backward_error(n, c, dtype) + extra_error) * norms
+
+
+def low_rank_basis_atol(covariance, width: int, n: int, dtype=np.float64) -> np.ndarray:
+    """Per-column (P, 1, width) difference allowed between two computed bases (columns' signs aligned).
+
+    Davis-Kahan's sin θ theorem: the unit eigenvector of an isolated eigenvalue ``λ_i`` of ``A`` moves by at
+    most ``sqrt(2) |dA|_2 / gap_i`` once its sign is chosen, with ``gap_i`` the distance from ``λ_i`` to the
+    rest of the spectrum (the other ``λ_j`` and, when ``width < c``, the ridge of the complement) and
+    ``|dA|_2 <= δ |A|_2`` (:func:`low_rank_backward_error`). Doubled.
+    """
+    spectra = _spectra(covariance)
+    c = spectra.shape[1]
+    gaps = np.empty((spectra.shape[0], width))
+    for i in range(width):
+        others = np.delete(spectra, i, axis=1)
+        gaps[:, i] = np.abs(others - spectra[:, i : i + 1]).min(axis=1) if c > 1 else np.inf
+    bound = TWO_SIDES * math.sqrt(2) * low_rank_backward_error(n, c, dtype) * spectra[:, :1] / gaps
+    return bound[:, None, :]
+
+
+def low_rank_mahalanobis_tolerances(
+    covariance, n: int, mean_error: float = 0.0, dtype=np.float64, *, shared_fit: bool = False,
+    extra_error: float = 0.0,
+) -> tuple[float, float]:
+    """``(rtol, atol)`` between two computed Mahalanobis distances when either side is a low-rank fit.
+
+    :func:`mahalanobis_tolerances` (the fit term ``kappa δ d²``, the dense evaluation, the means) with the
+    fit's backward error grown by the basis route's ``max(2 max(c, n), 256) eps`` (:func:`low_rank_backward_error`) and
+    ``extra_error`` (a stream's merges, relative to ``|A|_2``), plus the low-rank evaluation
+    (:func:`low_rank_evaluation_rtol`, with the width bounded by c). Doubled.
+    """
+    rtol, atol = mahalanobis_tolerances(covariance, n, mean_error, dtype, shared_fit=shared_fit)
+    spectra = _spectra(covariance)
+    c = spectra.shape[1]
+    rtol += low_rank_evaluation_rtol(covariance, c, dtype)
+    if not shared_fit:
+        kappa = float(np.max(spectra[:, 0] / spectra[:, -1]))
+        rtol += TWO_SIDES * 0.5 * kappa * (max(2 * max(int(n), c), 256) * eps(dtype) + extra_error)
+    return rtol, atol
+
+
+def low_rank_evaluation_rtol(covariance, width: int, dtype=np.float64) -> float:
+    """Relative difference allowed between two evaluations of low-rank distances on the same buffers.
+
+    ``d² = Σ c_i²/λ_i + |δ − V c|²/ρ`` with ``c = Vᵀ δ``: each ``c_i`` (a c-term inner product with a unit
+    column) is off by ``c eps |δ|``, so the projection term by ``2 c sqrt(r) eps |δ| sqrt(d² / ρ)``
+    (Cauchy-Schwarz, ``λ_i >= ρ``); the residual by ``(sqrt(r) c + r + 1) eps |δ|`` and its term by twice
+    that times ``|δ| |res| / ρ`` plus the c-term sum's ``c eps``. With ``|δ|² <= λ_max d²`` and
+    ``|res|² <= ρ d²`` every term is ``sqrt(kappa) d²`` times ``eps`` (``kappa = λ_max / ρ``):
+    ``|d d²| <= ((4 sqrt(r) + 1)(c + 2) + 2 r) eps sqrt(kappa) d²``; the square root halves it; doubled for
+    the two sides. Unlike the dense ``δᵀ P δ`` (:func:`mahalanobis_tolerances`, ``kappa`` itself) nothing
+    here cancels against ``1/ρ``.
+    """
+    spectra = _spectra(covariance)
+    c = spectra.shape[1]
+    kappa = float(np.max(spectra[:, 0] / spectra[:, -1]))
+    return TWO_SIDES * 0.5 * ((4 * math.sqrt(width) + 1) * (c + 2) + 2 * width) * eps(dtype) * math.sqrt(kappa)
