@@ -733,12 +733,6 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
             workers=workers, form="low_rank",
         )
 
-    _STATE = MultiVariateGaussian._STATE + ("_fit",)
-
-    def _reset(self) -> None:
-        super()._reset()
-        self._fit: _LowRankFit | None = None
-
     def __repr__(self) -> str:
         return f"MultiVariateGaussian(ridge={self.ridge!r}, dtype={self.dtype.name}, form='low_rank')"
 
@@ -749,18 +743,8 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
         )
 
     # ------------------------------------------------------------------ fitted state
-    def _fitted_outputs(self) -> _LowRankFit:  # type: ignore[override]
-        self._require_shape()
-        if self._stale:
-            self._finalise()
-        assert self._fit is not None
-        return self._fit
-
-    @property
-    def mean(self) -> NDArray[np.floating]:
-        """Per-patch means, shape (C, P) (anomalib's layout)."""
-        return self._fitted_outputs().mean
-
+    # The fitted state is a _LowRankFit in the base class's slots (_outputs, and _mean for mean): the base
+    # class's finalisation on first use, mean and log_det serve both forms.
     @property
     def basis(self) -> NDArray[np.floating]:
         """Orthonormal bases ``V`` of the centred observations, shape (P, C, r)."""
@@ -770,11 +754,6 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
     def eigenvalues(self) -> NDArray[np.floating]:
         """Regularised eigenvalues ``s²/(N − 1) + ρ`` along :attr:`basis`, shape (P, r)."""
         return self._fitted_outputs().eigenvalues
-
-    @property
-    def log_det(self) -> NDArray[np.float64]:
-        """log det of each regularised covariance, shape (P,)."""
-        return self._fitted_outputs().log_det
 
     @property
     def shrinkage_(self) -> NDArray[np.float64]:
@@ -834,7 +813,7 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
         )
         self._reset()
         self.n_features, self.spatial_shape = c, spatial
-        self._fit, self._n_seen = fit, n
+        self._mean, self._outputs, self._n_seen = fit.mean, fit, n
         return self
 
     def _new_moments(self, n_features: int, n_patches: int) -> LowRankMoments:  # type: ignore[override]
@@ -845,9 +824,9 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
         n = int(moments.count)
         require_observations(n, name="partial_fit", streamed=True)
         k = moments.factor.shape[2]
-        self._fit = self._fit_from(n, self.n_features, self.spatial_shape, moments.centred_factor,
-                                   bytes_per_patch=4 * k * self.n_features * 8, scratch=ThreadScratch())
-        self._stale = False
+        fit = self._fit_from(n, self.n_features, self.spatial_shape, moments.centred_factor,
+                             bytes_per_patch=4 * k * self.n_features * 8, scratch=ThreadScratch())
+        self._mean, self._outputs, self._stale = fit.mean, fit, False
 
     def _fit_from(self, n: int, c: int, spatial: tuple[int, ...], source, bytes_per_patch: int,
                   scratch: ThreadScratch | None = None) -> _LowRankFit:
