@@ -51,6 +51,7 @@ __all__ = [
     "basis_of_factor",
     "eigenvalues_of",
     "check_definite",
+    "OUTSIDE_FRACTION",
     "squared_distances",
     "dense_from_low_rank",
 ]
@@ -249,57 +250,79 @@ def check_definite(eigenvalues: NDArray, n_features: int, ridge: float, first_pa
 class LowRankMoments:
     """Streamed state of low-rank per-patch Gaussians: count, means and scatter factors (float64).
 
-    ``mean`` is (P, C); ``factor`` is (P, C, k) with ``Σ_obs (x − μ)(x − μ)ᵀ = factor @ factorᵀ`` for each
-    patch. ``k`` grows by the batch size (and one column per merge) and is reduced to the rank when it
-    would exceed ``C``.
+    ``mean`` is (P, C); the scatter factor of each patch, with ``Σ_obs (x − μ)(x − μ)ᵀ = F Fᵀ``, is kept as
+    a list of column blocks (P, C, k_i): a batch adds its own centred observations as one block, a merge
+    adds the other side's blocks and one correction column. Blocks are never modified once stored (a
+    merge shares them), and nothing is re-concatenated per batch: the columns are joined patch chunk by
+    patch chunk when the fit is finalised, or when they would pass ``C`` (then each patch's factor is
+    reduced to ``V diag(s)``, the same scatter in at most ``C`` columns).
 
     Examples
     --------
     >>> rng = np.random.default_rng(0)
     >>> x = rng.normal(size=(6, 4, 2))                     # (n, C, P)
     >>> a = LowRankMoments(4, 2).update(x[:2]).update(x[2:])
-    >>> scatter = np.einsum("pck,pdk->pcd", a.factor, a.factor)
+    >>> _, factor = a.centred_factor(0, 2)
+    >>> scatter = np.einsum("pck,pdk->pcd", factor, factor)
     >>> centred = x - x.mean(axis=0)
     >>> bool(np.allclose(scatter, np.einsum("ncp,ndp->pcd", centred, centred), rtol=1e-13, atol=1e-13))
     True
     """
 
-    def __init__(self, n_features: int, n_patches: int) -> None:
+    def __init__(self, n_features: int, n_patches: int, memory_budget: int = 64 * 2**20) -> None:
         self.n_features = n_features
         self.n_patches = n_patches
+        self.memory_budget = memory_budget
         self.count = 0
         self.mean = np.zeros((n_patches, n_features))
-        self.factor = np.zeros((n_patches, n_features, 0))
+        self.blocks: list[NDArray] = []
+
+    @property
+    def n_columns(self) -> int:
+        """Columns of every patch's scatter factor (the blocks' widths added up)."""
+        return sum(block.shape[2] for block in self.blocks)
 
     def update(self, flat: NDArray) -> LowRankMoments:
         """Fold a validated batch ``(n, C, P)`` (n >= 1) into the state; returns ``self``."""
         mean, centred = _as_factor_columns(flat, 0, flat.shape[2])
-        self._fold(flat.shape[0], mean, centred)
+        self._fold(flat.shape[0], mean, [centred])
         return self
 
     def merge(self, other: LowRankMoments) -> LowRankMoments:
-        """Fold ``other``'s state into this one (``other`` is not modified); returns ``self``."""
+        """Fold ``other``'s state into this one (``other`` is not modified; its blocks are shared)."""
         if other.count:
-            self._fold(other.count, other.mean.copy(), other.factor.copy())
+            self._fold(other.count, other.mean, list(other.blocks))
         return self
 
-    def _fold(self, count: int, mean: NDArray, factor: NDArray) -> None:
+    def _fold(self, count: int, mean: NDArray, blocks: list[NDArray]) -> None:
         chan = chan_merge_weights(self.count, count)
         delta = mean - self.mean
-        columns = [self.factor, factor]
+        joined = self.blocks + blocks
         if self.count and chan.cross:
-            columns.append((delta * math.sqrt(chan.cross))[:, :, None])
+            joined.append((delta * math.sqrt(chan.cross))[:, :, None])
+        for block in joined:
+            block.setflags(write=False)  # shared between merged states: never written again
         self.mean = self.mean + delta * chan.mean_step
         self.count = int(chan.total)
-        self.factor = np.concatenate(columns, axis=2)
-        if self.factor.shape[2] > self.n_features:
-            # Past C columns the factor is larger than its basis: keep V·diag(s) instead (the same scatter).
-            basis, singular = basis_of_factor(self.factor, low_rank_width(self.count, self.n_features))
-            self.factor = basis * singular[:, None, :]
+        self.blocks = joined
+        if self.n_columns > self.n_features:
+            self._reduce()
+
+    def _reduce(self) -> None:
+        """Replace the blocks by one ``V diag(s)`` block (at most C columns), patch chunk by patch chunk."""
+        width = low_rank_width(self.count, self.n_features)
+        reduced = np.empty((self.n_patches, self.n_features, width))
+        per_patch = 4 * self.n_columns * self.n_features * 8
+        step = max(1, self.memory_budget // per_patch)
+        for start in range(0, self.n_patches, step):
+            stop = min(start + step, self.n_patches)
+            basis, singular = basis_of_factor(self.centred_factor(start, stop)[1], width)
+            reduced[start:stop] = basis * singular[:, None, :]
+        self.blocks = [reduced]
 
     def centred_factor(self, start: int, stop: int) -> tuple[NDArray, NDArray]:
-        """Means (p, C) and scatter factors (p, C, k) of patches ``start:stop`` (views)."""
-        return self.mean[start:stop], self.factor[start:stop]
+        """Means (p, C) and the joined scatter factors (p, C, k) of patches ``start:stop`` (a new array)."""
+        return self.mean[start:stop], np.concatenate([block[start:stop] for block in self.blocks], axis=2)
 
 
 def factor_chunk(flat: NDArray, start: int, stop: int,
@@ -308,12 +331,20 @@ def factor_chunk(flat: NDArray, start: int, stop: int,
     return _as_factor_columns(flat, start, stop, scratch)
 
 
+#: The outside term ``|δ|² − |p|²`` is used where at least this fraction of ``|δ|²`` lies outside the basis:
+#: then the difference loses at most one bit (``|δ|² − |p|² >= |δ|²/2``), and the residual vector (a second
+#: product as large as the first) is formed only for the queries that lie mostly inside the basis.
+OUTSIDE_FRACTION = 0.5
+
+
 def squared_distances(delta: NDArray, basis: NDArray, eigenvalues: NDArray, ridge: float,
                       scratch: ThreadScratch | None = None) -> NDArray:
     """``d²`` (p, m) of centred queries ``delta = x − μ`` (p, m, C) for patches with ``basis`` (p, C, r).
 
     ``p = δ V``; ``d² = Σ p_i²/λ_i + |δ − V p|²/ρ``: the projection term plus the residual outside the
-    basis, formed as a vector (no ``|δ|² − |p|²`` cancellation).
+    basis. Where at least half of ``|δ|²`` lies outside the basis the residual's norm is ``|δ|² − |p|²``,
+    whose cancellation costs at most a factor 2 of relative error (one bit); elsewhere (queries close to the
+    span, where the difference would cancel) the residual is formed as a vector, ``δ − V p``.
     """
     p, m, c = delta.shape
     width = basis.shape[2]
@@ -323,14 +354,21 @@ def squared_distances(delta: NDArray, basis: NDArray, eigenvalues: NDArray, ridg
 
     coords = np.matmul(delta, basis, out=buffer("coords", (p, m, width)))
     inside = np.einsum("pmr,pmr,pr->pm", coords, coords, 1.0 / eigenvalues)
-    # V p for every query as (p, C, m): the basis stays the left operand, contiguous (a transposed basis
-    # on the right is three times slower); then minus δ, in place (the sign does not matter when squared).
-    residual = np.matmul(basis, coords.transpose(0, 2, 1), out=buffer("residual", (p, c, m)))
-    residual -= delta.transpose(0, 2, 1)
-    outside = np.einsum("pcm,pcm->pm", residual, residual)
-    if ridge > 0:
-        return inside + outside / ridge
-    return inside  # ridge 0 is only allowed at full rank, where the residual is rounding
+    if ridge == 0:
+        return inside  # ridge 0 is only allowed at full rank, where the residual is rounding
+    total = np.einsum("pmc,pmc->pm", delta, delta)
+    projected = np.einsum("pmr,pmr->pm", coords, coords)
+    outside = total - projected
+    close = ~(outside >= OUTSIDE_FRACTION * total)
+    if close.any():
+        patches = np.flatnonzero(close.any(axis=1))
+        # V p for those patches' queries as (p, C, m): the basis stays the left operand, contiguous (a
+        # transposed basis on the right is three times slower); then minus δ (the sign does not matter).
+        residual = np.matmul(basis[patches], coords[patches].transpose(0, 2, 1))
+        residual -= delta[patches].transpose(0, 2, 1)
+        exact = np.einsum("pcm,pcm->pm", residual, residual)
+        outside[patches] = np.where(close[patches], exact, outside[patches])
+    return inside + outside / ridge
 
 
 def dense_from_low_rank(basis: NDArray, eigenvalues: NDArray, ridge: float, *, inverse: bool,

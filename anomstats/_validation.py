@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +36,7 @@ __all__ = [
     "MIN_FIT_OBSERVATIONS",
     "accumulation_dtype",
     "check_bool",
+    "warn_at_caller",
     "check_ddof",
     "check_memory_budget",
     "check_patch_score_shape",
@@ -502,3 +505,26 @@ def check_accumulation_dtype(dtype: DTypeLike) -> np.dtype[Any]:
     if result.kind not in "fc":
         raise DTypeError(f"dtype must be a floating or complex dtype, got {result}")
     return result
+
+
+def warn_at_caller(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` attributed to the first frame outside the library (both packages).
+
+    The depth of a warning's origin below the user's call differs between entry points (a fit, the first
+    use after streaming, a dask dispatch), so a fixed ``stacklevel`` would point into the library.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     warn_at_caller("look here", UserWarning)
+    >>> caught[0].filename == __file__ or "anomstats" not in caught[0].filename
+    True
+    """
+    frame = sys._getframe(1)
+    level = 2  # stacklevel 2 is the frame calling this function
+    while frame is not None and str(frame.f_globals.get("__name__", "")).startswith("anomstats"):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level)

@@ -41,6 +41,7 @@ from ._validation import (
     describe_patch,
     require_finite,
     require_observations,
+    warn_at_caller,
 )
 from ._patch_moments import DensePatchMoments, PatchMoments
 from ._moment_kernels import gather
@@ -673,15 +674,16 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
 
     Attributes
     ----------
-    mean : ndarray, shape (C, P)
     basis : ndarray, shape (P, C, r)
         Orthonormal columns, ordered by decreasing eigenvalue.
     eigenvalues : ndarray, shape (P, r)
         The regularised covariance's eigenvalues along :attr:`basis` (every other one is the ridge).
-    log_det : ndarray, shape (P,)
     precision, covariance : ndarray, shape (P, C, C)
         Materialised on each access, patch chunk by patch chunk (not kept): the dense equivalents, for
         code that needs them (anomalib's ``inv_covariance``).
+
+    The means ``(C, P)``, ``log_det`` ``(P,)``, ``n_samples_seen_``, scoring and streaming are those of
+    :class:`MultiVariateGaussian`.
 
     Notes
     -----
@@ -817,13 +819,13 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
         return self
 
     def _new_moments(self, n_features: int, n_patches: int) -> LowRankMoments:  # type: ignore[override]
-        return LowRankMoments(n_features, n_patches)
+        return LowRankMoments(n_features, n_patches, self.memory_budget)
 
     def _finalise(self) -> None:
         moments = self._moments
         n = int(moments.count)
         require_observations(n, name="partial_fit", streamed=True)
-        k = moments.factor.shape[2]
+        k = moments.n_columns
         fit = self._fit_from(n, self.n_features, self.spatial_shape, moments.centred_factor,
                              bytes_per_patch=4 * k * self.n_features * 8, scratch=ThreadScratch())
         self._mean, self._outputs, self._stale = fit.mean, fit, False
@@ -835,9 +837,7 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
         if self.ridge == 0 and n <= c:
             raise np.linalg.LinAlgError(needs_ridge_message(n, c))
         if width >= c:
-            import warnings
-
-            warnings.warn(no_advantage_message(n, c), UserWarning, stacklevel=3)
+            warn_at_caller(no_advantage_message(n, c), UserWarning)
         n_patches = math.prod(spatial)
         fit = _LowRankFit(c, n_patches, width, self.dtype)
         chunks = plan_patch_chunks(n_patches, bytes_per_patch, self.memory_budget, self.workers, FIT_CHUNK_PATCHES)

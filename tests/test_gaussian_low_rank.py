@@ -99,7 +99,7 @@ def test_streaming_past_c_columns_reduces_the_factor():
         warnings.simplefilter("ignore", UserWarning)  # N - 1 >= C: no advantage (tested below)
         for part in np.split(x, 3):
             streamed.partial_fit(part)
-        assert streamed._moments.factor.shape[2] <= 12 + 10 + 1
+        assert streamed._moments.n_columns <= 12 + 10 + 1
         dense = MultiVariateGaussian().fit(x)
         _assert_equal_to_dense(streamed, dense, x, 30, 12)
 
@@ -198,3 +198,29 @@ def test_ill_conditioned_observations_equal_the_dense_fit(spread):
     # Orthonormal to rounding wherever a direction carries variance (a dropped one is a zero column).
     np.testing.assert_allclose(gram, np.eye(n - 1) * kept[:, None, :], rtol=0, atol=8 * c * EPS)
     _assert_equal_to_dense(low, dense, x, n, c)
+
+
+def test_outside_term_shortcut_agrees_with_the_residual_vector(monkeypatch):
+    # Queries far outside the span take |δ|² − |p|² (at least half of |δ|² outside: one bit at most is lost
+    # to the difference); forcing every query through the residual vector gives the same distances to the
+    # sums' rounding, sqrt(C)·eps relative per term (twice: two routes).
+    import anomstats._low_rank as low_rank
+
+    x = _embedding(8, 60, seed=11)
+    queries = _embedding(5, 60, seed=12) * 3.0
+    model = MultiVariateGaussian(form="low_rank").fit(x)
+    fast = model.mahalanobis(queries, squared=True)
+    monkeypatch.setattr(low_rank, "OUTSIDE_FRACTION", 2.0)  # nothing qualifies: the vector everywhere
+    exact = model.mahalanobis(queries, squared=True)
+    np.testing.assert_allclose(fast, exact, rtol=2 * 8 * np.sqrt(60) * EPS)
+
+
+def test_no_advantage_warning_points_at_the_callers_line():
+    many = _embedding(30, 5, seed=13)
+    with pytest.warns(UserWarning, match="no advantage") as caught:
+        MultiVariateGaussian(form="low_rank").fit(many)
+    assert caught[0].filename == __file__
+    streamed = MultiVariateGaussian(form="low_rank").partial_fit(many)
+    with pytest.warns(UserWarning, match="no advantage") as caught:
+        streamed.mahalanobis(many[:1])  # finalised at first use: still attributed to this line
+    assert caught[0].filename == __file__
