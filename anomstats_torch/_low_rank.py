@@ -122,7 +122,7 @@ def squared_distances(delta: Tensor, basis: Tensor, eigenvalues: Tensor, ridge: 
     inside = (coords.square() / eigenvalues.unsqueeze(1)).sum(dim=-1)
     # The residual in (p, C, B) layout, V c as V @ cᵀ: the basis enters both products as it is stored, so
     # an exported graph holds it once (with basis.mT an exporter folds a transposed copy into a second constant).
-    residual = delta.mT - torch.matmul(basis, coords.mT)
+    residual = delta.mT - torch.bmm(basis, coords.mT)  # bmm: matmul's batch folding tests the batch for 1
     outside = residual.square().sum(dim=-2)
     positive = ridge > 0
     # 1 where the ridge is 0: the division is then harmless (and differentiable) and its result unused.
