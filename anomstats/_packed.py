@@ -57,7 +57,40 @@ from ._patch_kernels import PatchFinisher, PatchFitSettings, PatchOutputs
 from ._rules import DEFAULT_RIDGE, chan_merge_weights, covariance_normalisation
 from ._validation import check_dtype, check_memory_budget, check_positive_int, check_ridge, require_finite, require_observations
 
-__all__ = ["PackedGaussianAccumulator", "packed_state_bytes"]
+__all__ = ["PackedGaussianAccumulator", "packed_state_bytes", "packed_length", "features_of_packed_length"]
+
+
+def packed_length(n_features: int) -> int:
+    """Numbers in one packed upper triangle of a ``C×C`` symmetric matrix: ``C·(C+1)/2``.
+
+    The packed layout (here and in the torch adapter's packed precision) is the upper triangle row by row,
+    the order of ``numpy.triu_indices(C)``.
+
+    Examples
+    --------
+    >>> packed_length(100), packed_length(550)
+    (5050, 151525)
+    """
+    return n_features * (n_features + 1) // 2
+
+
+def features_of_packed_length(length: int, name: str = "packed triangle") -> int:
+    """``C`` such that ``C·(C+1)/2 == length``; ``ValueError`` if ``length`` is not such a number.
+
+    Examples
+    --------
+    >>> features_of_packed_length(5050)
+    100
+    >>> features_of_packed_length(5051)
+    Traceback (most recent call last):
+    ...
+    ValueError: a packed triangle holds C*(C+1)/2 numbers for some C >= 1, got 5051
+    """
+    length = int(length)
+    n_features = (math.isqrt(8 * length + 1) - 1) // 2 if length > 0 else 0
+    if n_features < 1 or packed_length(n_features) != length:
+        raise ValueError(f"a {name} holds C*(C+1)/2 numbers for some C >= 1, got {length}")
+    return n_features
 
 
 def packed_state_bytes(n_features: int, n_patches: int, dtype: DTypeLike = np.float64) -> int:
@@ -69,7 +102,7 @@ def packed_state_bytes(n_features: int, n_patches: int, dtype: DTypeLike = np.fl
     4.98 GB
     """
     itemsize = np.dtype(dtype).itemsize
-    n_tri = n_features * (n_features + 1) // 2
+    n_tri = packed_length(n_features)
     return n_patches * (n_tri + n_features) * itemsize
 
 
@@ -149,7 +182,7 @@ class PackedGaussianAccumulator:
     @property
     def n_tri(self) -> int:
         """Numbers stored per patch for the second moments: ``C·(C+1)/2``."""
-        return self.n_features * (self.n_features + 1) // 2
+        return packed_length(self.n_features)
 
     @property
     def count(self) -> int:

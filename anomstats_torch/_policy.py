@@ -1,8 +1,19 @@
 """Dtype, device and chunking policy shared by the adapter's modules.
 
-One place decides: which dtype a computation runs in, which dtype fitted buffers are stored in, whether the
-code is being traced or exported (then shape-dependent Python branching must be avoided), and how many rows
-fit in a chunk under a memory budget.
+One place decides: which dtype a computation runs in, which dtype fitted buffers are stored in, which dtype a
+result is returned in, whether the code is being traced or exported (then shape-dependent Python branching must
+be avoided), and how many rows fit in a chunk under a memory budget.
+
+The dtype rules, together (issue 13, "dtypes that follow the model"):
+
+* compute (:func:`working_dtype`): float64 if the module or the input is float64, otherwise float32. Half
+  precision (float16, bfloat16) is never computed in: a module cast with ``module.half()`` or
+  ``module.to(torch.bfloat16)`` upcasts its buffers for each computation;
+* results (:func:`result_dtype`): in the dtype of a half-precision input (the layers after the module, cast
+  with the rest of the model, expect it), otherwise in the working dtype;
+* fitted buffers (:func:`storage_dtype`): in the working dtype, except that a module cast to half precision
+  keeps its dtype (the fit is computed in float32 and rounded once when stored), as ``load_state_dict`` keeps
+  the module's dtype.
 """
 
 from __future__ import annotations
@@ -39,6 +50,28 @@ def working_dtype(*dtypes: torch.dtype) -> torch.dtype:
         if dtype == torch.float64:
             result = torch.float64
     return result
+
+
+def result_dtype(input_dtype: torch.dtype, working: torch.dtype) -> torch.dtype:
+    """The dtype a result computed in ``working`` from an input of ``input_dtype`` is returned in.
+
+    Half precision in, half precision out (the result is rounded once, from the working dtype); any other
+    input gets the working dtype (float32 or float64), as before.
+    """
+    return input_dtype if input_dtype in _HALF_TYPES else working
+
+
+def storage_dtype(module_dtype: torch.dtype, *input_dtypes: torch.dtype) -> torch.dtype:
+    """The dtype a fit stores its buffers in, for a module whose buffers are ``module_dtype``.
+
+    The working dtype of the module and the inputs, except that a module cast to half precision (its buffers
+    float16 or bfloat16, by ``module.half()`` or ``module.to(torch.bfloat16)``) keeps that dtype when no
+    float64 is involved: it computes in float32 and rounds once when storing.
+    """
+    working = working_dtype(module_dtype, *input_dtypes)
+    if working == torch.float32 and module_dtype in _HALF_TYPES:
+        return module_dtype
+    return working
 
 
 def as_float_tensor(value: object, name: str) -> Tensor:

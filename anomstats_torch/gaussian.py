@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from anomstats._low_rank import check_definite, check_form, low_rank_width, needs_ridge_message, no_advantage_message
+from anomstats._packed import packed_length
 from anomstats._rules import DEFAULT_RIDGE, chan_merge_weights, covariance_normalisation, degrees_of_freedom
 from anomstats._validation import (
     DTypeError,
@@ -39,15 +40,18 @@ from ._policy import (
     TRACE_PLANNING_ROWS,
     as_float_tensor,
     is_tracing,
+    result_dtype,
     rows_per_chunk,
     static_shapes_while_tracing,
+    storage_dtype,
     working_dtype,
 )
 from .dynamic_buffer import DynamicBufferModule
+from . import _compact
 from . import _distributed
 from . import _low_rank
 
-__all__ = ["MultiVariateGaussian"]
+__all__ = ["MultiVariateGaussian", "LowRankMultiVariateGaussian", "PackedMultiVariateGaussian"]
 
 
 def _precision_into(covariance: Tensor, out: Tensor, first_patch: int, spatial: tuple[int, ...]) -> Tensor:
@@ -104,6 +108,36 @@ def _entries(prefix: str) -> str:
     return f"the checkpoint's entries under {prefix!r}" if prefix else "the checkpoint's entries"
 
 
+def _pack_chunks(dense: Tensor, dtype: torch.dtype, chunk_bytes: int) -> Tensor:
+    """Packed upper triangles (P, C·(C+1)/2) in ``dtype`` of a dense stack (P, C, C), chunk by chunk."""
+    patches, channels = dense.shape[0], dense.shape[-1]
+    out = torch.empty(patches, packed_length(channels), dtype=dtype, device=dense.device)
+    block = rows_per_chunk(channels * channels * 16, chunk_bytes, patches)  # two float64-wide triangles and more
+    for p0 in range(0, patches, block):
+        out[p0 : p0 + block] = _compact.pack(dense[p0 : p0 + block], dtype)
+    return out
+
+
+def _unpack_chunks(packed: Tensor, channels: int, dtype: torch.dtype, device: torch.device, chunk_bytes: int) -> Tensor:
+    """The dense stack (P, C, C) in ``dtype`` on ``device`` of packed triangles (P, C·(C+1)/2), chunk by chunk."""
+    patches = packed.shape[0]
+    out = torch.empty(patches, channels, channels, dtype=dtype, device=device)
+    index = _compact.unpack_index(channels, packed.device)
+    block = rows_per_chunk(channels * channels * 8, chunk_bytes, patches)
+    for p0 in range(0, patches, block):
+        out[p0 : p0 + block] = _compact.unpack(packed[p0 : p0 + block], channels, index)
+    return out
+
+
+def _check_against_mean(key: str, channels: int, patches: int, mean: Any) -> None:
+    """A precision entry for C features and P patches must match a checkpoint's (C, P) ``mean``, if any."""
+    if isinstance(mean, Tensor) and mean.ndim == 2 and tuple(mean.shape) != (channels, patches):
+        raise ValueError(
+            f"{key} holds {patches} patch(es) of {channels} features but the checkpoint's mean has shape "
+            f"{tuple(mean.shape)} (C, H*W)"
+        )
+
+
 def _check_mean_finite(mean: Tensor) -> None:
     # Any NaN/inf in the data makes its mean non-finite: one cheap check on (C, P) instead of a full pass.
     require_finite(
@@ -137,6 +171,11 @@ class MultiVariateGaussian(DynamicBufferModule):
         (P, C, r), ``eigenvalues`` (P, r) and ``ridge`` (0-d), ``r = min(B - 1, C)``, instead of
         ``inv_covariance`` (P, C, C); the constructor then returns a :class:`LowRankMultiVariateGaussian`.
         Checked by the core's :func:`anomstats._low_rank.check_form`.
+    storage : {"dense", "packed"}, keyword-only, default "dense"
+        ``"packed"``: the precision buffer is ``inv_covariance_packed`` (H·W, C·(C+1)/2), the upper triangle of
+        each symmetric precision row by row (half the bytes of ``inv_covariance``, in checkpoints and in
+        exported graphs), unpacked chunk by chunk while scoring; the constructor then returns a
+        :class:`PackedMultiVariateGaussian`. Dense form only.
 
     Notes
     -----
@@ -148,10 +187,16 @@ class MultiVariateGaussian(DynamicBufferModule):
       from a batched triangular solve, about 2x faster on CPU than ``cholesky_inverse``), exactly
       symmetric, instead of an explicit ``inv``; within float32 tolerance of anomalib's numbers;
     - B < 2 raises a clear error (anomalib silently gives NaN);
-    - dtype policy: computations run in float64 if the module or the input is float64, otherwise in
-      float32 (float16/bfloat16 inputs are upcast to float32); fitted buffers are stored in that dtype on
-      the embedding's device (anomalib silently turns float64 into float32 and fails on half input);
-    - ``mahalanobis`` returns (B, H, W) (PaDiM's map without the singleton channel), in the working dtype.
+    - dtype policy (:mod:`anomstats_torch._policy`): computations run in float64 if the module or the input
+      is float64, otherwise in float32 (float16/bfloat16 inputs and buffers of a module cast by
+      ``module.half()`` / ``module.to(torch.bfloat16)`` are upcast to float32); fitted buffers are stored in
+      that dtype on the embedding's device, except that a module cast to half precision keeps its dtype
+      (computed in float32, rounded once when stored), as PaDiM's own anomaly map, which reads the buffers,
+      needs under ``model.half()`` (anomalib silently turns float64 into float32 and fails on half input);
+    - ``mahalanobis`` returns (B, H, W) (PaDiM's map without the singleton channel), in the dtype of a
+      half-precision input (rounded once from float32), otherwise in the working dtype.
+    - :meth:`compact_state_dict` stores the precision in half the bytes (packed upper triangles, or
+      float16/bfloat16); this module loads those checkpoints with ``load_state_dict`` (see the method).
     - ``fit`` and ``update`` detach their input: the buffers are fitted statistics, never part of an
       autograd graph (anomalib's would hold the graph, which also makes ``copy.deepcopy`` of the module
       fail). ``mahalanobis`` is differentiable with respect to the scored embedding.
@@ -190,28 +235,87 @@ class MultiVariateGaussian(DynamicBufferModule):
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         accumulate_dtype: torch.dtype = torch.float64,
         form: str = "dense",
+        storage: str = "dense",
     ) -> None:
         super().__init__()
         if check_form(form) != "dense":  # only a subclass that is not LowRankMultiVariateGaussian gets here
             raise ValueError(f"{type(self).__name__} has form='dense', got form={form!r}")
+        if _compact.check_storage(storage) != self._storage:  # likewise: a subclass of the other storage
+            raise ValueError(f"{type(self).__name__} has storage={self._storage!r}, got storage={storage!r}")
         self._configure(n_features, n_patches, chunk_bytes, accumulate_dtype)
         self.form = form
+        self.storage = storage
         self.ridge = check_ridge(ridge)
         if n_features is None:
             self.register_buffer("mean", torch.empty(0))
-            self.register_buffer("inv_covariance", torch.empty(0))
+            self._register_precision(torch.empty(0))
         else:
             n_features = check_positive_int(n_features, "n_features")
             n_patches = check_positive_int(n_patches, "n_patches")
             self.register_buffer("mean", torch.zeros(n_features, n_patches))
-            self.register_buffer("inv_covariance", torch.eye(n_features).repeat(n_patches, 1, 1))
+            self._register_precision(torch.eye(n_features).repeat(n_patches, 1, 1))
         self.reset()
 
-    def __new__(cls, *args: Any, form: str = "dense", **kwargs: Any) -> MultiVariateGaussian:
-        # The low-rank form is a class of its own (as in the core); choosing it is a constructor argument.
-        if cls is MultiVariateGaussian and check_form(form) == "low_rank":
-            cls = LowRankMultiVariateGaussian
+    #: How this class keeps its precision (``storage=``): anomalib's dense ``inv_covariance`` here.
+    _storage = "dense"
+
+    def __new__(cls, *args: Any, form: str = "dense", storage: str = "dense", **kwargs: Any) -> MultiVariateGaussian:
+        # The low-rank form and the packed storage are classes of their own (as the low-rank form in the core);
+        # choosing one is a constructor argument.
+        if cls is MultiVariateGaussian:
+            if check_form(form) == "low_rank":
+                cls = LowRankMultiVariateGaussian
+            elif _compact.check_storage(storage) == "packed":
+                cls = PackedMultiVariateGaussian
         return super().__new__(cls)
+
+    # ------------------------------------------------------------------ the precision's storage
+    # Every access to the precision buffer goes through these, so that the packed storage
+    # (PackedMultiVariateGaussian) overrides them and nothing else.
+    def _register_precision(self, precision: Tensor) -> None:
+        """Register the precision buffer, from a dense (P, C, C) stack (or an empty tensor)."""
+        self.register_buffer("inv_covariance", precision)
+
+    def _require_fitted(self) -> None:
+        if self.mean.ndim != 2 or self.inv_covariance.ndim != 3:
+            raise NotFittedError(
+                "this MultiVariateGaussian is not fitted yet; call fit(embedding), update(batch) and compute(), "
+                "or load a state dict first"
+            )
+
+    def _new_precision(self, patches: int, channels: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """An uninitialised precision store for ``patches`` patches of ``channels`` features."""
+        return torch.empty(patches, channels, channels, dtype=dtype, device=device)
+
+    def _store_bytes_per_patch(self, channels: int, work: torch.dtype, store: torch.dtype) -> int:
+        """Temporaries of :meth:`_put_precision` per patch (beyond the covariance and its factor)."""
+        return 0 if work == store else channels * channels * (torch.finfo(work).bits // 8)
+
+    def _put_precision(self, store: Tensor, p0: int, p1: int, covariance: Tensor, spatial: tuple[int, ...]) -> None:
+        """Write the precisions of the regularised covariances (p1 - p0, C, C) into patches p0:p1 of ``store``."""
+        target = store[p0:p1]
+        if covariance.dtype == target.dtype:
+            _precision_into(covariance, target, p0, spatial)
+        else:  # computed in the covariance's dtype, rounded once into the store's (float32 or a half module's)
+            target.copy_(_precision_into(covariance, torch.empty_like(covariance), p0, spatial))
+
+    def _set_fit(self, mean: Tensor, store: Tensor) -> list[Tensor]:
+        self.mean = mean
+        self.inv_covariance = store
+        return [self.mean, self.inv_covariance]
+
+    def _precision_reader(self, dtype: torch.dtype):
+        """``read(p0, p1)``: the dense precisions of patches p0:p1 in ``dtype`` (for scoring)."""
+        return lambda p0, p1: self.inv_covariance[p0:p1].to(dtype)
+
+    def _dense_precision(self, dtype: torch.dtype | None) -> Tensor:
+        """A dense (P, C, C) copy of the precision, in ``dtype`` (None: the buffer's)."""
+        return self.inv_covariance.detach().to(self.inv_covariance.dtype if dtype is None else dtype, copy=True)
+
+    def _packed_precision(self, dtype: torch.dtype | None) -> Tensor:
+        """The packed (P, C·(C+1)/2) precision in ``dtype`` (None: the buffer's), chunk by chunk."""
+        dense = self.inv_covariance.detach()
+        return _pack_chunks(dense, dense.dtype if dtype is None else dtype, self.chunk_bytes)
 
     def _configure(
         self, n_features: int | None, n_patches: int | None, chunk_bytes: int, accumulate_dtype: torch.dtype
@@ -253,9 +357,82 @@ class MultiVariateGaussian(DynamicBufferModule):
             # torch raises the collected messages whatever `strict` is: a half-loaded module is never left.
             error_msgs.append(refusal)
             return
+        # The other storage's precision entry (a packed triangle for a dense module, a dense stack for a packed
+        # one) is converted into this module's buffer, in the buffer's dtype and on its device.
+        own, other = ("inv_covariance", _compact.PACKED_KEY)
+        if self._storage == "packed":
+            own, other = other, own
+        converted = None
+        if self.form == "dense" and prefix + other in state_dict:
+            if prefix + own in state_dict:
+                error_msgs.append(
+                    f"{_entries(prefix)} hold both {prefix}{own} and {prefix}{other}: a checkpoint stores the "
+                    "precision once; drop one of them"
+                )
+                return
+            try:
+                converted = self._convert_precision(state_dict[prefix + other], state_dict.get(prefix + "mean"), prefix + other)
+            except (TypeError, ValueError) as exc:
+                error_msgs.append(str(exc))
+                return
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if converted is not None:
+            if prefix + own in missing_keys:
+                missing_keys.remove(prefix + own)
+            if prefix + other in unexpected_keys:
+                unexpected_keys.remove(prefix + other)
+            self._buffers[own] = converted
+
+    def _convert_precision(self, incoming: Any, mean: Any, key: str) -> Tensor:
+        """A packed checkpoint entry (P, C·(C+1)/2) unpacked into this module's buffer dtype and device."""
+        if not isinstance(incoming, Tensor):
+            raise TypeError(f"{key} must be a tensor, got {type(incoming).__name__}")
+        channels = _compact.packed_features(incoming, key)
+        _check_against_mean(key, channels, incoming.shape[0], mean)
+        buffer = self.inv_covariance
+        with torch.no_grad():
+            return _unpack_chunks(incoming.detach(), channels, buffer.dtype, buffer.device, self.chunk_bytes)
+
+    def compact_state_dict(self, format: str = "packed") -> dict[str, Tensor]:
+        """This fit's checkpoint with the precision in about half the bytes (or a quarter): ``mean`` plus one entry.
+
+        ``format``:
+
+        - ``"packed"``: ``inv_covariance_packed`` (H·W, C·(C+1)/2), the upper triangle of each precision row by
+          row (the core's packed layout), in the buffers' dtype: ``(C + 1)/(2C)`` of the dense bytes, restored
+          bit for bit (the precision is exactly symmetric);
+        - ``"float16"`` / ``"bfloat16"``: ``inv_covariance`` (H·W, C, C) rounded to that dtype: half the bytes
+          of float32, restored with one rounding per entry (relative ``2**-11`` / ``2**-8``, and float16's
+          subnormal spacing below 6.1e-5); float16 is refused (``ValueError``) where an entry would overflow
+          (beyond 65504: only with a ridge below about 1.5e-5);
+        - ``"packed_float16"`` / ``"packed_bfloat16"``: both, about a quarter of the float32 bytes.
+
+        ``mean`` (C, H·W) is a copy in the buffers' dtype (a C-th of the precision's size). A module of this
+        package loads every format with ``load_state_dict`` (``strict=True`` included): a packed entry is
+        unpacked into ``inv_covariance`` (or kept packed by ``storage="packed"``), a half one is cast to the
+        module's dtype by torch's copy. anomalib's own module loads the ``"float16"``/``"bfloat16"`` formats (same
+        key, cast on load), not the packed ones: load those into this module and save its ``state_dict()``.
+        The low-rank form is compact already and has no compact formats.
+
+        Raises
+        ------
+        ValueError
+            An unknown format name (the message lists the formats), or float16 overflow.
+        """
+        packed, dtype = _compact.check_compact_format(format)
+        self._require_fitted()
+        if packed:
+            key, precision = _compact.PACKED_KEY, self._packed_precision(dtype)
+        else:
+            key, precision = "inv_covariance", self._dense_precision(dtype)
+        if dtype == torch.float16 and not bool(torch.isfinite(precision).all()):
+            raise ValueError(
+                f"format={format!r}: the precision has entries beyond float16's range (|x| > 65504, ridge "
+                f"{self.ridge}); use format='bfloat16' or 'packed_bfloat16' (float32's range) or 'packed' (exact)"
+            )
+        return {"mean": self.mean.detach().clone(), key: precision}
 
     # ------------------------------------------------------------------ numpy.cov
     @staticmethod
@@ -320,7 +497,10 @@ class MultiVariateGaussian(DynamicBufferModule):
     def fit(self, embedding: Tensor) -> list[Tensor]:
         """Fit mean and precision per patch of ``embedding`` (B, C, H, W); returns ``[mean, inv_covariance]``.
 
-        Runs on the embedding's device, chunked over patches; the input is not modified.
+        Runs on the embedding's device, chunked over patches; the input is not modified. Computed in float32
+        (float64 if the module or the input is), stored as the dtype policy says (see the class notes: a
+        module cast to half precision keeps its dtype). Returns the buffers (with ``storage="packed"``:
+        ``[mean, inv_covariance_packed]``).
 
         Raises
         ------
@@ -331,22 +511,22 @@ class MultiVariateGaussian(DynamicBufferModule):
         # Clear errors for a bad rank and for B < 2 (anomalib silently returns NaN for one sample).
         batch, _, spatial = check_fit_shape(x.shape, name="embedding")
         dtype = working_dtype(self.mean.dtype, x.dtype)
+        store = storage_dtype(self.mean.dtype, x.dtype)
         vectors = _as_patches(x)  # (B, C, P), a view for contiguous input
         _, channels, patches = vectors.shape
         mean = vectors.mean(dim=0, dtype=dtype)
         _check_mean_finite(mean)
-        precision = torch.empty(patches, channels, channels, dtype=dtype, device=x.device)
+        precision = self._new_precision(patches, channels, store, x.device)
         ridge = torch.eye(channels, dtype=dtype, device=x.device).mul_(self.ridge)
-        per_patch = (batch * channels + channels * channels * 5) * precision.element_size()
+        itemsize = torch.finfo(dtype).bits // 8
+        per_patch = (batch * channels + channels * channels * 5) * itemsize + self._store_bytes_per_patch(channels, dtype, store)
         block = rows_per_chunk(per_patch, self.chunk_bytes, patches)
         for p0 in range(0, patches, block):
             p1 = min(p0 + block, patches)
             centred = _centred_patches(vectors[:, :, p0:p1], mean[:, p0:p1], dtype)
             covariance = torch.baddbmm(ridge, centred.mT, centred, alpha=1.0 / covariance_normalisation(batch, None, 1))
-            _precision_into(covariance, precision[p0:p1], p0, spatial)
-        self.mean = mean
-        self.inv_covariance = precision
-        return [self.mean, self.inv_covariance]
+            self._put_precision(precision, p0, p1, covariance, spatial)
+        return self._set_fit(mean.to(store), precision)
 
     def forward(self, embedding: Tensor) -> list[Tensor]:
         """Same as :meth:`fit` (anomalib's ``forward`` fits)."""
@@ -417,30 +597,29 @@ class MultiVariateGaussian(DynamicBufferModule):
             self._count, self._running_mean, self._running_m2, self._input_dtype == torch.float64
         )
         require_observations(count, name="compute: the stream", streamed=True, where="; call update() with more data")
-        dtype = working_dtype(self.mean.dtype, torch.float64 if wide_input else torch.float32)
+        store = storage_dtype(self.mean.dtype, torch.float64 if wide_input else torch.float32)
         patches, channels = m2.shape[0], m2.shape[1]
         spatial = self._spatial if len(self._spatial) and _prod(self._spatial) == patches else (patches,)
-        precision = torch.empty(patches, channels, channels, dtype=dtype, device=m2.device)
-        block = rows_per_chunk(channels * channels * 3 * m2.element_size(), self.chunk_bytes, patches)
+        precision = self._new_precision(patches, channels, store, m2.device)
+        per_patch = channels * channels * 3 * m2.element_size() + self._store_bytes_per_patch(channels, m2.dtype, store)
+        block = rows_per_chunk(per_patch, self.chunk_bytes, patches)
         for p0 in range(0, patches, block):
             p1 = min(p0 + block, patches)
             covariance = m2[p0:p1] / covariance_normalisation(count, None, 1)
             covariance.diagonal(dim1=-2, dim2=-1).add_(self.ridge)
-            if covariance.dtype == dtype:
-                _precision_into(covariance, precision[p0:p1], p0, spatial)
-            else:
-                precision[p0:p1] = _precision_into(covariance, torch.empty_like(covariance), p0, spatial)
+            self._put_precision(precision, p0, p1, covariance, spatial)
         # A copy: the running mean is updated in place by later update() calls, the buffer must not follow.
-        self.mean = mean.to(dtype, copy=True)
-        self.inv_covariance = precision
-        return [self.mean, self.inv_covariance]
+        return self._set_fit(mean.to(store, copy=True), precision)
 
     # ------------------------------------------------------------------ scoring
     def mahalanobis(self, embedding: Tensor) -> Tensor:
         """PaDiM's distance map ``sqrt(max(δᵀ Σ⁻¹ δ, 0))`` per patch → (B, H, W), batched on the module's device.
 
         Chunked over patches (an axis fixed by the buffers), so a ``torch.jit.trace`` at one batch size is
-        correct at every batch size.
+        correct at every batch size. Computed in float32 (float64 if the module or the input is), from
+        buffers upcast chunk by chunk; returned in the dtype of a float16/bfloat16 input (one rounding), so
+        that the layers after it (cast with the model by ``model.half()``) get what they expect, otherwise in
+        the working dtype.
 
         Examples
         --------
@@ -451,15 +630,12 @@ class MultiVariateGaussian(DynamicBufferModule):
         tensor([[[5.]]])
         """
         with static_shapes_while_tracing():
-            return self._mahalanobis(embedding)
+            distances = self._mahalanobis(embedding)
+        return distances.to(result_dtype(embedding.dtype, distances.dtype))
 
     def _mahalanobis(self, embedding: Tensor) -> Tensor:
         x = as_float_tensor(embedding, "embedding")
-        if self.mean.ndim != 2 or self.inv_covariance.ndim != 3:
-            raise NotFittedError(
-                "this MultiVariateGaussian is not fitted yet; call fit(embedding), update(batch) and compute(), "
-                "or load a state dict first"
-            )
+        self._require_fitted()
         channels, patches = self.mean.shape
         spatial = tuple(int(size) for size in x.shape[2:])
         check_patch_score_shape(tuple(x.shape), channels, patches)
@@ -469,6 +645,7 @@ class MultiVariateGaussian(DynamicBufferModule):
         rows = TRACE_PLANNING_ROWS if tracing else max(1, x.shape[0])  # batch is symbolic when tracing
         per_patch = rows * channels * 3 * torch.empty((), dtype=dtype).element_size()
         block = rows_per_chunk(per_patch + channels * channels * 4, self.chunk_bytes, patches)
+        precision = self._precision_reader(dtype)
         pieces = []
         for p0 in range(0, patches, block):
             p1 = min(p0 + block, patches)
@@ -476,10 +653,12 @@ class MultiVariateGaussian(DynamicBufferModule):
                 delta = (vectors[:, :, p0:p1].to(dtype) - self.mean[:, p0:p1].to(dtype)).permute(2, 0, 1)
             else:
                 delta = _centred_patches(vectors[:, :, p0:p1], self.mean[:, p0:p1].to(dtype), dtype)
-            weighted = torch.matmul(delta, self.inv_covariance[p0:p1].to(dtype))
+            weighted = torch.matmul(delta, precision(p0, p1))
             pieces.append((weighted * delta).sum(dim=-1))  # (p, B)
-        squared = torch.cat(pieces, dim=0).mT
-        return squared.clamp(min=0).sqrt().reshape((-1,) + spatial)
+        squared = torch.cat(pieces, dim=0)  # (P, B)
+        if tracing:  # not a reshape of the transposed (B, P): its contiguity test would fix a batch of 1
+            return squared.clamp(min=0).sqrt().reshape(spatial + (-1,)).movedim(-1, 0)
+        return squared.mT.clamp(min=0).sqrt().reshape((-1,) + spatial)
 
     def extra_repr(self) -> str:
         if self.mean.ndim == 2:
@@ -575,10 +754,16 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         accumulate_dtype: torch.dtype = torch.float64,
         form: str = "low_rank",
+        storage: str = "dense",
     ) -> None:
         DynamicBufferModule.__init__(self)  # not the dense __init__: its buffers are not this form's
         if check_form(form) != "low_rank":
             raise ValueError(f"LowRankMultiVariateGaussian has form='low_rank', got form={form!r}")
+        if _compact.check_storage(storage) != "dense":
+            raise ValueError(
+                "storage='packed' packs the dense form's precision (P, C, C); the low-rank form keeps no C×C "
+                f"matrix (its basis and eigenvalues are compact already): use form='dense' with it, got storage={storage!r}"
+            )
         if n_features is not None or n_patches is not None:
             raise ValueError(
                 "n_features and n_patches (anomalib 0.x's pre-sized buffers) apply to form='dense' only: the "
@@ -597,7 +782,8 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
 
     # ------------------------------------------------------------------ checkpoints
     def _foreign_checkpoint(self, state_dict: dict[str, Any], prefix: str) -> str | None:
-        if prefix + "inv_covariance" in state_dict and prefix + "basis" not in state_dict:
+        dense = prefix + "inv_covariance" in state_dict or prefix + _compact.PACKED_KEY in state_dict
+        if dense and prefix + "basis" not in state_dict:
             return (
                 f"{_entries(prefix)} hold a dense Gaussian ({prefix}mean, {prefix}inv_covariance), as anomalib "
                 "saves it: the low-rank form (basis, eigenvalues) cannot be recovered from a precision matrix "
@@ -628,6 +814,13 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
                 self.basis[p0:p1].to(_low_rank.FACTOR_DTYPE), self.eigenvalues[p0:p1].to(_low_rank.FACTOR_DTYPE), ridge
             )
         return {"mean": self.mean.detach().clone(), "inv_covariance": precision}
+
+    def compact_state_dict(self, format: str = "packed") -> dict[str, Tensor]:
+        """Not for the low-rank form: its state (``P·C·r`` numbers) is compact already; raises ``ValueError``."""
+        raise ValueError(
+            "compact_state_dict() stores the dense form's precision (P, C, C) in fewer bytes; the low-rank form is "
+            "compact already (P*C*r numbers, no C×C matrix): save its state_dict() (or dense_state_dict() for anomalib)"
+        )
 
     @property
     def log_det(self) -> Tensor:
@@ -682,7 +875,7 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
         """Fit the low-rank Gaussians of ``embedding`` (B, C, H, W); returns ``[mean, basis, eigenvalues, ridge]``.
 
         Computed in float64 on the embedding's device, chunked over patches; the buffers are stored in the
-        working dtype. The input is not modified.
+        working dtype (a module cast to half precision keeps its dtype). The input is not modified.
 
         Raises
         ------
@@ -693,7 +886,7 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
         """
         x = as_float_tensor(embedding, "embedding").detach()  # statistics, not a graph
         batch, _, spatial = check_fit_shape(x.shape, name="embedding")
-        dtype = working_dtype(self.mean.dtype, x.dtype)
+        dtype = storage_dtype(self.mean.dtype, x.dtype)  # computed in float64 (FACTOR_DTYPE), stored so
         vectors = _as_patches(x)
         mean = vectors.mean(dim=0, dtype=_low_rank.FACTOR_DTYPE)
         _check_mean_finite(mean)
@@ -760,7 +953,7 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
         require_observations(
             moments.count, name="compute: the stream", streamed=True, where="; call update() with more data"
         )
-        dtype = working_dtype(self.mean.dtype, torch.float64 if self._input_dtype == torch.float64 else torch.float32)
+        dtype = storage_dtype(self.mean.dtype, torch.float64 if self._input_dtype == torch.float64 else torch.float32)
         patches = moments.n_patches
         spatial = self._spatial if len(self._spatial) and _prod(self._spatial) == patches else (patches,)
         factor = moments.factor
@@ -792,8 +985,10 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
                 delta = _centred_patches(vectors[:, :, p0:p1], mean, dtype)
             basis, eigenvalues = self.basis[p0:p1].to(dtype), self.eigenvalues[p0:p1].to(dtype)
             pieces.append(_low_rank.squared_distances(delta, basis, eigenvalues, ridge))  # (p, B)
-        squared = torch.cat(pieces, dim=0).mT
-        return squared.clamp(min=0).sqrt().reshape((-1,) + spatial)
+        squared = torch.cat(pieces, dim=0)  # (P, B)
+        if tracing:  # not a reshape of the transposed (B, P): its contiguity test would fix a batch of 1
+            return squared.clamp(min=0).sqrt().reshape(spatial + (-1,)).movedim(-1, 0)
+        return squared.mT.clamp(min=0).sqrt().reshape((-1,) + spatial)
 
     def extra_repr(self) -> str:
         if self.basis.ndim == 3:
@@ -802,3 +997,144 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
                 f"rank={self.basis.shape[2]}, ridge={self._fit_ridge}"
             )
         return f"form='low_rank', not fitted, ridge={self._fit_ridge}"
+
+
+class PackedMultiVariateGaussian(MultiVariateGaussian):
+    """The dense per-patch Gaussians with the precision stored packed: ``MultiVariateGaussian(storage="packed")``.
+
+    Buffers (persistent): ``mean`` (C, H·W), as anomalib's, and ``inv_covariance_packed`` (H·W, C·(C+1)/2), the
+    upper triangle of each (exactly symmetric) precision row by row, the core's packed layout
+    (:mod:`anomstats._packed`): ``(C + 1)/(2C)`` of the bytes of anomalib's ``inv_covariance`` in checkpoints and
+    in exported graphs (C = 550, 64×64 patches: 2.48 GB instead of 4.96 GB in float32, under protobuf's 2 GiB
+    limit per tensor after a further ``.to(torch.bfloat16)``, 1.24 GB). Fitting, streaming, the dtype policy and
+    the numbers are the dense module's: the precision of each chunk of patches is computed as there and packed
+    (so a fit never holds the dense stack), and :meth:`mahalanobis` unpacks chunk by chunk, by one ``Gather``
+    with a constant index (traceable and exportable), then scores as the dense module does: the distances
+    are the dense module's bit for bit.
+
+    Checkpoints: ``state_dict()`` is ``compact_state_dict("packed")`` of a dense module, and loads into one; a
+    dense checkpoint (this package's or anomalib's ``mean``/``inv_covariance``) loads into this module with
+    ``strict=True`` and is packed on load (anomalib's explicit inverse is not exactly symmetric: its
+    symmetric part is kept). For code that reads ``inv_covariance`` (anomalib's PaDiM anomaly map), the
+    attribute unpacks the whole stack on each access (P·C² numbers, the dense size); assigning a (P, C, C)
+    stack to it packs it. :meth:`dense_state_dict` gives anomalib's checkpoint.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from anomstats_torch import MultiVariateGaussian
+    >>> g = torch.Generator().manual_seed(0)
+    >>> emb = torch.randn(50, 4, 3, 3, generator=g)
+    >>> packed = MultiVariateGaussian(storage="packed")
+    >>> _ = packed.fit(emb)
+    >>> {name: tuple(t.shape) for name, t in packed.state_dict().items()}
+    {'mean': (4, 9), 'inv_covariance_packed': (9, 10)}
+    >>> dense = MultiVariateGaussian()
+    >>> _ = dense.fit(emb)
+    >>> torch.equal(packed.mahalanobis(emb[:2]), dense.mahalanobis(emb[:2]))
+    True
+    """
+
+    mean: Tensor
+    inv_covariance_packed: Tensor
+    _storage = "packed"
+
+    def __init__(
+        self,
+        n_features: int | None = None,
+        n_patches: int | None = None,
+        *,
+        ridge: float = DEFAULT_RIDGE,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        accumulate_dtype: torch.dtype = torch.float64,
+        form: str = "dense",
+        storage: str = "packed",
+    ) -> None:
+        super().__init__(
+            n_features, n_patches, ridge=ridge, chunk_bytes=chunk_bytes, accumulate_dtype=accumulate_dtype,
+            form=form, storage=storage,
+        )
+
+    # ------------------------------------------------------------------ the precision's storage
+    def _register_precision(self, precision: Tensor) -> None:
+        packed = _compact.pack(precision) if precision.ndim == 3 else precision
+        self.register_buffer(_compact.PACKED_KEY, packed)
+
+    def _require_fitted(self) -> None:
+        if self.mean.ndim != 2 or self.inv_covariance_packed.ndim != 2:
+            raise NotFittedError(
+                "this MultiVariateGaussian(storage='packed') is not fitted yet; call fit(embedding), update(batch) "
+                "and compute(), or load a state dict first"
+            )
+
+    def _new_precision(self, patches: int, channels: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        return torch.empty(patches, packed_length(channels), dtype=dtype, device=device)
+
+    def _store_bytes_per_patch(self, channels: int, work: torch.dtype, store: torch.dtype) -> int:
+        # the chunk's dense precision, then its two gathered triangles (float32-wide at least)
+        return channels * channels * (torch.finfo(work).bits // 8) + channels * (channels + 1) * 8
+
+    def _put_precision(self, store: Tensor, p0: int, p1: int, covariance: Tensor, spatial: tuple[int, ...]) -> None:
+        dense = _precision_into(covariance, torch.empty_like(covariance), p0, spatial)
+        store[p0:p1] = _compact.pack(dense, store.dtype)  # exactly symmetric: its upper triangle, rounded once
+
+    def _set_fit(self, mean: Tensor, store: Tensor) -> list[Tensor]:
+        self.mean = mean
+        self.inv_covariance_packed = store
+        return [self.mean, self.inv_covariance_packed]
+
+    def _precision_reader(self, dtype: torch.dtype):
+        channels = self.mean.shape[0]
+        index = _compact.unpack_index(channels, self.inv_covariance_packed.device)  # once per call
+        return lambda p0, p1: _compact.unpack(self.inv_covariance_packed[p0:p1].to(dtype), channels, index)
+
+    def _dense_precision(self, dtype: torch.dtype | None) -> Tensor:
+        packed = self.inv_covariance_packed.detach()
+        channels = _compact.packed_features(packed, _compact.PACKED_KEY)
+        if dtype is None or dtype == packed.dtype:
+            return _compact.unpack(packed, channels)
+        return _unpack_chunks(packed, channels, dtype, packed.device, self.chunk_bytes)
+
+    def _packed_precision(self, dtype: torch.dtype | None) -> Tensor:
+        packed = self.inv_covariance_packed.detach()
+        return packed.to(packed.dtype if dtype is None else dtype, copy=True)
+
+    def _convert_precision(self, incoming: Any, mean: Any, key: str) -> Tensor:
+        """A dense checkpoint entry (P, C, C) packed (its symmetric part) into this module's buffer dtype and device."""
+        if not isinstance(incoming, Tensor):
+            raise TypeError(f"{key} must be a tensor, got {type(incoming).__name__}")
+        if incoming.ndim != 3 or incoming.shape[1] != incoming.shape[2]:
+            raise ValueError(f"{key} must be a stack of square matrices (H*W, C, C), got shape {tuple(incoming.shape)}")
+        _check_against_mean(key, incoming.shape[1], incoming.shape[0], mean)
+        buffer = self.inv_covariance_packed
+        with torch.no_grad():
+            return _pack_chunks(incoming.detach(), buffer.dtype, self.chunk_bytes).to(buffer.device)
+
+    # ------------------------------------------------------------------ anomalib's view
+    @property
+    def inv_covariance(self) -> Tensor:  # type: ignore[override]
+        """The dense precision (H·W, C, C), unpacked on each access (P·C² numbers), for code that reads it.
+
+        Before a fit: the empty buffer, as the dense module's ``inv_covariance`` (an error raised here would
+        reach the caller as torch's "has no attribute").
+        """
+        packed = self.inv_covariance_packed
+        if packed.ndim != 2 or self.mean.ndim != 2:
+            return packed
+        return _compact.unpack(packed, self.mean.shape[0])
+
+    @inv_covariance.setter
+    def inv_covariance(self, precision: Tensor) -> None:
+        """Assigning a dense stack (P, C, C) packs its symmetric part into ``inv_covariance_packed``."""
+        value = as_float_tensor(precision, "inv_covariance")
+        if value.ndim != 3 or value.shape[1] != value.shape[2]:
+            raise ValueError(f"inv_covariance must be a stack of square matrices (H*W, C, C), got shape {tuple(value.shape)}")
+        self.inv_covariance_packed = _pack_chunks(value.detach(), value.dtype, self.chunk_bytes)
+
+    def dense_state_dict(self) -> dict[str, Tensor]:
+        """anomalib's checkpoint of this fit, ``{"mean", "inv_covariance"}``, in the buffers' dtype (copies)."""
+        self._require_fitted()
+        return {"mean": self.mean.detach().clone(), "inv_covariance": self._dense_precision(None)}
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", storage='packed'"

@@ -50,6 +50,7 @@ from ._policy import (
     TRACE_PLANNING_ROWS,
     as_float_tensor,
     is_tracing,
+    result_dtype,
     rows_per_chunk,
     static_shapes_while_tracing,
     working_dtype,
@@ -225,8 +226,10 @@ class GaussianKDE(DynamicBufferModule):
       density itself is computed as anomalib does and, where the plain sum underflows, as
       ``exp(log_prob)`` (so it is 0 only where the true density is below the dtype's range).
     - dtype: computations run in float64 if the module or the input is float64, else in float32
-      (float16/bfloat16 are computed in float32); the result has that dtype. ``fit`` stores its buffers
-      in the same promoted dtype on the dataset's device (as anomalib assigns them).
+      (float16/bfloat16 inputs, and the buffers of a module cast by ``module.half()``, are computed in
+      float32); the result has that dtype, except that a float16/bfloat16 input gets its own dtype back (one
+      rounding), so the layers after the module get what they expect under ``model.half()``. ``fit`` stores
+      its buffers in the same promoted dtype on the dataset's device (as anomalib assigns them).
     - Clear errors for N <= D, non-finite and singular data (anomalib: a bare Cholesky error).
     - ``fit`` detaches its input: the buffers are fitted statistics, never part of an autograd graph
       (anomalib's would hold the graph, which makes ``copy.deepcopy`` of the module fail). ``forward``
@@ -424,6 +427,12 @@ class GaussianKDE(DynamicBufferModule):
     def forward(self, features: Tensor) -> Tensor:
         """Densities of ``features`` (M, D) → (M,), on the module's device.
 
+        Computed in float32 (float64 if the module or the input is), from buffers upcast for the computation
+        (also those of a module cast by ``module.half()``); returned in the dtype of a bfloat16 input (one
+        rounding), otherwise in the working dtype. A float16 input gets float32 densities: densities exceed
+        float16's range routinely (DFKDE's are ~1e9, float16 ends at 65504), so rounding would give inf;
+        :meth:`log_prob` returns float16 for it.
+
         Examples
         --------
         >>> import torch
@@ -433,10 +442,16 @@ class GaussianKDE(DynamicBufferModule):
         0.1943
         """
         with static_shapes_while_tracing():
-            return self._evaluate(features, log=False)
+            densities = self._evaluate(features, log=False)
+        if features.dtype == torch.float16:
+            # Densities routinely exceed float16's range (DFKDE's are ~1e9): rounding to float16 would give inf.
+            return densities
+        return densities.to(result_dtype(features.dtype, densities.dtype))
 
     def log_prob(self, features: Tensor) -> Tensor:
         """Log-densities of ``features`` (M, D) → (M,), by log-sum-exp (finite far from the data).
+
+        dtypes as :meth:`forward` (a float16 result is ``-inf`` below -65504).
 
         Examples
         --------
@@ -447,7 +462,24 @@ class GaussianKDE(DynamicBufferModule):
         -73432.1
         """
         with static_shapes_while_tracing():
-            return self._evaluate(features, log=True)
+            log_densities = self._evaluate(features, log=True)
+        return log_densities.to(result_dtype(features.dtype, log_densities.dtype))
+
+    def _log_norm(self) -> Tensor:
+        """log of the kernel normaliser ``norm`` (float64, 0-d).
+
+        From the ``norm`` buffer, except where a module cast to float16 could not hold it (DFKDE's
+        normalisers are ~1e9; float16 ends at 65504, so the cast gives inf): there it is derived from
+        ``bw_transform`` as anomalib defines ``norm``, ``prod(diag(L)) (2π)^(-D/2)``, in the log domain
+        (:func:`anomstats._rules.gaussian_log_normaliser`).
+        """
+        stored = torch.log(self.norm.to(torch.float64))
+        if self.norm.dtype != torch.float16:
+            return stored
+        diagonal = self.bw_transform.to(torch.float64).diagonal()
+        derived = gaussian_log_normaliser(diagonal.shape[0], -2.0 * torch.log(diagonal).sum())
+        # A tensor select, not a Python branch on the value: traced graphs keep both and choose at run time.
+        return torch.where(torch.isfinite(stored), stored, derived)
 
     def _check_query(self, features: Tensor) -> Tensor:
         if self.dataset.ndim != 2 or self.dataset.shape[0] == 0:
@@ -486,7 +518,7 @@ class GaussianKDE(DynamicBufferModule):
             ones_t = torch.ones_like(train[:, :1])
             lhs = torch.cat([queries, -0.5 * (queries * queries).sum(1, keepdim=True), ones_q], dim=1)
             rhs = torch.cat([train, ones_t, -0.5 * (train * train).sum(1, keepdim=True)], dim=1)
-        log_scale = torch.log(self.norm.to(dtype)) - math.log(n_train)
+        log_scale = (self._log_norm() - math.log(n_train)).to(dtype)
         # The fast path writes into a reused tile (out=...), which autograd refuses: when a gradient is
         # needed (queries or buffers that require grad) use the out-of-place streaming log-sum-exp.
         needs_grad = torch.is_grad_enabled() and (lhs.requires_grad or rhs.requires_grad)
@@ -536,7 +568,7 @@ class GaussianKDE(DynamicBufferModule):
         trusted = float(trusted_sum_floor(_numpy_dtype(lhs.dtype), n_train))  # n_train unit weights
         # The density's scale norm / n, formed in float64 and rounded once: exp(log_scale) would carry the
         # rounding of log_scale, eps·|log norm| relative (1.4e-6 in float32 when the normaliser is 1e10).
-        scale = (self.norm.to(torch.float64) / n_train).to(lhs.dtype)
+        scale = torch.exp(self._log_norm() - math.log(n_train)).to(lhs.dtype)
         floor = exp_floor(_numpy_dtype(lhs.dtype))
         if lhs.device.type == "cpu":
             # Cache-sized tiles, reused: ~3x faster than budget-sized blocks that spill out of cache.

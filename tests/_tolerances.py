@@ -768,3 +768,98 @@ def low_rank_evaluation_rtol(covariance, width: int, dtype=np.float64) -> float:
     c = spectra.shape[1]
     kappa = float(np.max(spectra[:, 0] / spectra[:, -1]))
     return TWO_SIDES * 0.5 * ((4 * math.sqrt(width) + 1) * (c + 2) + 2 * width) * eps(dtype) * math.sqrt(kappa)
+
+
+# --------------------------------------------------------------------------- half precision: outputs and buffers
+def rounding_bounds(dtype) -> tuple[float, float]:
+    """``(rtol, atol)`` of ONE rounding to ``dtype`` (round to nearest even), a value in its finite range.
+
+    ``rtol = eps / 2`` (the unit roundoff: 2**-11 for float16, 2**-8 for bfloat16) for normal numbers and
+    ``atol = tiny * eps / 2`` (half the spacing of the subnormals: 2**-25 for float16, 5e-41 for bfloat16)
+    below them. Values beyond the dtype's largest finite number round to inf: not covered (tests keep away).
+    """
+    e = eps(dtype)
+    return e / 2.0, _tiny(dtype) * e / 2.0
+
+
+def _rounding_of(values, dtype) -> np.ndarray:
+    """Entrywise bound on the rounding of ``values`` to ``dtype`` (``None``: not rounded, 0)."""
+    if dtype is None:
+        return np.zeros_like(np.asarray(values, dtype=np.float64))
+    u, eta = rounding_bounds(dtype)
+    return u * np.abs(np.asarray(values, dtype=np.float64)) + eta
+
+
+def cast_mahalanobis_atol(queries, mean, precision, *, mean_dtype=None, precision_dtype=None, work_dtype=np.float32):
+    """Absolute bound (B, P) on ``|d' - d|``: PaDiM distances from buffers rounded to half precision vs exact buffers.
+
+    ``queries`` (B, C, P), ``mean`` (C, P), ``precision`` (P, C, C): the unrounded (e.g. float32) buffers.
+    ``d`` is computed in ``work_dtype`` from them, ``d'`` in ``work_dtype`` from ``mean`` rounded to
+    ``mean_dtype`` and ``precision`` rounded to ``precision_dtype`` (``None``: that buffer is not rounded), each
+    entry off by ``|dm| <= m = u |mean| + eta`` and ``|dP| <= u |P| + eta`` (:func:`rounding_bounds`). With
+    ``a = |x - mean|`` entrywise, ``d'^2 - d^2 = -2 dm^T P delta + dm^T P dm + delta'^T dP delta'``, so
+    (exactly, not first order)::
+
+        |d'^2 - d^2| <= 2 m^T |P| a + m^T |P| m + (a + m)^T |dP| (a + m)              (buffers' rounding)
+                        + (c + 2) eps_w (a^T |P| a + (a + m)^T (|P| + |dP|) (a + m))  (each side's evaluation)
+
+    (the evaluation bound of :func:`mahalanobis_tolerances`, on each side, entrywise instead of through the
+    condition number). The square root turns a bound ``E`` on the squares into
+    ``|d' - d| <= min(sqrt(E), E / d_lo)`` with ``d_lo^2 = max(d^2 - E_eval, 0)`` the smallest square the
+    exact-buffer side can have computed, plus one rounding of each square root, ``eps_w d`` per side. ``d`` is
+    taken from a float64 evaluation (its own error, ``~1e-16`` relative, is far inside ``eps_w``).
+    """
+    x = np.asarray(queries, dtype=np.float64)
+    mu = np.asarray(mean, dtype=np.float64)
+    p = np.asarray(precision, dtype=np.float64)
+    c = x.shape[1]
+    delta = x - mu[None]  # (B, C, P)
+    a = np.abs(delta)
+    m = np.broadcast_to(_rounding_of(mu, mean_dtype), mu.shape)[None] if mean_dtype is not None else np.zeros_like(mu)[None]
+    pabs = np.abs(p)
+    dp = _rounding_of(p, precision_dtype) if precision_dtype is not None else np.zeros_like(p)
+    quad = lambda u, mat, v: np.einsum("bcp,pcd,bdp->bp", u, mat, v)  # noqa: E731
+    am = a + m
+    buffers = 2 * quad(np.broadcast_to(m, a.shape), pabs, a) + quad(np.broadcast_to(m, a.shape), pabs, np.broadcast_to(m, a.shape))
+    buffers = buffers + quad(am, dp, am)
+    ew = eps(work_dtype)
+    eval_exact = (c + 2) * ew * quad(a, pabs, a)
+    eval_cast = (c + 2) * ew * quad(am, pabs + dp, am)
+    total = buffers + eval_exact + eval_cast
+    d2 = np.maximum(quad(delta, p, delta), 0.0)
+    d = np.sqrt(d2)
+    d_lo = np.sqrt(np.maximum(d2 - eval_exact, 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        by_ratio = np.where(d_lo > 0, total / np.where(d_lo > 0, d_lo, 1.0), np.inf)
+    return np.minimum(np.sqrt(total), by_ratio) + 2 * ew * (d + np.sqrt(total))
+
+
+def cast_kde_log_atol(queries, centre, centred, bw_transform, norm, *, buffer_dtype, work_dtype=np.float32) -> np.ndarray:
+    """Bound (M,) on ``|log p' - log p|``: the adapter's KDE with its buffers rounded to ``buffer_dtype`` vs exact.
+
+    The module's own fit evaluates ``p = norm / n * sum_j exp(-|y - t_j|^2 / 2)`` with ``y = (f - centre) L``
+    and ``t_j`` the centred whitened data (``centred``); ``module.half()`` rounds ``centre``, ``L``
+    (``bw_transform``), every ``t_j`` and ``norm`` (:func:`rounding_bounds`: ``|dX| <= u |X| + eta``). Then
+    (exactly, triangle inequality) ``|y' - y| <= g = |dc| (|L| + |dL|) + |f - c| |dL|`` coordinatewise, and
+    each exponent moves by ``|de_j| <= b_j = |y - t_j| . (g + |dt_j|) + |g + |dt_j||^2 / 2``. The log of the
+    sum moves by at most ``log sum_j w_j exp(b_j)``, ``w_j`` the exact kernels' shares of the sum (Jensen's
+    bound is below it: rigorous, not first order), and ``log norm`` by ``-log(1 - u)``. Rounding in the
+    computations themselves (both sides, in ``work_dtype``) is added by the caller from :func:`kde_route_error`.
+    """
+    f = np.atleast_2d(np.asarray(queries, dtype=np.float64))
+    c = np.asarray(centre, dtype=np.float64)
+    t = np.asarray(centred, dtype=np.float64)
+    lw = np.asarray(bw_transform, dtype=np.float64)
+    u, _ = rounding_bounds(buffer_dtype)
+    dc, dl, dt = _rounding_of(c, buffer_dtype), _rounding_of(lw, buffer_dtype), _rounding_of(t, buffer_dtype)
+    y = (f - c) @ lw
+    g = dc @ (np.abs(lw) + dl) + np.abs(f - c) @ dl  # (M, D)
+    diff = np.abs(y[:, None, :] - t[None, :, :])  # (M, N, D)
+    shift = g[:, None, :] + dt[None, :, :]
+    b = (diff * shift).sum(-1) + 0.5 * (shift * shift).sum(-1)  # (M, N)
+    expo = -0.5 * ((y[:, None, :] - t[None, :, :]) ** 2).sum(-1)
+    top = expo.max(axis=1, keepdims=True)
+    weights = np.exp(expo - top)
+    weights /= weights.sum(axis=1, keepdims=True)
+    norm_term = -math.log1p(-u) if float(norm) != 0 else 0.0
+    return np.log((weights * np.exp(b)).sum(axis=1)) + norm_term

@@ -346,11 +346,16 @@ def test_half_input_is_computed_in_float32_and_float64_module_in_float64():
     x = torch.from_numpy(_data(200, 2, 1.0, seed=14))
     kde = GaussianKDE(x.float())
     q = x[:6].half()
-    assert kde(q).dtype == torch.float32 and kde(q.bfloat16()).dtype == torch.float32
-    # Exact (bound 0): half values are exactly representable in float32; the same float32 computation runs.
+    # Computed in float32 (issue 13): bfloat16 in, bfloat16 out; float16 queries get float32 densities
+    # (densities exceed float16's range in general) and float16 log-densities. See tests/test_torch_dtypes.py.
+    assert kde(q).dtype == torch.float32 and kde(q.bfloat16()).dtype == torch.bfloat16
+    assert kde.log_prob(q).dtype == torch.float16
+    # Exact (bound 0): half values are exactly representable in float32, so the same float32 computation runs.
     torch.testing.assert_close(kde(q), kde(q.float()), rtol=0, atol=0)
     double = GaussianKDE(x).double()
-    assert double.dataset.dtype == torch.float64 and double(q).dtype == torch.float64
+    assert double.dataset.dtype == torch.float64 and double(q.float()).dtype == torch.float64
+    assert double(q).dtype == torch.float64  # a float16 query of a float64 module: the working dtype
+    assert double.log_prob(q).dtype == torch.float16  # log-densities are returned in the input's half dtype
     assert GaussianKDE(x[:, :].half()).dataset.dtype == torch.float32
 
 
