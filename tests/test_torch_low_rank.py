@@ -25,6 +25,7 @@ from anomstats._low_rank import (  # noqa: E402
 from anomstats.gaussian import DEFAULT_RIDGE  # noqa: E402
 from anomstats_torch import MultiVariateGaussian  # noqa: E402
 from anomstats_torch.gaussian import LowRankMultiVariateGaussian  # noqa: E402
+from tests._export import PadimScore  # noqa: E402
 from tests._tolerances import (  # noqa: E402
     assert_close_each,
     covariance_backward_error,
@@ -215,17 +216,6 @@ def test_scoring_is_differentiable_with_respect_to_the_embedding():
 
 
 # --------------------------------------------------------------------------- trace, export, ONNX
-class PadimScore(torch.nn.Module):
-    """What a deployed PaDiM exports: the Mahalanobis map of a fitted Gaussian."""
-
-    def __init__(self, gaussian) -> None:
-        super().__init__()
-        self.gaussian = gaussian
-
-    def forward(self, embedding):
-        return self.gaussian.mahalanobis(embedding)
-
-
 def _fitted_for_export():
     g = torch.Generator().manual_seed(0)
     low = MultiVariateGaussian(form="low_rank")
