@@ -287,3 +287,29 @@ def test_cuda_device_without_cuda_is_refused(capsys):
         pytest.skip("CUDA is available here")
     assert main(["validate", "--quick", "--torch-device", "cuda"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["validate", "demo"])
+def test_seed_is_checked_before_anything_runs(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--seed", "-1"])
+    assert exit_info.value.code == 2
+    assert "--seed: must be a non-negative integer" in capsys.readouterr().err
+
+
+def test_unwritable_output_paths_fail_before_the_work(tmp_path, monkeypatch, capsys):
+    import anomstats.cli.validate as validate_module
+    import anomstats.cli.demo as demo_module
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the checks ran before the output path was checked")
+
+    monkeypatch.setattr(validate_module, "run_validation", must_not_run)
+    monkeypatch.setattr(demo_module, "run_demo", must_not_run)
+    missing = tmp_path / "no-such-folder" / "report.json"
+    assert main(["validate", "--quick", "--json", str(missing)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["validate", "--quick", "--json", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert main(["demo", "--quick", "--out", str(missing)]) == 2
+    assert "--out" in capsys.readouterr().err

@@ -18,6 +18,7 @@ Examples
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -26,9 +27,37 @@ from . import _optional
 __all__ = ["build_parser", "main"]
 
 
+def _seed(text: str) -> int:
+    """``--seed``: a non-negative integer (NumPy seeds its generators from those), checked before anything runs."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer (NumPy's seeds are), got {value}")
+    return value
+
+
+def _unwritable(path: str) -> str | None:
+    """Why ``path`` cannot be written, or None: checked before the work, not after it."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return "is a directory"
+    if not os.path.isdir(parent):
+        return f"its folder {parent} does not exist"
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return "is not writable"
+    if not os.access(parent, os.W_OK):
+        return f"its folder {parent} is not writable"
+    return None
+
+
 def _validate(args: argparse.Namespace) -> int:
     from .validate import format_table, run_validation, write_json
 
+    if args.json and _unwritable(args.json):
+        print(f"anomstats validate: error: --json {args.json}: {_unwritable(args.json)}", file=sys.stderr)
+        return 2
     if args.torch_device != "cpu" and not args.no_torch:
         problem = _torch_device_problem(args.torch_device)
         if problem:
@@ -71,6 +100,9 @@ def _torch_device_problem(device: str) -> str | None:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoError, run_demo
 
+    if _unwritable(args.out):
+        print(f"anomstats demo: error: --out {args.out}: {_unwritable(args.out)}", file=sys.stderr)
+        return 2
     try:
         run_demo(out=args.out, backend=args.backend, quick=args.quick, seed=args.seed)
     except DemoError as exc:
@@ -86,7 +118,7 @@ def _add_validate_parser(subparsers: argparse._SubParsersAction) -> None:
     val.add_argument("--quick", action="store_true", help="small problem sizes (a few seconds)")
     val.add_argument("--json", metavar="FILE", help="also write the rows to FILE as JSON")
     val.add_argument("--only", metavar="TEXT", help="run only the checks whose name or case contains TEXT")
-    val.add_argument("--seed", type=int, default=0, help="seed of the generated datasets (default 0)")
+    val.add_argument("--seed", type=_seed, default=0, help="seed of the generated datasets (default 0)")
     val.add_argument("--no-torch", action="store_true", help="skip the torch adapter's checks")
     val.add_argument(
         "--torch-device", default="cpu", metavar="DEVICE", help="device for the torch adapter's checks, e.g. cuda (default: cpu)"
@@ -105,7 +137,7 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
         help="torch adapter or NumPy core; auto uses torch when it is installed (default: %(default)s)",
     )
     demo.add_argument("--quick", action="store_true", help="fewer classes and images (a few seconds)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the splits and synthetic defects (default 0)")
+    demo.add_argument("--seed", type=_seed, default=0, help="seed of the splits and synthetic defects (default 0)")
     demo.set_defaults(func=_demo)
 
 
