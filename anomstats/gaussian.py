@@ -30,6 +30,7 @@ from ._patch_kernels import (
 from ._rules import DEFAULT_RIDGE, gaussian_log_normaliser
 from ._validation import (
     SHRINKAGE_METHODS,
+    check_bool,
     DTypeError,
     NotFittedError,
     check_dtype,
@@ -239,8 +240,8 @@ class MultiVariateGaussian:
         self.ridge = check_ridge(ridge)
         self.shrinkage = check_shrinkage(shrinkage)
         self.dtype = check_dtype(dtype)
-        self.store_covariance = bool(store_covariance)
-        self.low_memory = bool(low_memory)
+        self.store_covariance = check_bool(store_covariance, "store_covariance")
+        self.low_memory = check_bool(low_memory, "low_memory")
         if self.low_memory and self.shrinkage is not None:
             raise ValueError(
                 f"low_memory=True supports only the default estimator (shrinkage=None), got "
@@ -724,7 +725,7 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
     ) -> None:
         if check_form(form) != "low_rank":
             raise ValueError(f"LowRankMultiVariateGaussian has form='low_rank', got form={form!r}")
-        if shrinkage is not None or low_memory:
+        if shrinkage is not None or check_bool(low_memory, "low_memory"):
             raise ValueError(
                 "form='low_rank' supports neither shrinkage nor low_memory=True (it is already the lean form: "
                 f"its fitted and streamed state are P·C·r numbers); got shrinkage={shrinkage!r}, "

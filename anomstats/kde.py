@@ -567,7 +567,7 @@ class GaussianKDE:
         Raises
         ------
         ValueError
-            If ``mean`` or ``cov`` does not have dimension ``d``.
+            If ``mean`` or ``cov`` does not have dimension ``d``, or holds NaN or infinity.
         numpy.linalg.LinAlgError
             If ``covariance + cov`` is not positive definite.
 
@@ -584,6 +584,9 @@ class GaussianKDE:
             raise ValueError(f"mean does not have dimension {self.d}")
         if cov_.shape != (self.d, self.d):
             raise ValueError(f"covariance does not have dimension {self.d}")
+        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(cov_))):
+            # scipy raises here too (from its Cholesky); a NaN mean would otherwise give a NaN integral.
+            raise ValueError("mean and cov must contain only finite values (no NaN or infinity).")
         sum_cov = self.covariance + cov_
         # Gaussian convolution: each kernel times N(mean, cov) integrates to N(x_i; mean, covariance + cov).
         return self._gaussian_overlap(sum_cov, self.dataset, self.weights, mean[:, None], None)

@@ -384,3 +384,11 @@ def test_kernel_covariance_validation():
     product[0, 1] *= 1 + 2 * EPS
     checked = check_kernel_covariance(product, 2)
     assert checked[0, 1] == checked[1, 0] and not checked.flags.writeable
+
+
+def test_integrate_gaussian_refuses_non_finite_means():
+    # Issue 11, point 11: a NaN mean gave a NaN integral (scipy raises).
+    kde = GaussianKDE(_data(19, 2, 30))
+    for mean, cov_ in (([np.nan, 0.0], np.eye(2)), ([0.0, 0.0], [[np.inf, 0.0], [0.0, 1.0]])):
+        with pytest.raises(ValueError, match="finite"):
+            kde.integrate_gaussian(mean, cov_)

@@ -224,3 +224,13 @@ def test_no_advantage_warning_points_at_the_callers_line():
     with pytest.warns(UserWarning, match="no advantage") as caught:
         streamed.mahalanobis(many[:1])  # finalised at first use: still attributed to this line
     assert caught[0].filename == __file__
+
+
+@pytest.mark.parametrize("form", ["dense", "low_rank"])
+def test_boolean_options_refuse_truthy_non_bools(form):
+    # Issue 11, point 10: store_covariance="no" used to be taken as True.
+    with pytest.raises(TypeError, match="store_covariance must be True or False, got 'no'"):
+        MultiVariateGaussian(store_covariance="no", form=form)
+    with pytest.raises(TypeError, match="low_memory must be True or False, got 1"):
+        MultiVariateGaussian(low_memory=1, form=form)
+    assert MultiVariateGaussian(store_covariance=np.False_).store_covariance is False
