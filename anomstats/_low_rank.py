@@ -50,6 +50,7 @@ __all__ = [
     "variance_floor",
     "basis_of_factor",
     "eigenvalues_of",
+    "factor_chunk",
     "check_definite",
     "OUTSIDE_FRACTION",
     "squared_distances",
@@ -106,9 +107,12 @@ def no_advantage_message(n_observations: int, n_features: int) -> str:
     )
 
 
-def _as_factor_columns(flat: NDArray, start: int, stop: int,
-                       scratch: ThreadScratch | None = None) -> tuple[NDArray, NDArray]:
-    """Patches ``start:stop`` of ``flat`` (n, C, P) as float64 ``(mean (p, C), centred (p, C, n))``."""
+def factor_chunk(flat: NDArray, start: int, stop: int,
+                 scratch: ThreadScratch | None = None) -> tuple[NDArray, NDArray]:
+    """Means (p, C) and centred observations (p, C, n), float64, of patches ``start:stop`` of ``flat`` (n, C, P).
+
+    With ``scratch`` the centred block lives in this thread's reused buffer (valid until the next chunk).
+    """
     n, c, _ = flat.shape
     shape = (stop - start, c, n)
     block = np.empty(shape) if scratch is None else scratch.array(shape, np.dtype(np.float64), "factor")
@@ -284,7 +288,7 @@ class LowRankMoments:
 
     def update(self, flat: NDArray) -> LowRankMoments:
         """Fold a validated batch ``(n, C, P)`` (n >= 1) into the state; returns ``self``."""
-        mean, centred = _as_factor_columns(flat, 0, flat.shape[2])
+        mean, centred = factor_chunk(flat, 0, flat.shape[2])
         self._fold(flat.shape[0], mean, [centred])
         return self
 
@@ -323,12 +327,6 @@ class LowRankMoments:
     def centred_factor(self, start: int, stop: int) -> tuple[NDArray, NDArray]:
         """Means (p, C) and the joined scatter factors (p, C, k) of patches ``start:stop`` (a new array)."""
         return self.mean[start:stop], np.concatenate([block[start:stop] for block in self.blocks], axis=2)
-
-
-def factor_chunk(flat: NDArray, start: int, stop: int,
-                 scratch: ThreadScratch | None = None) -> tuple[NDArray, NDArray]:
-    """Means (p, C) and centred observations (p, C, n) of patches ``start:stop`` of ``flat`` (n, C, P)."""
-    return _as_factor_columns(flat, start, stop, scratch)
 
 
 #: The outside term ``|δ|² − |p|²`` is used where at least this fraction of ``|δ|²`` lies outside the basis:

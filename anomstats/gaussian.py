@@ -852,8 +852,8 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
             fit.mean[:, start:stop] = mean.T
             fit.basis[start:stop] = basis
             fit.eigenvalues[start:stop] = eigenvalues
-            with np.errstate(divide="ignore"):
-                log_ridge = (c - width) * math.log(self.ridge) if c > width else 0.0
+            # c > width only with a positive ridge (ridge 0 below full rank is refused above).
+            log_ridge = (c - width) * math.log(self.ridge) if c > width else 0.0
             fit.log_det[start:stop] = np.log(eigenvalues).sum(axis=1) + log_ridge
 
         run_chunks(run, chunks, self.workers)

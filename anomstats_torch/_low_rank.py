@@ -17,8 +17,8 @@ import math
 import torch
 from torch import Tensor
 
-from anomstats._low_rank import ORTHONORMAL_ENOUGH, low_rank_width, variance_floor
-from anomstats._rules import chan_merge_weights, covariance_normalisation
+from anomstats._low_rank import ORTHONORMAL_ENOUGH, eigenvalues_of, low_rank_width, variance_floor
+from anomstats._rules import chan_merge_weights
 
 from ._policy import rows_per_chunk
 
@@ -94,11 +94,6 @@ def basis_of_factor(factor: Tensor, width: int) -> tuple[Tensor, Tensor]:
     dropped = (~kept).sum(dim=1, keepdim=True)
     positions = torch.arange(width, device=f.device).unsqueeze(0)
     return basis, torch.where(positions >= width - dropped, torch.zeros_like(singular), singular)
-
-
-def eigenvalues_of(singular_values: Tensor, n_observations: int, ridge: float) -> Tensor:
-    """``λ = s²/(N − 1) + ρ`` (the core's normalisation, :func:`anomstats._rules.covariance_normalisation`)."""
-    return singular_values.square() / covariance_normalisation(n_observations, None, 1) + ridge
 
 
 def log_det_of(eigenvalues: Tensor, ridge: Tensor, n_features: int) -> Tensor:
