@@ -26,6 +26,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ._budget import plan_chunks
+from ._rules import numerically_singular_pivot
 from ._validation import describe_patch, require_finite
 from ._lapack import ScratchKernels
 from ._moment_kernels import gather
@@ -212,18 +213,6 @@ class PatchFinisher:
             f"{'below C·eps of its variance' if numerically else 'not positive'}) with ridge={est.ridge!r}"
             f"{'' if est.shrinkage is None else f' and shrinkage={est.shrinkage!r}'}; {hint}"
         )
-
-
-def numerically_singular_pivot(factor_diagonal: NDArray, variances: NDArray) -> int:
-    """1-based order of the first Cholesky pivot that is rounding noise, or 0 when there is none.
-
-    ``factor_diagonal`` is L's diagonal, ``variances`` the factored matrix's diagonal; pivot k is
-    numerically zero when ``L_kk² <= C·eps·A_kk`` (eps of the working dtype).
-    """
-    c = variances.shape[0]
-    tolerance = c * np.finfo(variances.dtype).eps
-    bad = np.square(factor_diagonal.astype(np.float64)) <= tolerance * variances.astype(np.float64)
-    return int(np.argmax(bad)) + 1 if bad.any() else 0
 
 
 #: A fit's chunks hold at most this many patches, so that a patch gathered is still in cache when it is used.

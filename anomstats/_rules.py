@@ -11,6 +11,7 @@ imports it as it is and re-implements only the tensor kernels that apply the num
   means and centred sums.
 * :func:`gaussian_log_normaliser`: ``log`` of a Gaussian's normalising constant.
 * :func:`exp_floor` and :func:`trusted_sum_floor`: the log-sum-exp fallback policy of kernel sums.
+* :func:`numerically_singular_pivot`: the rank test of a Cholesky factor (which pivots are rounding noise).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ __all__ = [
     "degrees_of_freedom",
     "exp_floor",
     "gaussian_log_normaliser",
+    "numerically_singular_pivot",
     "trusted_sum_floor",
 ]
 
@@ -194,3 +196,40 @@ def trusted_sum_floor(dtype: Any, total_weight: float = 1.0) -> Any:
     info = np.finfo(dtype)
     # In the dtype itself: a long double tiny is 0 as a Python float.
     return info.tiny * info.dtype.type(16.0 * math.e * float(total_weight)) / info.eps
+
+
+def numerically_singular_pivot(factor_diagonal: Any, variances: Any, eps_dtype: Any = None) -> int:
+    """1-based order of the first Cholesky pivot that is rounding noise, or 0 when there is none.
+
+    The library's rank test for a covariance ``A = L Lᵀ`` that must be definite (a KDE's data
+    covariance, an unregularised patch covariance). Pivot ``k`` counts as zero when
+    ``L_kk² <= n·eps·A_kk``: ``L_kk²`` is the share of feature ``k``'s variance not explained by the
+    earlier features, and a feature that is an exact linear combination of others leaves only rounding
+    there (a few ``eps·A_kk``). Like :func:`numpy.linalg.matrix_rank`'s ``S.max()·max(M, N)·eps``, the
+    tolerance comes from eps, the size and the data's own scale, so the verdict does not depend on
+    whether rounding happens to let the factorisation finish.
+
+    Parameters
+    ----------
+    factor_diagonal, variances : array_like, shape (n,)
+        ``L``'s diagonal and ``A``'s diagonal (NumPy arrays; the torch adapter passes ``.cpu().numpy()``
+        of these n numbers).
+    eps_dtype : dtype, optional
+        Whose eps: the dtype the *data* came in (float32 data rounded a combination of features to
+        float32, so its noise is float32's even when the covariance is accumulated in float64).
+        Defaults to ``variances``' dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> numerically_singular_pivot(np.array([1.0, 1e-9]), np.array([1.0, 1.0]))
+    2
+    >>> numerically_singular_pivot(np.array([1.0, 1e-3]), np.array([1.0, 1.0]))
+    0
+    """
+    diag = np.asarray(factor_diagonal, dtype=np.float64)
+    var = np.asarray(variances)
+    n = var.shape[0]
+    eps = np.finfo(var.dtype if eps_dtype is None else eps_dtype).eps
+    bad = np.square(diag) <= n * float(eps) * var.astype(np.float64)
+    return int(np.argmax(bad)) + 1 if bad.any() else 0
