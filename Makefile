@@ -23,7 +23,10 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m anomstats demo
 
-# Results, summary.md and plots go to benchmarks/results/; BENCH_ARGS=--quick is a smoke run (into results/quick/).
+# Results, summary.md (headline table first) and plots, the cost-growth plot included, go to benchmarks/results/;
+# a full run of every suite also rewrites the README's benchmark table (between its bench-table markers) and
+# fetches anomalib 2.7.0's wheel into .whl/ (no dependencies; its two stats modules are the torch peers).
+# BENCH_ARGS=--quick is a smoke run (into results/quick/, README untouched); BENCH_ARGS=--no-readme keeps the README.
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all $(BENCH_ARGS)

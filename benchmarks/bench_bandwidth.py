@@ -55,8 +55,8 @@ import numpy as np
 
 from anomstats import GaussianKDE, bandwidth
 from anomstats._parallel import resolve_workers
-from benchmarks import _common
-from benchmarks._common import machine_floor, print_header, write_rows
+from benchmarks import _common, _floor
+from benchmarks._common import headline, print_header, write_rows
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "bandwidth.json"
 
@@ -80,7 +80,7 @@ SM_QUICK_MAX_N = 2000
 #: In the full run a statsmodels case above SM_QUICK_MAX_N is run only if its estimated time is below this.
 SM_BUDGET_SECONDS = 600.0
 #: Sizes of the machine-floor measurements (quick mode: smaller, the same quantities).
-FULL_FLOOR: dict[str, int] = {}
+FULL_FLOOR: dict[str, int] = dict(_floor.FULL_SIZES)
 QUICK_FLOOR: dict[str, int] = {"exp_repeats": 3, "gemm_n": 600, "copy_mib": 32}
 #: Our LOO log-likelihood may fall below statsmodels' by this much (nats, mean over points) and still
 #: count as "not worse": both are evaluated by the same function, whose result is a mean of ~n logs
@@ -119,16 +119,16 @@ def eval_floor_seconds(n: int, d: int, floor: dict[str, Any]) -> tuple[float, fl
     """The machine's floor for one LOO evaluation: (exponential part, distance-product part), seconds.
 
     ``n**2`` exponentials at the measured one-thread rate, divided over the cores, and ``2 n**2 d``
-    flops (the cross products of the squared distances) at the measured ``dgemm`` rate.
+    flops (the cross products of the squared distances) at the measured ``dgemm`` rate: the KDE floor of
+    :func:`benchmarks._floor.loo_floor`, where all the floors are defined.
 
     Examples
     --------
     >>> eval_floor_seconds(1000, 4, {"exp_ns": 1.0, "cores": 2, "dgemm_gflops": 8.0})
     (0.0005, 0.001)
     """
-    exp_part = n * n * floor["exp_ns"] * 1e-9 / max(int(floor["cores"]), 1)
-    gemm_part = 2.0 * n * n * d / (floor["dgemm_gflops"] * 1e9)
-    return exp_part, gemm_part
+    floor_ = _floor.loo_floor(n, d, floor)
+    return floor_["exp_seconds"], floor_["gemm_seconds"]
 
 
 def best_time(fn: Callable[[], Any], repeats: int) -> tuple[float, float, Any]:
@@ -346,7 +346,7 @@ def main(quick: bool = False) -> dict[str, Any]:
     """Run the suite, print the tables, write ``benchmarks/results/bandwidth.json``; return a summary."""
     ns = QUICK_NS if quick else FULL_NS
     repeats = 2 if quick else 3
-    floor = machine_floor(**(QUICK_FLOOR if quick else FULL_FLOOR))
+    floor = _floor.measure(sizes=QUICK_FLOOR if quick else FULL_FLOOR)
     rows: list[dict[str, Any]] = []
     sm_fit = statsmodels_cv_ml()
     if sm_fit is not None:
@@ -359,11 +359,15 @@ def main(quick: bool = False) -> dict[str, Any]:
         rows += n_rows
         if t_sm is not None:
             last = (n, t_sm)
+    # The headline row: one evaluation at the largest n against its floor, next to the selection's ratio.
+    compared = [r for r in rows if r["library"] == OURS_BW and r.get("ratio")]
+    if compared:
+        best = compared[-1]
+        evaluation = next(r for r in rows if r["library"] == OURS_EVAL and r["size"] == best["size"])
+        evaluation.update(headline(f"bandwidth cv_ml: one LOO evaluation, {best['case']}",
+                                   peers=f"cv_ml_bandwidths {best['ratio']:.0f}x statsmodels cv_ml", order=600))
     # Last, so that the summary table's columns start with the comparison's fields, not the floor's.
-    rows.append({
-        "suite": SUITE_MACHINE, "case": "this machine", "library": "numpy exp, BLAS dgemm, memory copy",
-        "seconds": None, **floor,
-    })
+    rows.append(_floor.floor_row(floor))
     print(f"Bandwidth selection (LOO likelihood), float64, d={D} (ours best of {repeats}; statsmodels one run)")
     print_tables(rows, floor)
     write_rows(RESULTS_PATH, rows)

@@ -11,7 +11,10 @@ sums of products would visibly lose digits. Side by side in one process:
 - ``anomstats.batched_cov``: one call, result ``(56, 56, 100, 100)`` (with one worker, and default);
 - ``anomstats.RunningMoments``: the same data fed as 4 batches of 50 images, then ``covariance()``.
 
-Reported per row: best wall time over ``repeats`` round-robin rounds (after a warm-up), speed-up over each loop, the max
+Reported per row: best wall time over ``repeats`` round-robin rounds (after a warm-up of every contender, the
+loops included), the time as a multiple of the machine's floor measured in the same run (``x_floor``;
+:func:`benchmarks._floor.cov_floor`: ``P·B·C²`` flops at the ``dgemm`` rate plus the embedding read and the
+float64 result written at the copy bandwidth), speed-up over each loop, the max
 relative difference against the default loop (per patch: max |Δ| / max |reference|, then the max
 over patches), and the peak traced memory (``tracemalloc``, measured in a separate untimed run; it
 includes the 251 MB float64 result; both loops are traced with one BLAS thread, which allocates
@@ -33,7 +36,8 @@ from typing import Any
 import numpy as np
 
 from anomstats import RunningMoments, batched_cov
-from benchmarks._common import max_patch_rel_diff, one_blas_thread, peak_traced_mib, print_header, write_rows
+from benchmarks import _floor
+from benchmarks._common import headline, max_patch_rel_diff, one_blas_thread, peak_traced_mib, print_header, write_rows
 from benchmarks._common import make_embedding as _make_embedding
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "cov.json"
@@ -75,18 +79,22 @@ def main(quick: bool = False) -> dict[str, Any]:
     x = make_embedding(shape)
     case = f"float32 {shape} +{OFFSET:g}"
     patches = shape[2] * shape[3]
+    rates = _floor.measure(quick)
+    print(_floor.describe(rates), flush=True)
+    floor = _floor.cov_floor(shape[0], shape[1], patches, "float32", rates)
     print(f"Per-patch covariance, {case}: {patches} patches of {shape[0]} x {shape[1]}")
 
     contenders: list[tuple[str, Callable[[], np.ndarray], int]] = [
-        # The default loop runs once (~20-30 s on a busy 2-core machine); its result is the reference.
+        # The default loop runs once after its warm-up (~20-30 s each on a busy 2-core machine); its result is
+        # the reference.
         ("numpy.cov loop", lambda: numpy_loop(x), 1 if not quick else repeats),
         ("numpy.cov loop, 1 BLAS thread", lambda: numpy_loop_one_blas_thread(x), repeats),
         ("anomstats.batched_cov, workers=1", lambda: batched_cov(x, workers=1), repeats),
         ("anomstats.batched_cov", lambda: batched_cov(x), repeats),
         ("anomstats.RunningMoments, 4 updates", lambda: running_moments(x), repeats),
     ]
-    for _, fn, _ in contenders[2:]:
-        fn()  # warm-up (the loops warm up on their own first patches)
+    for _, fn, _ in contenders:
+        fn()  # warm-up, every contender (issue 12: peers too)
     # Round robin, best of the rounds: a change in the machine's load hits every contender alike.
     timings = {library: float("inf") for library, _, _ in contenders}
     diffs: dict[str, float] = {}
@@ -116,6 +124,7 @@ def main(quick: bool = False) -> dict[str, Any]:
                 "case": case,
                 "library": library,
                 "seconds": timings[library],
+                "x_floor": _floor.x_floor(timings[library], floor),
                 "ratio": loop_time / timings[library],
                 "ratio_vs_one_thread_loop": loop1_time / timings[library],
                 "max_rel_diff": diffs[library],
@@ -124,21 +133,25 @@ def main(quick: bool = False) -> dict[str, Any]:
             }
         )
 
-    header = f"{'library':38} {'seconds':>9} {'x loop':>8} {'x loop(1t)':>10} {'max rel diff':>13} {'peak MiB':>9}"
+    header = (f"{'library':38} {'seconds':>9} {'x floor':>7} {'x loop':>8} {'x loop(1t)':>10} {'max rel diff':>13} "
+              f"{'peak MiB':>9}")
     print_header(header)
     for row in rows:
         print(
-            f"{row['library']:38} {row['seconds']:9.3f} {row['ratio']:8.2f} "
+            f"{row['library']:38} {row['seconds']:9.3f} {row['x_floor']:7.2f} {row['ratio']:8.2f} "
             f"{row['ratio_vs_one_thread_loop']:10.2f} {row['max_rel_diff']:13.2e} {row['peak_mib']:9.1f}"
         )
+    ours = next(r for r in rows if r["library"] == "anomstats.batched_cov")
+    ours.update(headline(f"batched_cov float32 {shape}", peers=f"{ours['ratio']:.1f}x numpy.cov loop "
+                         f"({ours['ratio_vs_one_thread_loop']:.1f}x with 1 BLAS thread)", order=200))
+    rows.append(_floor.floor_row(rates))
     write_rows(RESULTS_PATH, rows)
     print(f"wrote {RESULTS_PATH}")
-    ours = next(r for r in rows if r["library"] == "anomstats.batched_cov")
     return {
         "rows": rows,
         "speedup": ours["ratio"],
         "speedup_vs_one_thread_loop": ours["ratio_vs_one_thread_loop"],
-        "max_rel_diff": max(r["max_rel_diff"] for r in rows),
+        "max_rel_diff": max(r["max_rel_diff"] for r in rows if "max_rel_diff" in r),
     }
 
 

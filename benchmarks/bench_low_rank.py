@@ -12,13 +12,13 @@
       the *first* fit in a fresh process (``first_call_seconds``, the best of 3 fresh processes: what a
       user feels; thread pools and the page faults of new stacks). Target: the low-rank fit >= 4x faster
       than each dense fit (best against best);
-    - **machine floor**: :func:`benchmarks._common.machine_floor` (BLAS ``dgemm`` GFLOP/s and the memory
-      copy rate, measured in the same run). The low-rank fit does about ``P·(4·C·N² + 8·N³)`` flops
-      (a thin SVD of each patch's centred ``C×N`` block, QR then the ``N×N`` SVD: a nominal count, whatever
-      route the core takes to the same basis), the dense one
-      ``P·(N·C² + C³/3 + 2·C³/3)`` (``syrk``, ``potrf``, ``potri``). Its floor is the larger of those
-      flops at the ``dgemm`` rate and the bytes read and written (float32 input, fitted state) at the copy
-      rate; ``x_floor`` is the best time over that floor;
+    - **machine floor**: :func:`benchmarks._floor.measure` (BLAS ``dgemm`` GFLOP/s and the memory
+      copy rate, measured in the same run; the flop counts live in :mod:`benchmarks._floor`). The low-rank
+      fit does about ``P·(4·C·N² + 8·N³)`` flops (a thin SVD of each patch's centred ``C×N`` block, QR then
+      the ``N×N`` SVD: a nominal count, whatever route the core takes to the same basis), the dense one
+      ``P·(N·C² + C³/3 + 2·C³/3)`` (``syrk``, ``potrf``, ``potri``). Its floor is those flops at the
+      ``dgemm`` rate plus the bytes read and written (float32 input, fitted state) at the copy rate (issue
+      12's definition, the same for every suite); ``x_floor`` is the best time over that floor;
     - **memory**: the fitted state's bytes and the fit's peak traced memory (``tracemalloc``, a separate
       untimed run; the embedding is allocated before tracing starts), each over ONE dense float64
       ``(P, C, C)`` stack (``8·P·C²`` bytes). Target: both <= 0.3;
@@ -52,10 +52,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
-import subprocess
 import sys
 import time
 import warnings
@@ -65,9 +62,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from benchmarks import _floor
 from benchmarks._common import (
     best_time,
-    machine_floor,
+    first_call,
+    headline,
     make_embedding,
     max_patch_rel_diff,
     peak_traced_bytes,
@@ -91,8 +90,8 @@ SUITE_STREAM = "partial_fit stream + first use, float32, batches of 20"
 SUITE_STREAM_ACCURACY = "stream accuracy"
 SUITE_MACHINE = "machine floor"
 
-DENSE = "anomstats dense MultiVariateGaussian()"
-DENSE_LEAN = "anomstats dense, store_covariance=False"
+DENSE = "anomstats dense, store_covariance=True"
+DENSE_LEAN = "anomstats dense MultiVariateGaussian() (lean default)"
 LOW = "anomstats form='low_rank'"
 LOW32 = "anomstats form='low_rank', dtype=float32"
 LOW_PRECISION = "anomstats form='low_rank', .precision materialised"
@@ -101,8 +100,8 @@ STREAM_LOW = "anomstats form='low_rank', dtype=float32"
 
 #: Constructor keywords of each fit contender (also passed to the fresh-process workers).
 FIT_CONFIGS: dict[str, dict[str, Any]] = {
-    DENSE: {},
-    DENSE_LEAN: {"store_covariance": False},
+    DENSE: {"store_covariance": True},
+    DENSE_LEAN: {},
     LOW: {"form": "low_rank"},
     LOW32: {"form": "low_rank", "dtype": "float32"},
 }
@@ -115,7 +114,7 @@ FULL = {
     "fit_shape": (100, 550, 16, 16), "n_test": 32, "rounds": 7, "first_calls": 3, "score_rounds": 15,
     "stream": {"channels": 550, "height": 64, "width": 64, "batch": 20, "images": (100, 300)},
     "accuracy": {"channels": 550, "height": 4, "width": 4, "batch": 20, "images": 100},
-    "floor": {},
+    "floor": dict(_floor.FULL_SIZES),
 }
 QUICK = {
     "fit_shape": (12, 40, 4, 4), "n_test": 4, "rounds": 2, "first_calls": 1, "score_rounds": 2,
@@ -150,7 +149,8 @@ def state_bytes(model: Any) -> int:
 
 
 def fit_flops(form: str, n: int, c: int, p: int) -> float:
-    """Flops of a fit: low-rank ``P·(4CN² + 8N³)``; dense ``P·(NC² + C³/3 + 2C³/3)``.
+    """Flops of a fit: low-rank ``P·(4CN² + 8N³)``; dense ``P·(NC² + C³/3 + 2C³/3)`` (the counts of
+    :mod:`benchmarks._floor`, where every workload's floor is defined).
 
     Examples
     --------
@@ -158,19 +158,19 @@ def fit_flops(form: str, n: int, c: int, p: int) -> float:
     (96000.0, 2200000.0)
     """
     if form == "low_rank":
-        return float(p * (4 * c * n * n + 8 * n**3))
-    return float(p * (n * c * c + c**3 / 3 + 2 * c**3 / 3))
+        return _floor.low_rank_fit_flops(n, c, p)
+    return _floor.fit_flops(n, c, p)
 
 
 def floor_seconds(flops: float, bytes_moved: float, floor: dict[str, Any]) -> tuple[float, float]:
-    """(flops at the ``dgemm`` rate, bytes read + written at the copy rate), seconds.
+    """(flops at the ``dgemm`` rate, bytes read + written at the copy rate), seconds; the floor is their sum.
 
     Examples
     --------
     >>> floor_seconds(2e9, 4e9, {"dgemm_gflops": 10.0, "copy_gbps": 8.0})
     (0.2, 0.5)
     """
-    return flops / (floor["dgemm_gflops"] * 1e9), bytes_moved / (floor["copy_gbps"] * 1e9)
+    return _floor.gemm_seconds(flops, "float64", floor), _floor.byte_seconds(bytes_moved, floor)
 
 
 def dense_stack_bytes(c: int, p: int) -> int:
@@ -181,57 +181,36 @@ def dense_stack_bytes(c: int, p: int) -> int:
 # --------------------------------------------------------------------------------------------- workers
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def fit_worker(config: dict[str, Any], shape: Sequence[int]) -> dict[str, Any]:
-    """The first fit in this (fresh) process: seconds of ``build(config).fit(x)``, imports excluded."""
-    import anomstats  # noqa: F401 - the import is not part of the first call
-
+def first_fit_work(config: dict[str, Any], shape: Sequence[int]) -> Callable[[], None]:
+    """Factory for :func:`benchmarks._common.first_call`: the embedding and the model, then one fit."""
     x = make_embedding(tuple(shape), offset=OFFSET)
     model = build(config)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # quick sizes may reach N - 1 >= C
-        start = time.perf_counter()
-        model.fit(x)
-        seconds = time.perf_counter() - start
-    return {"first_call_seconds": seconds, "peak_rss_bytes": _peak_rss_bytes()}
+
+    def fit() -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # quick sizes may reach N - 1 >= C
+            model.fit(x)
+    return fit
 
 
-def stream_worker(config: dict[str, Any], channels: int, height: int, width: int, images: int,
-                  batch: int) -> dict[str, Any]:
-    """Stream generated batches through ``partial_fit``, then read ``log_det`` (the first use)."""
+def stream_work(config: dict[str, Any], channels: int, height: int, width: int, images: int,
+                batch: int) -> Callable[[], dict[str, Any]]:
+    """Factory for :func:`benchmarks._common.first_call`: stream generated batches through ``partial_fit``,
+    then read ``log_det`` (the first use, which finalises the fit)."""
     from benchmarks.bench_padim_memory import generate_batches
 
-    import anomstats  # noqa: F401
-
-    baseline = _peak_rss_bytes()
     model = build(config)
-    start = time.perf_counter()
-    for x in generate_batches(images, batch, channels, height, width):
-        model.partial_fit(x)
-    streamed = time.perf_counter()
-    log_det = model.log_det  # finalises the fit
-    done = time.perf_counter()
-    return {
-        "seconds": done - start,
-        "stream_seconds": streamed - start,
-        "finalise_seconds": done - streamed,
-        "peak_rss_bytes": _peak_rss_bytes(),
-        "baseline_rss_bytes": baseline,
-        "state_bytes": state_bytes(model),
-        "log_det_finite": bool(np.isfinite(log_det).all()),
-    }
 
-
-def run_worker(kind: str, payload: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-    """Run a worker in a fresh interpreter; returns its JSON result."""
-    cmd = [sys.executable, "-m", "benchmarks.bench_low_rank", "--worker", kind, "--payload", json.dumps(payload)]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
-    if proc.returncode != 0:
-        raise RuntimeError(f"{kind} worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    def work() -> dict[str, Any]:
+        start = time.perf_counter()
+        for x in generate_batches(images, batch, channels, height, width):
+            model.partial_fit(x)
+        streamed = time.perf_counter()
+        log_det = model.log_det  # finalises the fit
+        done = time.perf_counter()
+        return {"stream_seconds": streamed - start, "finalise_seconds": done - streamed,
+                "state_bytes": state_bytes(model), "log_det_finite": bool(np.isfinite(log_det).all())}
+    return work
 
 
 # --------------------------------------------------------------------------------------------- (a) fit
@@ -275,8 +254,8 @@ def fit_rows(shape: tuple[int, int, int, int], rounds: int, first_calls: int,
     rows: list[dict[str, Any]] = []
     for library, config in FIT_CONFIGS.items():
         form = config.get("form", "dense")
-        firsts = [run_worker("fit", {"config": config, "shape": list(shape)})["first_call_seconds"]
-                  for _ in range(first_calls)]
+        firsts = first_call("benchmarks.bench_low_rank:first_fit_work", {"config": config, "shape": list(shape)},
+                            runs=first_calls)["runs"]
         kept = state_bytes(models[library])
         peak = peak_traced_bytes(fits[library])
         flops = fit_flops(form, n, c, p)
@@ -286,8 +265,8 @@ def fit_rows(shape: tuple[int, int, int, int], rounds: int, first_calls: int,
             "suite": SUITE_FIT, "case": case, "library": library, "seconds": wall,
             "median_seconds": timings[library]["median"], "cpu_seconds": timings[library]["cpu"],
             "first_call_seconds": min(firsts), "first_call_runs": firsts,
-            "gflop": flops / 1e9, "floor_seconds": max(flop_s, byte_s),
-            "floor_flop_seconds": flop_s, "floor_byte_seconds": byte_s, "x_floor": wall / max(flop_s, byte_s),
+            "gflop": flops / 1e9, "floor_seconds": flop_s + byte_s,
+            "floor_flop_seconds": flop_s, "floor_byte_seconds": byte_s, "x_floor": wall / (flop_s + byte_s),
             "state_bytes": kept, "state_over_dense_stack": kept / unit,
             "peak_traced_bytes": peak, "peak_over_dense_stack": peak / unit, "size": n * c * p,
         })
@@ -319,6 +298,10 @@ def fit_rows(shape: tuple[int, int, int, int], rounds: int, first_calls: int,
                                        and row["speedup_vs_dense_lean"] >= FIT_SPEED_TARGET)
             row["memory_target_met"] = (row["state_over_dense_stack"] <= MEMORY_TARGET
                                         and row["peak_over_dense_stack"] <= MEMORY_TARGET)
+            row.update(headline(f"low-rank MVG fit float32 {shape} (N < C)", order=500,
+                                peers=f"{row['speedup_vs_dense']:.1f}x the dense default fit, "
+                                      f"{row['speedup_vs_dense_lean']:.1f}x store_covariance=False; state "
+                                      f"{row['state_over_dense_stack']:.2f} of one dense float64 stack"))
             row["met"] = row["speed_target_met"] and row["memory_target_met"]
         elif row["library"] == LOW32:
             row.update(max_rel_diff=low32_precision_diff)
@@ -338,8 +321,8 @@ def fit_rows(shape: tuple[int, int, int, int], rounds: int, first_calls: int,
               f"{_f(r.get('state_over_dense_stack'), '11.3f')} {_f(r.get('peak_over_dense_stack'), '10.3f')} "
               f"{_f(r.get('max_rel_diff'), '8.1e')}")
     print(f"(x dense / x lean: the dense default's / store_covariance=False's best time over this row's; 1st: the "
-          f"same for the first call in a fresh process; x floor: best time / max(flops at "
-          f"{floor['dgemm_gflops']:.1f} GFLOP/s, bytes at {floor['copy_gbps']:.1f} GB/s); stack = one dense "
+          f"same for the first call in a fresh process; x floor: best time / (flops at "
+          f"{floor['dgemm_gflops']:.1f} GFLOP/s + bytes at {floor['copy_gbps']:.1f} GB/s); stack = one dense "
           "float64 (P, C, C) stack; rel diff: precision, per patch, against the dense fit's)")
     return rows, {"dense": models[DENSE_LEAN], "low": low}
 
@@ -350,18 +333,19 @@ def _f(value: Any, spec: str) -> str:
 
 
 def score_flops_bytes(form: str, m: int, c: int, r: int, p: int, query_itemsize: int) -> tuple[float, float]:
-    """Flops and bytes of scoring ``m`` queries: dense ``2mC²`` flops and the precision read per patch,
-    low-rank ``4mCr`` flops and the basis read; plus the queries read (both).
+    """Flops and bytes of scoring ``m`` queries (:func:`benchmarks._floor.score_floor`, float64 state): dense
+    ``2mC²`` flops and the precision read per patch, low-rank ``4mCr`` flops and the basis read; plus the
+    queries read (both).
 
     Examples
     --------
     >>> score_flops_bytes("dense", 2, 10, 3, 1, 4), score_flops_bytes("low_rank", 2, 10, 3, 1, 4)
     ((400.0, 880.0), (240.0, 320.0))
     """
-    queries = m * c * p * query_itemsize
-    if form == "low_rank":
-        return float(4 * m * c * r * p), float(8 * p * c * r + queries)
-    return float(2 * m * c * c * p), float(8 * p * c * c + queries)
+    rates = {"dgemm_gflops": 1.0, "sgemm_gflops": 1.0, "copy_gbps": 1.0}  # only the counts are used
+    floor = _floor.score_floor(m, c, p, f"float{8 * query_itemsize}", rates, precision_dtype="float64",
+                               rank=r if form == "low_rank" else None)
+    return floor["flops"], floor["bytes"]
 
 
 # --------------------------------------------------------------------------------------------- (a) scoring
@@ -383,7 +367,7 @@ def score_rows(shape: tuple[int, int, int, int], n_test: int, rounds: int, dense
     for library, timing in timings.items():
         form = "low_rank" if library == LOW else "dense"
         flops, moved = score_flops_bytes(form, n_test, c, min(n - 1, c), h * w, test.itemsize)
-        floor_s = max(floor_seconds(flops, moved, floor))
+        floor_s = sum(floor_seconds(flops, moved, floor))
         rows.append({"suite": SUITE_SCORE, "case": case, "library": library, "seconds": timing["best"],
                      "median_seconds": timing["median"], "cpu_seconds": timing["cpu"],
                      "throughput_patch_samples_per_s": units / timing["best"], "gflop": flops / 1e9,
@@ -426,7 +410,11 @@ def stream_rows(channels: int, height: int, width: int, batch: int, images: Sequ
                 print(f"  streaming {case}: {library} ...", flush=True)
             payload = {"config": config, "channels": channels, "height": height, "width": width,
                        "images": n, "batch": batch}
-            found[library] = result = run_worker("stream", payload)
+            out = first_call("benchmarks.bench_low_rank:stream_work", payload)
+            facts = out["result"]
+            found[library] = result = {"seconds": facts["stream_seconds"] + facts["finalise_seconds"], **facts,
+                                       "peak_rss_bytes": out["peak_rss_bytes"],
+                                       "baseline_rss_bytes": out["baseline_rss_bytes"]}
             rows.append({
                 "suite": SUITE_STREAM, "case": case, "library": library, **result,
                 "peak_rss_over_dense_stack": result["peak_rss_bytes"] / unit,
@@ -502,10 +490,9 @@ def main(quick: bool = False) -> dict[str, Any]:
     """Run the suite, print the tables, write ``benchmarks/results/low_rank.json``; return a summary."""
     sizes = QUICK if quick else FULL
     load_start = os.getloadavg()
-    floor = machine_floor(**sizes["floor"])
+    floor = _floor.measure(sizes=sizes["floor"])
     print(f"Exact low-rank per-patch Gaussians against the dense fit{' [quick]' if quick else ''}")
-    print(f"machine floor: dgemm {floor['dgemm_gflops']:.1f} GFLOP/s, copy {floor['copy_gbps']:.1f} GB/s "
-          f"(read + write), {floor['cores']} core(s)")
+    print(_floor.describe(floor))
     rows, models = fit_rows(sizes["fit_shape"], sizes["rounds"], sizes["first_calls"], floor)
     rows += score_rows(sizes["fit_shape"], sizes["n_test"], sizes["score_rounds"], models["dense"], models["low"],
                        floor)
@@ -517,9 +504,8 @@ def main(quick: bool = False) -> dict[str, Any]:
           f"{'' if quick else ' (minutes each)'}", flush=True)
     rows += stream_rows(**stream, progress=True)
     # The load average (other processes on this shared machine) and the core sources measured.
-    rows.append({"suite": SUITE_MACHINE, "case": "this machine", "library": "BLAS dgemm, memory copy",
-                 "seconds": None, **floor, "load_average_start": list(load_start),
-                 "load_average_end": list(os.getloadavg()), "core_sources": core_sources()})
+    rows.append(_floor.floor_row(floor, load_average_start=list(load_start), load_average_end=list(os.getloadavg()),
+                                 core_sources=core_sources()))
     write_rows(RESULTS_PATH, rows)
     print(f"\nwrote {RESULTS_PATH}")
     ours = [r for r in rows if "met" in r]
@@ -542,17 +528,8 @@ def main(quick: bool = False) -> dict[str, Any]:
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes; finishes in seconds")
-    parser.add_argument("--worker", choices=["fit", "stream"], help=argparse.SUPPRESS)
-    parser.add_argument("--payload", default="{}", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    arguments = _parse(sys.argv[1:])
-    if arguments.worker == "fit":
-        payload = json.loads(arguments.payload)
-        print(json.dumps(fit_worker(payload["config"], payload["shape"])))
-    elif arguments.worker == "stream":
-        print(json.dumps(stream_worker(**json.loads(arguments.payload))))
-    else:
-        main(quick=arguments.quick)
+    main(quick=_parse(sys.argv[1:]).quick)

@@ -1,38 +1,50 @@
-"""PaDiM's largest fit from a stream: peak RSS of ``MultiVariateGaussian(low_memory=True)`` vs anomalib's.
+"""PaDiM's largest fit from a stream: peak RSS and time, ours (NumPy core and torch adapter) vs anomalib's.
 
-Three parts, each measurement in a fresh subprocess so its peak RSS (``resource.getrusage``'s
-``ru_maxrss``) belongs to that fit alone:
+Every measurement runs in a fresh subprocess (:func:`benchmarks._common.first_call`), so its peak RSS
+(``resource.getrusage``'s ``ru_maxrss``, the whole process: interpreter, imports, one batch and the fit)
+belongs to that fit alone. The embeddings are generated on the fly in batches (float32, from a seeded RNG);
+``seconds`` is the time spent in the library (updates plus the final compute / first read), the generation
+excluded (``total_seconds`` includes it). Parts:
 
-(a) ``--full``: wide_resnet50_2 at 256 px, C = 550, 64×64 = 4096 patches, 300 images generated on the
-    fly in batches of 20 from a seeded RNG (float32), streamed through the public
-    ``MultiVariateGaussian(low_memory=True, dtype=numpy.float32).partial_fit`` (the packed accumulator:
-    float64 accumulation, float32 precision written in place), then ``.precision`` read. Target: peak RSS ≤ 16 GB. (Needs ~6 GB; not
-    run by default because the machine is shared.)
-(b) side by side at C = 550, 32×32 (1024 patches), same stream: ours vs a faithful NumPy
-    re-implementation of anomalib's fit (all embeddings stacked; per-patch covariance in float32 +
-    0.01·I into a (C, C, P) stack; + 1e-5·I (a second stack); a contiguous (P, C, C) copy and its
-    float32 inverse). Target: ours ≤ half of anomalib's peak.
+(a) **PaDiM-550** (issue 12), wide_resnet50_2 at 256 px: C = 550, 64×64 = 4096 patches, 300 images in
+    batches of 20, streamed through
+
+    - ``anomstats_torch.MultiVariateGaussian().update`` per batch, then ``compute()`` (CPU, under
+      ``torch.inference_mode``): target peak RSS <= 7 GB and <= 45 s;
+    - the core's default ``anomstats.MultiVariateGaussian().partial_fit`` per batch, then a first read of
+      ``precision`` / ``log_det``: target <= 45 s (its peak RSS is reported);
+    - the core's ``MultiVariateGaussian(low_memory=True, dtype=float32)`` likewise (the lean streaming mode).
+
+    Each row gives its floor (:func:`benchmarks._floor.fit_floor`: ``syrk`` + ``potrf`` + ``potri`` flops
+    at the ``dgemm`` rate plus the embeddings read and the precision written at the copy bandwidth, measured
+    in the same run) and ``x_floor``. A child that runs out of memory (its address space is limited to the
+    machine's physical memory, so it fails with ``MemoryError`` instead of calling in the OOM killer) is a
+    row with ``error`` and no time. Run by default (several minutes and up to ~15 GB); ``--no-550`` skips
+    it; at quick sizes only with ``stream=True`` (tests).
+(b) side by side at C = 550, 32×32 (1024 patches), same stream: ours (``low_memory=True, dtype=float32``)
+    vs a faithful NumPy re-implementation of anomalib's fit (all embeddings stacked; per-patch covariance in
+    float32 + 0.01·I into a (C, C, P) stack; + 1e-5·I (a second stack); a contiguous (P, C, C) copy and its
+    float32 inverse). Target: ours <= half of anomalib's peak.
 (c) accuracy, in process, at C = 550 and 2×2 patches (300 images): relative max error of the float32
     precision against a float64 one-shot ``numpy.cov`` + ridge + ``numpy.linalg.inv`` per patch, for
     ours with float64 and float32 accumulation and for the anomalib re-implementation.
 
 Usage::
 
-    python -m benchmarks.bench_padim_memory            # (b) and (c)
-    python -m benchmarks.bench_padim_memory --full     # (a), (b) and (c)
-    python -m benchmarks.bench_padim_memory --quick    # tiny sizes, seconds
+    python -m benchmarks.bench_padim_memory            # (a), (b) and (c)
+    python -m benchmarks.bench_padim_memory --no-550   # (b) and (c)
+    python -m benchmarks.bench_padim_memory --quick    # tiny sizes, seconds ((b) and (c))
 
 The embeddings are ``|N(0, 1)|`` plus a shared low-rank component (ReLU-like, correlated channels);
-the generator is the same in every process, so both fits see the same data.
+the generator is the same in every process, so all fits see the same data.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +52,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 from scipy.linalg import lapack
+
+from benchmarks import _floor
+from benchmarks._common import first_call, headline, target
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "padim_memory.json"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -134,50 +149,136 @@ def fit_float64_reference(emb: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------- workers
 
+#: The streamed contenders measured in fresh processes: name -> how the work is built (see ``stream_work``).
+STREAMERS = {
+    "anomstats_torch update/compute": "torch",
+    "anomstats MultiVariateGaussian() partial_fit": "core",
+    "anomstats low_memory=True float32 partial_fit": "ours",
+    "anomalib (numpy)": "anomalib",
+}
+#: Issue 12's PaDiM-550 targets.
+RSS_TARGET_BYTES, SECONDS_TARGET = 7e9, 45.0
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+def stream_work(kind: str, channels: int, height: int, width: int, images: int, batch: int,
+                seed: int = 0) -> Any:
+    """Factory for :func:`benchmarks._common.first_call`: the library imported and the model built (untimed);
+    the work streams the generated batches and finalises, timing the library apart from the generation.
+
+    ``kind``: ``"torch"`` (``anomstats_torch.MultiVariateGaussian`` update/compute), ``"core"`` (the core's
+    default ``partial_fit``, then ``precision`` and ``log_det`` read), ``"ours"`` (``low_memory=True,
+    dtype=float32``) or ``"anomalib"`` (:func:`fit_anomalib`, all batches stacked).
+    """
+    if kind == "torch":
+        import torch
+
+        import anomstats_torch
+
+        model = anomstats_torch.MultiVariateGaussian()
+    elif kind in ("core", "ours"):
+        import anomstats
+
+        model = anomstats.MultiVariateGaussian(**({"low_memory": True, "dtype": np.float32} if kind == "ours" else {}))
+    elif kind != "anomalib":
+        raise ValueError(f"unknown stream kind {kind!r}")
+
+    def work() -> dict[str, Any]:
+        batches = generate_batches(images, batch, channels, height, width, seed)
+        generating = fitting = 0.0
+        if kind == "anomalib":
+            made = []
+            for x in _timed_iter(batches):
+                made.append(x)
+            generating = _timed_iter.seconds
+            start = time.perf_counter()
+            mean, prec = fit_anomalib(iter(made))
+            fitting = time.perf_counter() - start
+        else:
+            context = torch.inference_mode() if kind == "torch" else contextlib.nullcontext()
+            with context:
+                for x in _timed_iter(batches):
+                    start = time.perf_counter()
+                    if kind == "torch":
+                        model.update(torch.from_numpy(x))
+                    else:
+                        model.partial_fit(x)
+                    fitting += time.perf_counter() - start
+                generating = _timed_iter.seconds
+                start = time.perf_counter()
+                if kind == "torch":
+                    mean, prec = model.compute()
+                    prec = prec.numpy()
+                else:
+                    prec = model.precision  # the first read finalises the fit
+                    _ = model.log_det
+                fitting += time.perf_counter() - start
+        return {
+            "fit_seconds": fitting,
+            "generate_seconds": generating,
+            "precision_shape": list(prec.shape),
+            "precision_dtype": str(prec.dtype).replace("torch.", ""),
+            "precision_finite": bool(np.isfinite(np.asarray(prec[:: max(1, prec.shape[0] // 16)])).all()),
+        }
+
+    return work
 
 
-def worker(args: argparse.Namespace) -> dict[str, Any]:
-    """One measurement (runs in its own process): fit from generated batches, report peak RSS."""
-    import anomstats._packed  # noqa: F401 - import cost belongs to the baseline
+class _TimedIter:
+    """Iterate a generator, adding the time spent producing its items to :attr:`seconds`."""
 
-    baseline = _peak_rss_bytes()
-    batches = generate_batches(args.images, args.batch, args.channels, args.height, args.width, args.seed)
-    start = time.perf_counter()
-    if args.worker == "anomalib":
-        mean, prec = fit_anomalib(batches)
-    else:
-        mean, prec = fit_ours(batches)
-    seconds = time.perf_counter() - start
-    return {
-        "seconds": seconds,
-        "peak_rss_bytes": _peak_rss_bytes(),
-        "baseline_rss_bytes": baseline,
-        "precision_shape": list(prec.shape),
-        "precision_dtype": str(prec.dtype),
-        "precision_finite": bool(np.isfinite(prec[:: max(1, prec.shape[0] // 16)]).all()),
-    }
+    seconds = 0.0
+
+    def __call__(self, iterable: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        self.seconds = 0.0
+        iterator = iter(iterable)
+        while True:
+            start = time.perf_counter()
+            item = next(iterator, None)
+            self.seconds += time.perf_counter() - start
+            if item is None:
+                return
+            yield item
+
+
+_timed_iter = _TimedIter()
+
+
+def _physical_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return None
 
 
 def measure(library: str, channels: int, height: int, width: int, images: int, batch: int,
             blas_threads: int | None = None, timeout: float | None = None) -> dict[str, Any]:
-    cmd = [
-        sys.executable, "-m", "benchmarks.bench_padim_memory", "--worker", library,
-        "--channels", str(channels), "--height", str(height), "--width", str(width),
-        "--images", str(images), "--batch", str(batch),
-    ]
-    env = dict(os.environ)
+    """One streamed fit in a fresh process: seconds (library only), total seconds, peak and baseline RSS.
+
+    ``library``: a key of :data:`STREAMERS` (or its kind). A failed child (e.g. out of memory) gives
+    ``{"seconds": None, "error": ...}``.
+    """
+    env = {}
     if blas_threads is not None:
-        # Same limit for both libraries; on an oversubscribed machine threaded BLAS spends most of
+        # Same limit for every library; on an oversubscribed machine threaded BLAS spends most of
         # its time waiting for its own threads on these small per-patch products.
         for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[name] = str(blas_threads)
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{library} worker failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    kind = STREAMERS.get(library, library)
+    out = first_call("benchmarks.bench_padim_memory:stream_work",
+                     {"kind": kind, "channels": channels, "height": height, "width": width, "images": images,
+                      "batch": batch},
+                     timeout=timeout, env=env, memory_limit_bytes=_physical_memory_bytes(), raise_on_error=False)
+    if out.get("seconds") is None:
+        return {"seconds": None, "error": out["error"]}
+    facts = out["result"]
+    return {
+        "seconds": facts["fit_seconds"],
+        "total_seconds": out["seconds"],
+        "generate_seconds": facts["generate_seconds"],
+        "peak_rss_bytes": out["peak_rss_bytes"],
+        "baseline_rss_bytes": out["baseline_rss_bytes"],
+        **{k: facts[k] for k in ("precision_shape", "precision_dtype", "precision_finite")},
+    }
 
 
 # --------------------------------------------------------------------------------------------- suite
@@ -224,63 +325,112 @@ def accuracy_rows(channels: int, height: int, width: int, images: int, batch: in
     return rows
 
 
-def main(quick: bool = False, full: bool = False, blas_threads: int | None = None) -> dict[str, Any]:
-    """Run the suite; write ``benchmarks/results/padim_memory.json``; return a summary dict."""
+def stream_550_rows(size: dict[str, int], rates: dict[str, Any], blas_threads: int | None,
+                    timeout: float | None) -> list[dict[str, Any]]:
+    """Part (a): the torch adapter, the core's default and its low-memory mode, each streamed in a fresh process."""
+    c, h, w, n, b = size["channels"], size["height"], size["width"], size["images"], size["batch"]
+    case = f"PaDiM-{c}: C={c} {h}x{w} N={n} B={b}, streamed"
+    rows = []
+    for order, library in enumerate(["anomstats_torch update/compute", "anomstats MultiVariateGaussian() partial_fit",
+                                     "anomstats low_memory=True float32 partial_fit"]):
+        print(f"  {library} ...", flush=True)
+        result = measure(library, blas_threads=blas_threads, timeout=timeout, **size)
+        out_dtype = result.get("precision_dtype", "float64")
+        floor = _floor.fit_floor(n, c, h * w, "float32", rates, out_dtype=out_dtype)
+        row = {"suite": "padim-550 stream", "case": case, "library": library, **result,
+               "x_floor": _floor.x_floor(result["seconds"], floor), "floor_seconds": floor["seconds"],
+               "blas_threads": blas_threads or "default", "size": c**2 * h * w * n}
+        checks = [target("time", result["seconds"], "<=", SECONDS_TARGET, unit=" s")]
+        if library.startswith("anomstats_torch"):
+            checks.insert(0, target("peak RSS", None if result["seconds"] is None else result["peak_rss_bytes"] / 1e9,
+                                    "<=", RSS_TARGET_BYTES / 1e9, unit=" GB"))
+            label = f"PaDiM-{c} ({h}×{w}, {n} images in batches of {b}) streamed through the torch adapter, CPU"
+        elif "MultiVariateGaussian()" in library:
+            label = f"PaDiM-{c} ({h}×{w}, {n} images in batches of {b}) streamed through the core's default partial_fit"
+        else:
+            label = None
+        if label:
+            row.update(headline(label, checks, order=400 + order))
+            row["headline_value"] = (f"error: {result['error']}" if result["seconds"] is None else
+                                     f"{result['seconds']:.1f} s, {result['peak_rss_bytes'] / 1e9:.1f} GB peak RSS")
+        else:
+            row["targets"] = ""
+        rows.append(row)
+    return rows
+
+
+def main(quick: bool = False, full: bool = True, blas_threads: int | None = None, stream: bool | None = None,
+         timeout: float | None = 1200.0) -> dict[str, Any]:
+    """Run the suite; write ``benchmarks/results/padim_memory.json``; return a summary dict.
+
+    ``full`` (default True) runs part (a), PaDiM-550 streamed, in full runs; ``stream`` forces it on or off
+    (at quick sizes it is off unless ``stream=True``).
+    """
     if quick:
+        stream_size = dict(channels=16, height=8, width=8, images=40, batch=10)
         shared = dict(channels=16, height=4, width=4, images=40, batch=10)
         accuracy = dict(channels=16, height=2, width=2, images=40, batch=10)
     else:
+        stream_size = dict(channels=550, height=64, width=64, images=300, batch=20)
         shared = dict(channels=550, height=32, width=32, images=300, batch=20)
         accuracy = dict(channels=550, height=2, width=2, images=300, batch=20)
+    run_stream = (full and not quick) if stream is None else stream
+    rates = _floor.measure(quick)
+    print(_floor.describe(rates), flush=True)
     rows: list[dict[str, Any]] = []
-    sizes = [("shared", shared)]
-    if full and not quick:
-        sizes.insert(0, ("full", dict(channels=550, height=64, width=64, images=300, batch=20)))
-    for label, size in sizes:
-        case = f"{label}: C={size['channels']} {size['height']}x{size['width']} N={size['images']} B={size['batch']}"
-        estimate = _state_estimate(size["channels"], size["height"] * size["width"], size["images"], size["batch"])
-        libraries = ["anomstats"] if label == "full" else ["anomstats", "anomalib (numpy)"]
-        found = {}
-        for library in libraries:
-            result = measure("ours" if library == "anomstats" else "anomalib", blas_threads=blas_threads, **size)
-            found[library] = result
-            rows.append({"suite": SUITE, "case": case, "library": library, "seconds": result["seconds"],
-                         "peak_rss_bytes": result["peak_rss_bytes"],
-                         "baseline_rss_bytes": result["baseline_rss_bytes"],
-                         "blas_threads": blas_threads or "default",
-                         "estimate_bytes": estimate["ours_bytes_estimate" if library == "anomstats"
-                                                    else "anomalib_bytes_estimate"],
-                         "size": size["channels"] ** 2 * size["height"] * size["width"] * size["images"]})
-        if "anomalib (numpy)" in found:
-            ratio = found["anomstats"]["peak_rss_bytes"] / found["anomalib (numpy)"]["peak_rss_bytes"]
-            for row in rows[-2:]:
-                row["peak_ratio_ours_over_anomalib"] = ratio
-                row["time_ratio_anomalib_over_ours"] = (
-                    found["anomalib (numpy)"]["seconds"] / found["anomstats"]["seconds"]
-                )
-        else:
-            rows[-1]["meets_16GB_target"] = found["anomstats"]["peak_rss_bytes"] <= 16e9
+    if run_stream:
+        print(f"\n(a) streamed fits, C={stream_size['channels']} {stream_size['height']}x{stream_size['width']}, "
+              f"{stream_size['images']} images in batches of {stream_size['batch']} (fresh process each)", flush=True)
+        rows += stream_550_rows(stream_size, rates, blas_threads, timeout)
+    size = shared
+    case = f"shared: C={size['channels']} {size['height']}x{size['width']} N={size['images']} B={size['batch']}"
+    estimate = _state_estimate(size["channels"], size["height"] * size["width"], size["images"], size["batch"])
+    found = {}
+    for library in ["anomstats", "anomalib (numpy)"]:
+        result = measure("ours" if library == "anomstats" else "anomalib", blas_threads=blas_threads,
+                         timeout=timeout, **size)
+        if result["seconds"] is None:
+            raise RuntimeError(f"{library} at {case} failed: {result['error']}")
+        found[library] = result
+        rows.append({"suite": SUITE, "case": case, "library": library, "seconds": result["seconds"],
+                     "total_seconds": result["total_seconds"], "peak_rss_bytes": result["peak_rss_bytes"],
+                     "baseline_rss_bytes": result["baseline_rss_bytes"], "blas_threads": blas_threads or "default",
+                     "estimate_bytes": estimate["ours_bytes_estimate" if library == "anomstats"
+                                                else "anomalib_bytes_estimate"],
+                     "size": size["channels"] ** 2 * size["height"] * size["width"] * size["images"]})
+    ratio = found["anomstats"]["peak_rss_bytes"] / found["anomalib (numpy)"]["peak_rss_bytes"]
+    for row in rows[-2:]:
+        row["peak_ratio_ours_over_anomalib"] = ratio
+        row["time_ratio_anomalib_over_ours"] = found["anomalib (numpy)"]["seconds"] / found["anomstats"]["seconds"]
     rows.extend(accuracy_rows(**accuracy))
 
     print(f"\nPaDiM fit from a stream: peak RSS (fresh process each) and accuracy{' [quick]' if quick else ''}")
-    print(f"{'case':<42} {'library':<26} {'seconds':>8} {'peak RSS':>11} {'estimate':>11} {'ratio':>6}")
+    print(f"{'case':<44} {'library':<46} {'seconds':>8} {'x floor':>7} {'peak RSS':>11} {'estimate':>11} {'ratio':>6}")
     for row in rows:
-        if "peak_rss_bytes" in row:
+        if "peak_rss_bytes" in row or "error" in row:
             ratio = row.get("peak_ratio_ours_over_anomalib")
-            print(f"{row['case']:<42} {row['library']:<26} {row['seconds']:8.2f} {_gb(row['peak_rss_bytes'])} "
-                  f"{_gb(row['estimate_bytes'])} {'' if ratio is None else f'{ratio:6.2f}'}")
+            secs = "  failed" if row["seconds"] is None else f"{row['seconds']:8.2f}"
+            xf = f"{row['x_floor']:7.1f}" if row.get("x_floor") else " " * 7
+            rss = _gb(row["peak_rss_bytes"]) if "peak_rss_bytes" in row else " " * 11
+            est = _gb(row["estimate_bytes"]) if "estimate_bytes" in row else " " * 11
+            print(f"{row['case']:<44} {row['library']:<46} {secs} {xf} {rss} {est} "
+                  f"{'' if ratio is None else f'{ratio:6.2f}'}")
+            if "error" in row:
+                print(f"    {row['error']}")
+    for row in rows:
+        if row.get("headline"):
+            print(f"target {row['headline']}: {row['targets']} -> {'met' if row['met'] else 'NOT met'}")
     for row in rows if not quick else []:  # at quick sizes the interpreter's baseline dominates
-        if "meets_16GB_target" in row:
-            print(f"target: full-size peak <= 16 GB: {'met' if row['meets_16GB_target'] else 'NOT met'}")
         if row.get("library") == "anomstats" and "peak_ratio_ours_over_anomalib" in row:
             ok = row["peak_ratio_ours_over_anomalib"] <= 0.5
             print(f"target: peak <= half of anomalib's at the shared size: {'met' if ok else 'NOT met'} "
                   f"({row['peak_ratio_ours_over_anomalib']:.2f})")
-    print(f"\n{'case':<42} {'library':<26} {'seconds':>8} {'max rel err':>12} {'asymmetry':>10}")
+    print(f"\n{'case':<44} {'library':<46} {'seconds':>8} {'max rel err':>12} {'asymmetry':>10}")
     for row in rows:
         if "max_rel_error_vs_float64" in row:
-            print(f"{row['case']:<42} {row['library']:<26} {row['seconds']:8.2f} "
+            print(f"{row['case']:<44} {row['library']:<46} {row['seconds']:8.2f} "
                   f"{row['max_rel_error_vs_float64']:12.2e} {row['max_asymmetry']:10.2e}")
+    rows.append(_floor.floor_row(rates))
     RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_PATH.write_text(json.dumps(rows, indent=2))
     return {"rows": rows}
@@ -289,22 +439,14 @@ def main(quick: bool = False, full: bool = False, blas_threads: int | None = Non
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds)")
-    parser.add_argument("--full", action="store_true", help="also run the full C=550, 64x64 fit (~6 GB)")
+    parser.add_argument("--no-550", action="store_true",
+                        help="skip part (a), PaDiM-550 streamed at 64x64 (minutes, up to ~15 GB)")
+    parser.add_argument("--full", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
     parser.add_argument("--blas-threads", type=int, default=None,
                         help="BLAS threads in the measured processes (default: the environment's)")
-    parser.add_argument("--worker", choices=["ours", "anomalib"], help=argparse.SUPPRESS)
-    parser.add_argument("--channels", type=int, default=550, help=argparse.SUPPRESS)
-    parser.add_argument("--height", type=int, default=32, help=argparse.SUPPRESS)
-    parser.add_argument("--width", type=int, default=32, help=argparse.SUPPRESS)
-    parser.add_argument("--images", type=int, default=300, help=argparse.SUPPRESS)
-    parser.add_argument("--batch", type=int, default=20, help=argparse.SUPPRESS)
-    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
     arguments = _parse(sys.argv[1:])
-    if arguments.worker:
-        print(json.dumps(worker(arguments)))
-    else:
-        main(quick=arguments.quick, full=arguments.full, blas_threads=arguments.blas_threads)
+    main(quick=arguments.quick, full=not arguments.no_550, blas_threads=arguments.blas_threads)

@@ -4,11 +4,13 @@ Every module ``benchmarks/bench_*.py`` is a suite: it exposes ``main(quick: bool
 its own side-by-side table and writes ``benchmarks/results/<name>.json``. Each suite runs in its own
 Python process, so that one suite's threads, caches and traced memory cannot disturb the next, and a
 crash or a timeout is reported without stopping the others. :mod:`benchmarks.report` then writes
-``benchmarks/results/summary.md`` and one PNG per suite.
+``benchmarks/results/summary.md`` (headline table first) and one PNG per suite, and after a full run of
+every suite, all of them successful, rewrites the README's benchmark table (between its ``bench-table``
+markers) from the results.
 
 Usage::
 
-    python -m benchmarks.run_all [--quick] [--only NAME ...] [--timeout SECONDS] [--no-report]
+    python -m benchmarks.run_all [--quick] [--only NAME ...] [--timeout SECONDS] [--no-report] [--no-readme]
 
 The exit status is 1 when any suite failed (the report is still written for the others).
 
@@ -91,6 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these suites (e.g. bench_kde or kde)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per suite (default 1800)")
     parser.add_argument("--no-report", action="store_true", help="do not write summary.md and the plots")
+    parser.add_argument("--no-readme", action="store_true",
+                        help="do not rewrite the README's benchmark table (it is rewritten only after a full run "
+                             "of every suite)")
     args = parser.parse_args(argv)
 
     names = discover()
@@ -121,7 +126,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_report:
         from benchmarks import report
 
-        written = report.build_report(RESULTS_DIR / "quick" if args.quick else RESULTS_DIR)
+        # The README shows one full, successful run of every suite: not a quick run, nor a partial one (--only).
+        readme = None if args.quick or args.only or args.no_readme or not all(r.ok for r in runs) else report.README
+        if readme is None and not (args.quick or args.only or args.no_readme):
+            print("README's benchmark table left alone: a suite failed")
+        written = report.build_report(RESULTS_DIR / "quick" if args.quick else RESULTS_DIR, readme=readme)
         for path in written:
             print(f"wrote {path}")
     return 0 if all(r.ok for r in runs) else 1
