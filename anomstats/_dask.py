@@ -26,6 +26,15 @@ explicit protocol.
   once (a ``dask.delayed`` object, shipped once per worker) and each query chunk is scored by
   ``map_blocks``. The result is a lazy dask array.
 
+**Parity with in-memory input.** A dask twin runs the in-memory checks that need only the shape and dtype
+before anything is computed, with the in-memory messages. Faults found in the data (NaN or infinity) are
+found by a chunk, which knows only its own piece: on that failure path :func:`first_non_finite` and
+:func:`first_non_finite_patch` locate the first bad value in the whole array (two small reductions), so the
+error names what the in-memory error names. Lazy scores report a query's position in the whole array too
+(the model's optional ``_dask_block_error(error, block, offset)`` hook), but they fail when the result is
+computed, and with several bad queries the one named is the first of the block that failed first, which
+depends on the scheduler's order (in memory: the first of all).
+
 Deliberate differences from the in-memory path: :func:`anomstats.batched_cov` returns a *lazy* dask array
 (dask in, dask out; call ``.compute()``); a :class:`~anomstats.MultiVariateGaussian` fitted from a dask
 array keeps its running moments (it was built by ``partial_fit`` and ``merge``), so unlike after an
@@ -45,6 +54,8 @@ import numpy as np
 __all__ = [
     "DEFAULT_SPLIT_EVERY",
     "dispatch",
+    "first_non_finite",
+    "first_non_finite_patch",
     "is_dask_array",
     "lazy_covariance",
     "map_queries",
@@ -143,8 +154,20 @@ def _covariance_of(moments: Any, ddof: int, dtype: np.dtype) -> np.ndarray:
     return np.asarray(moments.covariance(ddof=ddof)).astype(dtype, copy=False)
 
 
-def _score_block(block: np.ndarray, model: Any, method: str, kwargs: dict[str, Any]) -> np.ndarray:
-    return getattr(model, method)(block, **kwargs)
+def _score_block(
+    block: np.ndarray, model: Any, method: str, kwargs: dict[str, Any], query_axis: int = 0, block_info: Any = None
+) -> np.ndarray:
+    try:
+        return getattr(model, method)(block, **kwargs)
+    except ValueError as error:
+        hook = getattr(model, "_dask_block_error", None)
+        if hook is None or block_info is None:
+            raise
+        offset = int(block_info[0]["array-location"][query_axis][0])
+        replacement = hook(error, block, offset)
+        if replacement is None:
+            raise
+    raise replacement  # outside the except clause: the in-memory error has no context either
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,8 +282,67 @@ def map_queries(model: Any, method: str, x: Any, query_axis: int, probe: np.ndar
         dask.delayed(model, pure=True),
         method,
         kwargs,
+        query_axis,
         # (M, C, *spatial) scores lose C; (d, m) points lose d.
         drop_axis=1 if query_axis == 0 else 0,
         dtype=out_dtype,
         meta=np.empty((0,) * (x.ndim - 1), dtype=out_dtype),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Locating bad values in a whole dask array (only on failure paths: the chunks found them first)
+
+
+def first_non_finite(x: Any) -> tuple[int, ...] | None:
+    """Index (C order) of the first NaN or infinity of dask array ``x``, or ``None`` when it has none.
+
+    What ``numpy.unravel_index(argmax(~isfinite(x)))`` gives in memory, from a reduction to axis 0 and one
+    computed slab ``x[i]``.
+
+    Examples
+    --------
+    >>> import numpy as np, dask.array as da
+    >>> x = np.zeros((4, 3)); x[2, 1] = np.nan; x[3, 0] = np.inf
+    >>> first_non_finite(da.from_array(x, chunks=(1, 3)))
+    (2, 1)
+    """
+    _, da = _dask_modules()
+    if np.dtype(x.dtype).kind not in "fc" or x.size == 0:
+        return None
+    bad = ~da.isfinite(x)
+    rows = np.asarray((bad.any(axis=tuple(range(1, x.ndim))) if x.ndim > 1 else bad).compute())
+    if not rows.any():
+        return None
+    i = int(np.argmax(rows))
+    slab = np.asarray(x[i].compute())
+    rest = np.unravel_index(int(np.argmax(~np.isfinite(slab))), slab.shape) if slab.ndim else ()
+    return (i, *(int(j) for j in rest))
+
+
+def first_non_finite_patch(x: Any) -> tuple[int, int, int] | None:
+    """``(patch, observation, feature)`` of the first NaN or infinity of an embedding ``(N, C, *spatial)``.
+
+    The patch is the first (flat index over ``spatial``) holding one, and then the first bad value of that
+    patch's ``(N, C)`` data in C order, as the in-memory fit reports them. ``None`` when all is finite.
+
+    Examples
+    --------
+    >>> import numpy as np, dask.array as da
+    >>> x = np.zeros((5, 2, 2, 2)); x[3, 1, 1, 0] = np.nan
+    >>> first_non_finite_patch(da.from_array(x, chunks=(2, 2, 2, 2)))
+    (2, 3, 1)
+    """
+    _, da = _dask_modules()
+    if np.dtype(x.dtype).kind not in "fc" or x.size == 0:
+        return None
+    n, c = x.shape[0], x.shape[1]
+    spatial = tuple(x.shape[2:])
+    patch_bad = np.asarray((~da.isfinite(x)).any(axis=(0, 1)).compute()).reshape(-1)
+    if not patch_bad.any():
+        return None
+    patch = int(np.argmax(patch_bad))
+    position = np.unravel_index(patch, spatial) if spatial else ()
+    data = np.asarray(x[(slice(None), slice(None), *position)].compute()).reshape(n, c)
+    obs, feature = (int(i) for i in np.argwhere(~np.isfinite(data))[0])
+    return patch, obs, feature

@@ -21,7 +21,9 @@ How it is computed (in blocks whose temporaries stay within a memory budget, so 
   sum is far above the underflow threshold, the common case.
 * Rows whose plain sum is tiny (far queries: hundreds of bandwidths away, or thousands of dimensions) are
   computed by a log-sum-exp with a per-query shift, so ``log S`` stays finite wherever the exact value is.
-  Rows that are provably far (triangle inequality against the centres' radius) go there directly.
+  Rows that are provably far (triangle inequality against the centres' radius) go there directly. Rows
+  whose squared norm overflows the dtype (or is NaN from an overflowed whitening) are beyond every kernel's
+  reach: ``log S = -inf``, ``S = 0``, never NaN.
 * ``exp`` arguments are clamped at the dtype's floor (``log(tiny) + 1``, see :mod:`anomstats._rules`) when a
   block holds smaller ones: results that underflow make
   ``np.exp`` 10-80 times slower, and the clamped terms are negligible against the floor above.
@@ -180,7 +182,9 @@ def kernel_sums(
     centres : WhitenedCentres
         Prepared kernel centres and weights.
     points : ndarray, shape (m, d)
-        Whitened, finite query points.
+        Whitened query points. A row whose squared norm is not finite (it overflowed, or the whitening of a
+        far query overflowed to inf or NaN) gets ``log_sums = -inf`` and ``sums = 0``: every kernel
+        underflows there.
     memory_budget : int
         Upper bound in bytes on the block temporaries, all threads together.
     workers : int, optional
@@ -256,12 +260,25 @@ def _sums(
     if workers > 1 and m < rows * workers:
         rows = max(1, -(-m // workers))
     floor = trusted_sum_floor(centres.dtype)  # weights sum to one
+    with np.errstate(over="ignore", invalid="ignore"):
+        half_sq = np.einsum("ij,ij->i", points, points)
+    # A query whose squared norm overflows (or whose whitening overflowed to inf or NaN) is beyond the
+    # dtype's reach from every centre: -|p - x|²/2 < -max/2 + ... underflows every kernel, so its sum is 0 and
+    # its log -inf. Computing it would form inf - inf (NaN) in the products and shifts below.
+    lost = ~np.isfinite(half_sq)
+    if lost.any():
+        log_sums[lost] = -np.inf
+        sums[lost] = 0.0
+        if averages is not None:
+            averages[lost] = np.nan
     # Rows that are certainly far from every centre (by the triangle inequality against the centres'
     # radius) would fail the plain-sum floor anyway: send them straight to the shifted route.
-    gap = np.sqrt(np.einsum("ij,ij->i", points, points)) - centres.radius
+    gap = np.sqrt(np.where(lost, 0.0, half_sq)) - centres.radius
     far = (gap > 0) & (gap * gap > -np.log(floor))
-    tasks = [(False, chunk) for chunk in _chunks(np.flatnonzero(~far), rows)]
-    tasks += [(True, chunk) for chunk in _chunks(np.flatnonzero(far), rows)]
+    tasks = [(False, chunk) for chunk in _chunks(np.flatnonzero(~far & ~lost), rows)]
+    tasks += [(True, chunk) for chunk in _chunks(np.flatnonzero(far & ~lost), rows)]
+    if not tasks:
+        return log_sums, sums, averages
     # Threads only pay off when each has enough pairs to work through.
     active = max(1, min(workers, len(tasks), (centres.n * m) // _MIN_PAIRS_PER_WORKER))
 

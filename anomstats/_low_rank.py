@@ -108,15 +108,22 @@ def no_advantage_message(n_observations: int, n_features: int) -> str:
 
 
 def factor_chunk(flat: NDArray, start: int, stop: int,
-                 scratch: ThreadScratch | None = None) -> tuple[NDArray, NDArray]:
+                 scratch: ThreadScratch | None = None, shift: NDArray | None = None) -> tuple[NDArray, NDArray]:
     """Means (p, C) and centred observations (p, C, n), float64, of patches ``start:stop`` of ``flat`` (n, C, P).
 
     With ``scratch`` the centred block lives in this thread's reused buffer (valid until the next chunk).
+    With ``shift`` ((p, C), float64) the copy is ``x − shift`` (in the same pass) and the means returned are
+    ``mean − shift``: numbers of the data's spread, exact far from the origin (see
+    :mod:`anomstats._moment_kernels`).
     """
     n, c, _ = flat.shape
     shape = (stop - start, c, n)
     block = np.empty(shape) if scratch is None else scratch.array(shape, np.dtype(np.float64), "factor")
-    np.copyto(block, flat[:, :, start:stop].transpose(2, 1, 0))
+    source = flat[:, :, start:stop].transpose(2, 1, 0)
+    if shift is None:
+        np.copyto(block, source)
+    else:
+        np.subtract(source, shift[:, :, None], out=block)
     mean = block.mean(axis=2)
     block -= mean[:, :, None]
     return mean, block
@@ -261,6 +268,12 @@ class LowRankMoments:
     patch chunk when the fit is finalised, or when they would pass ``C`` (then each patch's factor is
     reduced to ``V diag(s)``, the same scatter in at most ``C`` columns).
 
+    Location-free: the means are kept as ``shift + offset_mean`` around a fixed ``shift`` per patch (the
+    first observation streamed in), and batches are copied shifted by it, so the means and their
+    differences (the correction columns) round relative to the data's spread, not to their distance from
+    the origin (see :mod:`anomstats._moment_kernels`). States with different shifts merge exactly:
+    ``δ = (shift_b − shift_a) + (offset_b − offset_a)``.
+
     Examples
     --------
     >>> rng = np.random.default_rng(0)
@@ -278,8 +291,14 @@ class LowRankMoments:
         self.n_patches = n_patches
         self.memory_budget = memory_budget
         self.count = 0
-        self.mean = np.zeros((n_patches, n_features))
+        self.shift = np.zeros((n_patches, n_features))
+        self.offset_mean = np.zeros((n_patches, n_features))  # mean − shift
         self.blocks: list[NDArray] = []
+
+    @property
+    def mean(self) -> NDArray:
+        """The running means (P, C) (a new array)."""
+        return self.shift + self.offset_mean
 
     @property
     def n_columns(self) -> int:
@@ -288,25 +307,32 @@ class LowRankMoments:
 
     def update(self, flat: NDArray) -> LowRankMoments:
         """Fold a validated batch ``(n, C, P)`` (n >= 1) into the state; returns ``self``."""
-        mean, centred = factor_chunk(flat, 0, flat.shape[2])
-        self._fold(flat.shape[0], mean, [centred])
+        if not self.count:
+            self.shift = np.array(flat[0].T, dtype=np.float64)
+        offset, centred = factor_chunk(flat, 0, flat.shape[2], shift=self.shift)
+        self._fold(flat.shape[0], offset, [centred])
         return self
 
     def merge(self, other: LowRankMoments) -> LowRankMoments:
         """Fold ``other``'s state into this one (``other`` is not modified; its blocks are shared)."""
         if other.count:
-            self._fold(other.count, other.mean, list(other.blocks))
+            if not self.count:
+                self.shift = other.shift.copy()
+            # Exact when the shifts are close (Sterbenz); the offsets are numbers of the data's spread.
+            offset = (other.shift - self.shift) + other.offset_mean
+            self._fold(other.count, offset, list(other.blocks))
         return self
 
-    def _fold(self, count: int, mean: NDArray, blocks: list[NDArray]) -> None:
+    def _fold(self, count: int, offset_mean: NDArray, blocks: list[NDArray]) -> None:
+        """Fold ``count`` observations whose mean is ``self.shift + offset_mean`` and scatter factor ``blocks``."""
         chan = chan_merge_weights(self.count, count)
-        delta = mean - self.mean
+        delta = offset_mean - self.offset_mean
         joined = self.blocks + blocks
         if self.count and chan.cross:
             joined.append((delta * math.sqrt(chan.cross))[:, :, None])
         for block in joined:
             block.setflags(write=False)  # shared between merged states: never written again
-        self.mean = self.mean + delta * chan.mean_step
+        self.offset_mean = self.offset_mean + delta * chan.mean_step
         self.count = int(chan.total)
         self.blocks = joined
         if self.n_columns > self.n_features:
@@ -325,8 +351,9 @@ class LowRankMoments:
         self.blocks = [reduced]
 
     def centred_factor(self, start: int, stop: int) -> tuple[NDArray, NDArray]:
-        """Means (p, C) and the joined scatter factors (p, C, k) of patches ``start:stop`` (a new array)."""
-        return self.mean[start:stop], np.concatenate([block[start:stop] for block in self.blocks], axis=2)
+        """Means (p, C) and the joined scatter factors (p, C, k) of patches ``start:stop`` (new arrays)."""
+        mean = self.shift[start:stop] + self.offset_mean[start:stop]
+        return mean, np.concatenate([block[start:stop] for block in self.blocks], axis=2)
 
 
 #: The outside term ``|δ|² − |p|²`` is used where at least this fraction of ``|δ|²`` lies outside the basis:

@@ -8,6 +8,15 @@ its own mean (two-pass: the centred sums are never formed as ``Σxxᵀ − nμμ
 data far from the origin) by :func:`centred_copy`, and reduced by one stacked matrix product ``Xcᵀ·Xc``
 (:func:`gram`) that BLAS evaluates as a symmetric rank-k update. :func:`plan_moment_chunks` sizes the chunks under
 a memory budget for a few threads.
+
+Location-free accuracy: the copy subtracts a *shift* on the way in (one value per item and variable: the
+item's first observation, :func:`first_observations`, or a running mean), in the same pass as the cast.
+A shift near the data is subtracted exactly when it is within a factor 2 of the data (Sterbenz's lemma:
+always, far from the origin), so every later sum works on numbers of the size of the data's spread ``s``
+and rounds relative to ``s``, never to the offset ``o``: the shifted mean, the centred sums and the
+differences of means that streaming merges need lose only ``eps·sqrt(n)``-order relative accuracy,
+whatever ``o``. (An unshifted float64 mean along a strided axis is off by up to ``n·eps·|o|``, and a
+difference of two such means by as much: the ``eps·|o|/s`` loss of plain streaming.)
 """
 
 from __future__ import annotations
@@ -18,8 +27,11 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ._budget import plan_chunks
+from ._weights import scaled_weights
 
-__all__ = ["plan_moment_chunks", "gather", "centred_copy", "gram", "centred_moments"]
+__all__ = [
+    "plan_moment_chunks", "gather", "first_observations", "centred_copy", "gram", "centred_moments", "two_sum",
+]
 
 # Upper bound on one chunk's private copy, whatever the budget: large enough to amortise the
 # per-chunk overheads, small enough that every worker gets several chunks. Measured on the PaDiM
@@ -67,10 +79,13 @@ def _flat_view(block: np.ndarray, p: int, values: int) -> np.ndarray | None:
         return flat
 
 
-def gather(block: np.ndarray, work: np.ndarray) -> None:
+def gather(block: np.ndarray, work: np.ndarray, shift: np.ndarray | None = None) -> None:
     """Copy (and cast) a ``(*chunk_batch, N, C)`` view into ``work``, shape ``(p, N, C)``.
 
-    ``work`` must have contiguous ``(N, C)`` items (the item stride may be larger).
+    ``work`` must have contiguous ``(N, C)`` items (the item stride may be larger). With ``shift``
+    (shape ``(p, C)``, ``work``'s dtype) the copy holds ``block − shift`` (each item's shift subtracted
+    from each of its observations), computed in ``result_type(block, shift)`` and rounded once into
+    ``work``: the same single pass over the data as a plain copy.
 
     Layouts such as PaDiM's ``(B, C, H, W)`` keep the batch items next to each other in memory, so
     every value of one item is a long stride away from the next: a plain copy then touches a new
@@ -79,21 +94,76 @@ def gather(block: np.ndarray, work: np.ndarray) -> None:
     written while it sits in the cache (measured: 4x faster than ``numpy.copyto`` for the PaDiM
     case). Other layouts are already read in order by a plain copy.
     """
-    p = work.shape[0]
-    values = work.shape[1] * work.shape[2]
+    p, n_obs, n_var = work.shape
+    values = n_obs * n_var
     source = _flat_view(block, p, values) if p > 1 else None
     target = _flat_view(work, p, values)
     if source is None or target is None or abs(source.strides[0]) >= abs(source.strides[1]):
         # Splitting the item axis of ``work`` back into the chunk's batch axes is always a view.
-        np.copyto(work.reshape(block.shape), block, casting="unsafe")
+        out = work.reshape(block.shape)
+        if shift is None:
+            np.copyto(out, block, casting="unsafe")
+        else:
+            np.subtract(block, shift.reshape(block.shape[:-2] + (1, n_var)), out=out, casting="unsafe")
         return
-    for v0 in range(0, values, _TILE_VALUES):
+    tile = _TILE_VALUES
+    pattern = None
+    if shift is not None:
+        # Tiles of whole observations (a multiple of C values), so that one (p, tile) pattern of the
+        # repeated shifts lines up with every tile: value v of an item belongs to variable v % C.
+        tile = n_var * max(1, _TILE_VALUES // n_var)
+        pattern = np.tile(shift, (1, tile // n_var))
+    for v0 in range(0, values, tile):
+        width = min(tile, values - v0)
         for i0 in range(0, p, _TILE_ITEMS):
-            np.copyto(
-                target[i0 : i0 + _TILE_ITEMS, v0 : v0 + _TILE_VALUES],
-                source[i0 : i0 + _TILE_ITEMS, v0 : v0 + _TILE_VALUES],
-                casting="unsafe",
-            )
+            dst = target[i0 : i0 + _TILE_ITEMS, v0 : v0 + width]
+            src = source[i0 : i0 + _TILE_ITEMS, v0 : v0 + width]
+            if pattern is None:
+                np.copyto(dst, src, casting="unsafe")
+            else:
+                np.subtract(src, pattern[i0 : i0 + _TILE_ITEMS, :width], out=dst, casting="unsafe")
+
+
+def first_observations(
+    block: np.ndarray, dtype: np.dtype[Any], weights: NDArray[np.float64] | None = None
+) -> np.ndarray:
+    """Each item's first observation of positive weight, ``(p, C)`` in ``dtype``: a shift for :func:`centred_copy`.
+
+    An observation lies within ``sqrt(n − 1)`` standard deviations of its item's mean (Samuelson's
+    inequality), so the shifted data are ``O(sqrt(n)·s)`` at worst and ``O(s)`` in practice, wherever
+    the data lie. A ``(p, C)`` read: negligible next to the copy.
+
+    Examples
+    --------
+    >>> x = np.arange(12.0).reshape(2, 3, 2)          # 2 items, 3 observations, 2 variables
+    >>> first_observations(x, np.dtype(np.float64), np.array([0.0, 1.0, 1.0]))
+    array([[2., 3.],
+           [8., 9.]])
+    """
+    n_var = block.shape[-1]
+    first = 0 if weights is None or weights.size == 0 else int(np.argmax(weights > 0))
+    shift = np.empty(block.shape[:-2] + (n_var,), dtype=dtype)
+    np.copyto(shift, block[..., first, :], casting="unsafe")
+    return shift.reshape(-1, n_var)
+
+
+def two_sum(a: np.ndarray, b: np.ndarray, hi_out: np.ndarray, lo_out: np.ndarray) -> None:
+    """``hi + lo == a + b`` exactly, with ``hi = fl(a + b)``: Knuth's TwoSum, elementwise (real or complex).
+
+    :class:`anomstats.RunningMoments` keeps a streamed mean as such an unevaluated sum: ``hi`` is the
+    rounded mean, ``lo`` what rounding it dropped. ``hi_out`` may be ``a`` (it is written last).
+
+    Examples
+    --------
+    >>> hi, lo = np.empty(1), np.empty(1)
+    >>> two_sum(np.array([1e8]), np.array([1e-9]), hi, lo)
+    >>> float(hi[0]) == 1e8, float(lo[0]) == 1e-9
+    (True, True)
+    """
+    s = a + b
+    b_virtual = s - a
+    lo_out[...] = (a - (s - b_virtual)) + (b - b_virtual)
+    hi_out[...] = s
 
 
 def centred_copy(
@@ -102,6 +172,7 @@ def centred_copy(
     weights: NDArray[np.float64] | None,
     mean_out: np.ndarray,
     spare_rows: int = 0,
+    shift: np.ndarray | None = None,
 ) -> np.ndarray:
     """Private centred (and weighted) copy of one chunk of batch items: the first half of the kernel.
 
@@ -112,12 +183,17 @@ def centred_copy(
     dtype : numpy.dtype
         Accumulation dtype.
     weights : ndarray, shape (N,), or None
-        Validated analytic weights with a positive sum, or ``None`` for unit weights.
+        Validated analytic weights with a positive sum, or ``None`` for unit weights. Only their ratios
+        matter for the mean (it uses them scaled by a power of two, exactly); the rows are scaled by
+        ``√w`` itself.
     mean_out : ndarray, shape (p, C)
-        Receives the (weighted) mean of each item; ``p`` is the number of items in ``block``.
+        Receives the (weighted) mean of each item *minus its shift*; ``p`` is the number of items.
     spare_rows : int, default 0
         Extra rows allocated after the ``N`` observations, left uninitialised for the caller
         (:class:`anomstats.RunningMoments` puts its mean-shift correction there).
+    shift : ndarray, shape (p, C), optional
+        Subtracted from every observation in the copy (see the module notes; :func:`first_observations`
+        gives one). Default: none, ``mean_out`` is then the mean itself.
 
     Returns
     -------
@@ -126,15 +202,16 @@ def centred_copy(
     """
     n_obs, n_var = block.shape[-2:]
     p = mean_out.shape[0]
-    # One private copy: cast, transposition to (p, N, C) and protection of the input at once.
+    # One private copy: cast, shift, transposition to (p, N, C) and protection of the input at once.
     buffer = np.empty((p, n_obs + spare_rows, n_var), dtype=dtype)
     work = buffer[:, :n_obs]
-    gather(block, work)
+    gather(block, work, shift)
     if weights is None:
         np.sum(work, axis=1, out=mean_out)
         mean_out /= n_obs
     else:
-        w = weights.astype(dtype, copy=False)
+        # Scaled by a power of two (exact): the products w·x cannot overflow for weights of any scale.
+        w = scaled_weights(weights)[0].astype(dtype, copy=False)
         np.matmul(w, work, out=mean_out)
         mean_out /= w.sum()
     work -= mean_out[:, None, :]
@@ -163,6 +240,10 @@ def centred_moments(
 ) -> None:
     """Mean and centred sums ``Σ_n w_n (x_n − mean)(x_n − mean)ᴴ`` (not normalised) of one chunk.
 
-    ``sums_out`` has shape ``(p, C, C)``; the other arguments are those of :func:`centred_copy`.
+    ``sums_out`` has shape ``(p, C, C)``; the other arguments are those of :func:`centred_copy`. The
+    copy is shifted by each item's first observation (:func:`first_observations`), so the sums keep
+    their digits far from the origin; ``mean_out`` receives the mean itself.
     """
-    gram(centred_copy(block, dtype, weights, mean_out), sums_out)
+    shift = first_observations(block, dtype, weights)
+    gram(centred_copy(block, dtype, weights, mean_out, shift=shift), sums_out)
+    mean_out += shift

@@ -170,7 +170,11 @@ class PackedGaussianAccumulator:
         self._pending: list[NDArray[Any]] = []
         self._pending_n = 0
         self._count = 0
-        self._mean: NDArray[Any] = np.zeros((self.n_patches, self.n_features), dtype=acc)
+        # The running mean is kept as shift + offset: a fixed shift per patch (the first observation folded
+        # in) and the mean's offset from it, so that means and their differences round relative to the
+        # data's spread, not to their distance from the origin (see anomstats._moment_kernels).
+        self._shift: NDArray[Any] = np.zeros((self.n_patches, self.n_features), dtype=acc)
+        self._mean: NDArray[Any] = np.zeros((self.n_patches, self.n_features), dtype=acc)  # mean − shift
         self._m2: NDArray[Any] | None = np.zeros((self.n_patches, self.n_tri), dtype=acc)
         # Row and column of every packed entry: the upper triangle, row by row.
         self._upper_rows, self._upper_cols = np.triu_indices(self.n_features)
@@ -197,7 +201,7 @@ class PackedGaussianAccumulator:
         """Running mean ``(P, C)``, as :attr:`anomstats.RunningMoments.mean` (a copy, accumulation dtype)."""
         self._check_alive()
         self._fold()
-        return self._mean.copy()
+        return self._shift + self._mean
 
     @property
     def nbytes(self) -> int:
@@ -254,6 +258,8 @@ class PackedGaussianAccumulator:
             return
         c, p = self.n_features, self.n_patches
         n_a = self._count
+        if not n_a:
+            self._shift[...] = self._pending[0][0].T  # the first observation of every patch
         chan = chan_merge_weights(n_a, n_b)
         # The δδᵀ·cross term of Chan's update rides along as one extra row of the centred block, so a
         # single symmetric product gives M2_b plus the correction, and a single gather packs it.
@@ -266,8 +272,9 @@ class PackedGaussianAccumulator:
             stop = min(start + step, p)
             rows = rows_buffer[: stop - start]
             offset = 0
-            for piece in self._pending:  # (B_i, C, P) → (patches, B_i, C): the library's patch-major gather
-                gather(piece.transpose(2, 0, 1)[start:stop], rows[:, offset : offset + len(piece)])
+            shift = self._shift[start:stop]
+            for piece in self._pending:  # (B_i, C, P) → (patches, B_i, C), shifted: the library's patch-major gather
+                gather(piece.transpose(2, 0, 1)[start:stop], rows[:, offset : offset + len(piece)], shift)
                 offset += len(piece)
             mean_b = rows[:, :n_b].mean(axis=1)
             rows[:, :n_b] -= mean_b[:, None, :]
@@ -308,6 +315,7 @@ class PackedGaussianAccumulator:
             return self
         if n_a == 0:
             self._m2[...] = other._m2
+            self._shift[...] = other._shift
             self._mean[...] = other._mean
             self._count = n_b
             return self
@@ -316,7 +324,9 @@ class PackedGaussianAccumulator:
         step = self._patch_chunk(self.dtype.itemsize * (3 * self.n_tri + 2 * self.n_features))
         for start in range(0, self.n_patches, step):
             stop = min(start + step, self.n_patches)
-            delta = other._mean[start:stop] - self._mean[start:stop]
+            # Exact when the shifts are close (Sterbenz); the offsets are numbers of the data's spread.
+            delta = (other._shift[start:stop] - self._shift[start:stop]) + other._mean[start:stop]
+            delta -= self._mean[start:stop]
             outer = np.multiply(delta[:, upper_rows], delta[:, upper_cols])
             outer *= chan.cross
             outer += other._m2[start:stop]
@@ -378,7 +388,7 @@ class PackedGaussianAccumulator:
                 "in_place=True needs float64 accumulation and out_dtype=float32 (only then does the "
                 f"precision fit in the moments' memory); got dtype={self.dtype}, out_dtype={out}"
             )
-        mean = self._mean.T.astype(out)
+        mean = (self._shift + self._mean).T.astype(out)
         if in_place:
             # The float32 (C, C) block of patch i ends at byte (i+1)·C²·4 ≤ (i+1)·C(C+1)/2·8, where
             # patch i's packed moments end: writing a chunk only overwrites moments already read.
@@ -398,7 +408,7 @@ class PackedGaussianAccumulator:
             raise type(error)(f"{error} (in_place=True: this accumulator's moments are partly overwritten)") from error
         if in_place:
             self._m2 = None
-            self._mean = np.empty((0, 0), dtype=self.dtype)
+            self._mean = self._shift = np.empty((0, 0), dtype=self.dtype)
         if return_log_det:
             return mean, precision, outputs.log_det
         return mean, precision

@@ -14,24 +14,262 @@ The scratch matrix ``t`` of a :class:`PatchFinisher` keeps a zero strict upper t
 full symmetric matrix is obtained exactly as ``t + t.T`` with the doubled diagonal halved (both steps are
 exact in floating point): stored covariances and precisions are exactly symmetric. LAPACK ``potrf`` and
 ``potri`` only touch the lower triangle (see :mod:`anomstats._lapack`), so the invariant survives them.
+
+The patch-naming faults of a fit live here too, as functions both packages call (the torch adapter
+re-implements only the tensor kernels): the rank test of an unregularised patch (:func:`patch_rank_eps`,
+:func:`singular_feature`) and its message (:func:`singular_patch_error`), the not-definite message of a
+regularised one (:func:`not_definite_error`), the representability faults that name the features' scale
+(:func:`unrepresentable_error`, :func:`feature_scale`), and the non-finite query message
+(:func:`raise_non_finite_query`).
 """
 
 from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import numpy as np
 from numpy.typing import NDArray
 
 from ._budget import plan_chunks
-from ._rules import numerically_singular_pivot
+from ._rules import RANK_TEST_MIN_ULPS, covariance_normalisation, numerically_singular_pivot, rank_test_eps
 from ._validation import describe_patch, require_finite
 from ._lapack import ScratchKernels
 from ._moment_kernels import gather
-from ._rules import covariance_normalisation
 from ._shrinkage import ledoit_wolf_coefficient, oas_coefficient, shrink_in_place
+
+
+# ---------------------------------------------------------------------------- faults of a patch, both packages
+def patch_rank_eps(data_eps: float | None, working_dtype: Any) -> float:
+    """The eps of the rank test of an unregularised patch covariance (:func:`singular_feature`).
+
+    :func:`anomstats._rules.rank_test_eps` of the data's own eps (float32 data rounded every combination of
+    features to float32, even when accumulated in float64; ``None`` for integer or bool data), and at least
+    :data:`anomstats._rules.RANK_TEST_MIN_ULPS` eps of ``working_dtype``, the dtype the covariance is formed,
+    factored and inverted in: a feature that is an exact combination of others keeps a Schur complement of
+    up to about ``5·C·eps`` of that dtype (measured over thousands of random combinations, C = 2..7, float32
+    and float64), so the tolerance is ``16·C·eps``. For float64 work this is ``rank_test_eps`` itself, the
+    KDE's rule.
+
+    Examples
+    --------
+    >>> patch_rank_eps(float(np.finfo(np.float32).eps), np.float64) == float(np.finfo(np.float32).eps)
+    True
+    >>> patch_rank_eps(None, np.float32) == 16 * float(np.finfo(np.float32).eps)
+    True
+    """
+    return max(rank_test_eps(data_eps), RANK_TEST_MIN_ULPS * float(np.finfo(working_dtype).eps))
+
+
+def data_eps_of(dtype: Any) -> float | None:
+    """eps of a floating NumPy dtype (the data's), ``None`` for integer and bool data (exact)."""
+    dtype = np.dtype(dtype)
+    return float(np.finfo(dtype).eps) if dtype.kind == "f" else None
+
+
+def singular_feature(precision_diagonal: Any, variances: Any, eps: float) -> int:
+    """The rank test of an unregularised patch covariance ``A``: 1-based order of a dependent feature, or 0.
+
+    :func:`anomstats._rules.numerically_singular_pivot` (``L_kk² <= C·eps·A_kk``) applied to the pivots each
+    feature gets when it is factored *last*: ``1/(A⁻¹)_kk``, the Schur complement of the other features,
+    i.e. the share of feature ``k``'s variance that the others leave unexplained (``A_kk·(A⁻¹)_kk`` is its
+    variance inflation factor). Computed from the precision's diagonal, it costs nothing beyond the fit.
+
+    The bound, with ``R`` the correlation matrix (``A`` scaled to unit diagonal, ``(R⁻¹)_kk = A_kk·(A⁻¹)_kk``)
+    and ``λ`` its smallest eigenvalue: ``max_k (R⁻¹)_kk >= trace(R⁻¹)/C >= 1/(C·λ)`` and ``(R⁻¹)_kk <= 1/λ``,
+    so a patch is refused whenever ``λ <= eps`` (``cond(R) >= C/eps``) and accepted whenever ``λ > C·eps``
+    (in between, it depends on how the dependency spreads over the features). The in-order pivots of a
+    Cholesky factor bound ``λ`` only from one side (a factor can be ill-conditioned with benign diagonal),
+    so they are not used. ``eps`` is :func:`patch_rank_eps`'s. A non-positive or non-finite precision
+    diagonal counts as no pivot left.
+
+    Examples
+    --------
+    >>> singular_feature(np.array([1.0, 1.0]), np.array([1.0, 1.0]), 2.2e-16)
+    0
+    >>> singular_feature(np.array([1e16, 1e16]), np.array([1.0, 1.0]), 2.2e-16)
+    1
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        last = np.sqrt(1.0 / np.asarray(precision_diagonal, dtype=np.float64))
+    last[~np.isfinite(last)] = 0.0
+    # numerically_singular_pivot takes its eps from a dtype: state C·eps·A_kk in units of float64's eps.
+    units = float(eps) / float(np.finfo(np.float64).eps)
+    return numerically_singular_pivot(last, np.asarray(variances, dtype=np.float64) * units, np.float64)
+
+
+#: The remedy of a numerically singular patch in the core (the torch adapter, without shrinkage, names its own).
+SINGULAR_HINT = (
+    "remove or combine the dependent features, increase ridge (a larger ridge makes every patch definite), "
+    "or use shrinkage='ledoit-wolf' or 'oas'"
+)
+
+
+def singular_patch_error(where: str, n_features: int, eps: float, hint: str = SINGULAR_HINT) -> np.linalg.LinAlgError:
+    """The ``LinAlgError`` of an unregularised patch covariance that is singular to rounding (both packages).
+
+    One message whether the rank test (:func:`singular_feature`) or the factorisation itself refused, so the
+    verdict and its text do not depend on rounding.
+
+    Examples
+    --------
+    >>> print(singular_patch_error("patch 3", 4, 3.6e-15))  # doctest: +ELLIPSIS
+    the regularised covariance of patch 3 is not positive definite (numerically singular: one of its features is, to within C·eps of its variance, a linear combination of the others; C=4, eps=3.6e-15) with ridge=0.0; remove or combine ...
+    """
+    return np.linalg.LinAlgError(
+        f"the regularised covariance of {where} is not positive definite (numerically singular: one of its "
+        "features is, to within C·eps of its variance, a linear combination of the others; "
+        f"C={int(n_features)}, eps={float(eps):.2g}) with ridge=0.0; {hint}"
+    )
+
+
+def not_definite_error(where: str, order: int, ridge: float, shrinkage: str | None = None, hint: str | None = None) -> np.linalg.LinAlgError:
+    """The ``LinAlgError`` of a regularised patch covariance whose Cholesky factorisation failed (both packages).
+
+    Examples
+    --------
+    >>> print(not_definite_error("patch 0", 2, 1e-6))  # doctest: +ELLIPSIS
+    the regularised covariance of patch 0 is not positive definite (leading minor of order 2 is not positive) with ridge=1e-06; increase ridge ...
+    """
+    if hint is None:
+        hint = (
+            "increase ridge (a larger ridge makes every patch definite), or use shrinkage='ledoit-wolf' or 'oas'"
+            if shrinkage is None
+            else "increase ridge (e.g. ridge=1e-3 times the typical feature variance)"
+        )
+    return np.linalg.LinAlgError(
+        f"the regularised covariance of {where} is not positive definite (leading minor of order {int(order)} is "
+        f"not positive) with ridge={ridge!r}{'' if shrinkage is None else f' and shrinkage={shrinkage!r}'}; {hint}"
+    )
+
+
+def feature_scale(centred: Any) -> float:
+    """The largest standard deviation of the features of centred observations ``(N, C)``, without overflow.
+
+    Computed in float64 as ``a·sqrt(Σ(x/a)²/(N − 1))`` with ``a`` each feature's largest magnitude, so that
+    it is finite wherever the standard deviation is (for the messages of :func:`unrepresentable_error`).
+
+    Examples
+    --------
+    >>> print(f"{feature_scale(np.array([[1e200, 0.0], [-1e200, 0.0]])):.6e}")  # sqrt(2)·1e200, no overflow
+    1.414214e+200
+    """
+    x = np.asarray(centred, dtype=np.float64)
+    x = x.reshape(x.shape[0], -1)
+    largest = np.abs(x).max(axis=0)
+    unit = np.where(largest > 0, largest, 1.0)
+    std = largest * np.sqrt(np.square(x / unit).sum(axis=0) / max(x.shape[0] - 1, 1))
+    return float(std.max()) if std.size else 0.0
+
+
+def _limits(dtype: Any) -> tuple[str, float, float]:
+    """``(name, largest, smallest normal)`` of a NumPy dtype, or of an ``finfo`` object (NumPy's or torch's,
+    for dtypes NumPy lacks, such as bfloat16)."""
+    info = dtype if hasattr(dtype, "tiny") and hasattr(dtype, "max") else np.finfo(dtype)
+    name = info.dtype if isinstance(info.dtype, str) else np.dtype(info.dtype).name
+    return name, float(info.max), float(info.tiny)
+
+
+def unrepresentable_error(where: str, dtype: Any, kind: str, scale: float | None, remedy: str) -> ValueError:
+    """The ``ValueError`` of a patch whose covariance or precision does not fit ``dtype``, naming the scale.
+
+    ``kind``: ``"covariance"`` (it overflowed), ``"precision_underflow"`` (its diagonal is below the smallest
+    normal number: stored, it would read as zeros and every distance along those features as 0) or
+    ``"precision_overflow"``. ``scale`` is the features' standard deviation (:func:`feature_scale`), or
+    ``None`` where it is not known (a streamed sum that overflowed). ``dtype`` is a NumPy dtype or an
+    ``finfo`` object (the torch adapter passes ``torch.finfo``, which also covers bfloat16). Both packages
+    raise it, each with its own ``remedy``.
+
+    Examples
+    --------
+    >>> print(unrepresentable_error("patch 0", np.float32, "precision_underflow", 1e25, "rescale"))  # doctest: +ELLIPSIS
+    features of scale 1.0e+25 overflow float32 (variances beyond its largest number 3.4e+38) and underflow a float32 precision: the precision of patch 0 has diagonal entries of about 1/(1.0e+25)², below float32's smallest normal number 1.2e-38 ...; rescale
+    """
+    name, largest, tiny = _limits(dtype)
+    if kind == "covariance":
+        if scale is None:
+            text = (
+                f"the covariance of {where} overflowed {name} (variances or sums of squares beyond its largest "
+                f"number {largest:.1e}: features of scale above about {math.sqrt(largest):.1e})"
+            )
+        else:
+            text = (
+                f"features of scale {scale:.1e} overflow {name}: the covariance of {where} overflowed (its sums of "
+                f"squares, about ({scale:.1e})² per observation, exceed {name}'s largest number {largest:.1e})"
+            )
+    elif kind == "precision_underflow":
+        beyond = scale is not None and scale > math.sqrt(largest)
+        text = (
+            f"features of scale {scale:.1e} "
+            + (f"overflow {name} (variances beyond its largest number {largest:.1e}) and " if beyond else "")
+            + f"underflow a {name} precision: the precision of {where} has diagonal "
+            f"entries of about 1/({scale:.1e})², below {name}'s smallest normal number {tiny:.1e} "
+            "(stored, it would read as zeros: every distance along those features 0)"
+        )
+    elif kind == "precision_overflow":
+        text = (
+            f"features of scale {scale:.1e} overflow a {name} precision: the precision of {where} has entries of "
+            f"about 1/({scale:.1e})², beyond {name}'s largest number {largest:.1e}"
+        )
+    else:  # pragma: no cover - a programming error
+        raise ValueError(f"unknown kind {kind!r}")
+    return ValueError(f"{text}; {remedy}")
+
+
+def precision_fault(precision_diagonal: Any, dtype: Any) -> str | None:
+    """``"precision_underflow"``/``"precision_overflow"`` when a precision's diagonal does not fit ``dtype``.
+
+    The diagonal of a positive definite precision is positive: a zero or subnormal entry is an underflow (the
+    precision would read as zeros), an infinite or NaN one an overflow. ``None`` when it fits.
+    """
+    d = np.asarray(precision_diagonal)
+    if not np.isfinite(d).all():
+        return "precision_overflow"
+    if d.size and float(d.min()) < _limits(dtype)[2]:
+        return "precision_underflow"
+    return None
+
+
+#: What a query holding NaN or infinity is told (both packages' scoring).
+SCORE_REMEDY = "remove or replace the NaN or infinite values before scoring"
+
+
+def raise_non_finite_query(name: str, sample: int, patch: int, spatial: Sequence[int]) -> NoReturn:
+    """Raise the ``ValueError`` of a query holding NaN or infinity, naming the argument and where (both packages).
+
+    Examples
+    --------
+    >>> raise_non_finite_query("x", 1, 5, (2, 4))
+    Traceback (most recent call last):
+    ...
+    ValueError: x contains non-finite values (NaN or infinity) at sample 1, patch 5 (position (1, 1) of the 2x4 grid); remove or replace the NaN or infinite values before scoring
+    """
+    require_finite(False, name, where=f" at sample {int(sample)}, {describe_patch(patch, spatial)}", remedy=SCORE_REMEDY)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def check_query_results(flat_embedding: NDArray, squared: NDArray, spatial: Sequence[int], name: str = "x") -> None:
+    """After scoring ``(M, C, P)`` queries into ``squared`` ``(M, P)``: refuse queries holding NaN or infinity.
+
+    Only non-finite results are examined (the common case costs one pass over ``squared``), and only those
+    whose query holds NaN or infinity raise (:func:`raise_non_finite_query`, the first in sample-then-patch
+    order). Finite queries keep finite or ``+inf`` results: :func:`score_chunk` rescores the dense form's far
+    queries exactly; a NaN left for a finite query by another kernel can only come from an overflow (``inf −
+    inf`` or ``0·inf`` needs an infinity, and a finite query and precision give one only by overflowing), so
+    it is set to ``+inf`` in place.
+    """
+    bad = ~np.isfinite(squared)
+    if not bad.any():
+        return
+    queries = ~np.isfinite(flat_embedding).all(axis=1)  # (M, P): one pass, on the error path only
+    culprits = np.argwhere(bad & queries)
+    if culprits.size:
+        raise_non_finite_query(name, int(culprits[0][0]), int(culprits[0][1]), spatial)
+    squared[np.isnan(squared)] = np.inf
+
 
 @dataclass
 class PatchOutputs:
@@ -71,6 +309,9 @@ class PatchFitSettings:
     n_samples: int
     spatial: tuple[int, ...]
     keep_covariance: bool = False  # also store the regularised covariance and its Cholesky factor
+    #: The dtype the data came in (its eps sets the rank test of an unregularised patch, :func:`patch_rank_eps`);
+    #: ``None``: the working dtype's (streams that do not record it).
+    data_dtype: Any = None
 
     @property
     def ddof(self) -> int:
@@ -145,19 +386,28 @@ class PatchFinisher:
         self.c = c
         self.t = np.zeros((c, c), dtype=dtype)  # strict upper triangle stays zero (see module notes)
         self.kernels = ScratchKernels(self.t)  # potrf/potri/syrk on t, GIL released during each call
+        data = settings.data_dtype
+        self.rank_eps = patch_rank_eps(None if data is None else data_eps_of(data), dtype)
 
-    def finish(self, patch: int, sum_fourth_powers: float | None = None) -> None:
+    def finish(
+        self,
+        patch: int,
+        sum_fourth_powers: float | None = None,
+        *,
+        rank_eps: float | None = None,
+        scale_of: Callable[[], float] | None = None,
+    ) -> None:
         """Regularise, factor and invert patch ``patch`` whose covariance's lower triangle is in ``t``.
 
         Everything happens in ``t`` (cache-resident); each output stack is written exactly once.
+        ``rank_eps`` overrides the rank test's eps (:func:`patch_rank_eps`; a one-shot fit knows its data's
+        dtype); ``scale_of()`` gives the features' scale for the message of a covariance that overflowed.
         """
         est, out, c, t = self.settings, self.outputs, self.c, self.t
         diagonal = t.reshape(-1)[:: c + 1]
         if not np.isfinite(diagonal).all():
-            raise ValueError(
-                f"the covariance of {describe_patch(patch, est.spatial)} overflowed to a non-finite value; "
-                "rescale the embedding (or fit with dtype=float64)"
-            )
+            where = describe_patch(patch, est.spatial)  # on the error path only: it allocates
+            raise unrepresentable_error(where, t.dtype, "covariance", None if scale_of is None else scale_of(), self._remedy())
         if est.shrinkage is not None:
             trace = float(diagonal.sum())
             # sum of the squares of the full symmetric matrix, from its lower triangle
@@ -174,21 +424,17 @@ class PatchFinisher:
             np.add(t, t.T, out=cov)
             cov.reshape(-1)[:: c + 1] *= 0.5
 
-        # potrf reads and writes the lower triangle only: t's strict upper triangle stays zero.
-        # An exactly singular covariance (e.g. a duplicated feature) often factors "successfully" with
-        # a rounding-sized pivot, giving a precision of ~1/eps garbage: refuse a pivot below C·eps of
-        # its feature's variance (the share of that variance not explained by the earlier features).
-        # Only without regularisation: a ridge or a shrinkage target keeps every pivot away from zero
-        # in exact arithmetic, and rank-deficient patches (N <= C, as PaDiM often has) are then valid.
+        # Without regularisation an exactly singular covariance (e.g. a duplicated feature) often factors
+        # "successfully" with a rounding-sized pivot, giving a precision of ~1/eps garbage: the rank test
+        # (singular_feature) refuses it, and a failed factorisation gets the same message, so the verdict
+        # does not depend on rounding. A ridge or a shrinkage target keeps the covariance definite in exact
+        # arithmetic, and rank-deficient patches (N <= C, as PaDiM often has) are then valid.
         unregularised = est.ridge == 0 and est.shrinkage is None
-        variances = diagonal.copy() if unregularised else None
+        variances = diagonal.astype(np.float64) if unregularised else None
+        scales = (float(diagonal.min()), float(diagonal.max()))  # before potrf overwrites the diagonal
         info = self.kernels.potrf()
         if info != 0:
-            self._raise_not_positive_definite(patch, info)
-        if variances is not None:
-            order = numerically_singular_pivot(diagonal, variances)
-            if order:
-                self._raise_not_positive_definite(patch, order, numerically=True)
+            self._raise_not_positive_definite(patch, info, numerically=unregularised, rank_eps=rank_eps)
         if out.cholesky is not None:
             np.copyto(out.cholesky[patch], t)
         out.log_det[patch] = 2.0 * float(np.log(diagonal.astype(np.float64)).sum())
@@ -199,20 +445,25 @@ class PatchFinisher:
         precision = out.precision[patch]
         np.add(t, t.T, out=precision)
         precision.reshape(-1)[:: c + 1] *= 0.5
+        fault = precision_fault(np.diagonal(precision), precision.dtype)
+        if fault is not None:  # e.g. float32 features of scale 1e19: a precision of ~1e-38 reads as zeros
+            variance = scales[1] if fault == "precision_underflow" else scales[0]
+            raise unrepresentable_error(describe_patch(patch, est.spatial), precision.dtype, fault, math.sqrt(max(variance, 0.0)), self._remedy())
+        if variances is not None and singular_feature(np.diagonal(precision), variances, rank_eps or self.rank_eps):
+            self._raise_not_positive_definite(patch, 0, numerically=True, rank_eps=rank_eps)
 
-    def _raise_not_positive_definite(self, patch: int, info: int, numerically: bool = False) -> None:
+    def _remedy(self) -> str:
+        wider = "" if self.t.dtype == np.float64 else ", or fit with dtype=np.float64"
+        return f"rescale the embedding (e.g. divide it by its typical scale){wider}"
+
+    def _raise_not_positive_definite(
+        self, patch: int, info: int, numerically: bool = False, rank_eps: float | None = None
+    ) -> NoReturn:
         est = self.settings
-        hint = (
-            "increase ridge (a larger ridge makes every patch definite), or use shrinkage='ledoit-wolf' or 'oas'"
-            if est.shrinkage is None
-            else "increase ridge (e.g. ridge=1e-3 times the typical feature variance)"
-        )
-        raise np.linalg.LinAlgError(
-            f"the regularised covariance of {describe_patch(patch, est.spatial)} is not positive definite "
-            f"({'numerically singular: pivot' if numerically else 'leading minor'} of order {info} is "
-            f"{'below C·eps of its variance' if numerically else 'not positive'}) with ridge={est.ridge!r}"
-            f"{'' if est.shrinkage is None else f' and shrinkage={est.shrinkage!r}'}; {hint}"
-        )
+        where = describe_patch(patch, est.spatial)
+        if numerically:
+            raise singular_patch_error(where, self.c, rank_eps or self.rank_eps)
+        raise not_definite_error(where, info, est.ridge, est.shrinkage)
 
 
 #: A fit's chunks hold at most this many patches, so that a patch gathered is still in cache when it is used.
@@ -258,9 +509,14 @@ def fit_chunk(
 
     finisher = scratch.finisher(outputs, settings, c, dtype)
     alpha = 1.0 / covariance_normalisation(n, None, settings.ddof)
+    data = settings.data_dtype if settings.data_dtype is not None else flat_embedding.dtype
+    rank_eps = patch_rank_eps(data_eps_of(data), dtype)
     for k in range(stop - start):
         finisher.kernels.syrk(alpha, work[k])  # the GIL is released inside, so worker threads overlap
-        finisher.finish(start + k, None if sum_fourth_powers is None else float(sum_fourth_powers[k]))
+        finisher.finish(
+            start + k, None if sum_fourth_powers is None else float(sum_fourth_powers[k]),
+            rank_eps=rank_eps, scale_of=lambda k=k: feature_scale(work[k]),
+        )
 
 
 def finish_chunk(
@@ -284,8 +540,12 @@ def finish_chunk(
     finisher = scratch.finisher(outputs, settings, c, dtype)
     lower = np.tril(np.ones((c, c), dtype=bool))
     for p in range(start, stop):
-        np.multiply(centred_sums[p, offset:, offset:], scale, out=finisher.t, where=lower, casting="unsafe")
-        finisher.finish(p, None if sum_fourth_powers is None else float(sum_fourth_powers[p]))
+        with np.errstate(over="ignore"):  # a float64 sum beyond float32 becomes inf: finish names the scale
+            np.multiply(centred_sums[p, offset:, offset:], scale, out=finisher.t, where=lower, casting="unsafe")
+        finisher.finish(
+            p, None if sum_fourth_powers is None else float(sum_fourth_powers[p]),
+            scale_of=lambda p=p: math.sqrt(max(float(np.diagonal(centred_sums[p, offset:, offset:]).max()) * scale, 0.0)),
+        )
 
 
 def score_chunk(
@@ -301,8 +561,44 @@ def score_chunk(
     """Squared Mahalanobis distances of ``(M, C, P)`` embeddings for patches ``start:stop`` into ``out``."""
     m, c = flat_embedding.shape[0], flat_embedding.shape[1]
     delta = scratch.array((stop - start, m, c), dtype)
-    gather(flat_embedding.transpose(2, 0, 1)[start:stop], delta)
-    delta -= mean[:, start:stop].T[:, None, :]
-    # The precision is symmetric, so delta @ precision holds (precision @ delta_m) in each row m.
-    projected = np.matmul(delta, precision[start:stop])
-    out[:, start:stop] = np.einsum("pmc,pmc->pm", projected, delta).T
+    # Far queries overflow here (float64 beyond float32 when gathered, or δᵀPδ part way): their results are
+    # rescored below, so numpy's overflow and invalid-value warnings would only be noise.
+    with np.errstate(over="ignore", invalid="ignore"):
+        gather(flat_embedding.transpose(2, 0, 1)[start:stop], delta)
+        delta -= mean[:, start:stop].T[:, None, :]
+        # The precision is symmetric, so delta @ precision holds (precision @ delta_m) in each row m.
+        projected = np.matmul(delta, precision[start:stop])
+        block = out[:, start:stop]
+        block[...] = np.einsum("pmc,pmc->pm", projected, delta).T
+    if not np.isfinite(block).all():
+        _rescore_far_queries(flat_embedding, start, mean, precision, block)
+
+
+def _rescore_far_queries(
+    flat_embedding: NDArray, start: int, mean: NDArray, precision: NDArray, block: NDArray
+) -> None:
+    """Rescore the finite queries of ``block`` (M, p) whose squared distance came out non-finite.
+
+    A query far from the mean overflows ``δᵀPδ`` part way (``inf − inf`` is NaN; float64 input beyond
+    float32's range becomes inf when gathered into a float32 model). Here ``δ`` is formed in float64 and
+    divided by a power of two ``s >= max|δ|`` (exact), so ``q = (δ/s)ᵀP(δ/s)`` cannot overflow for a finite
+    precision with entries below ``max/C²``, and the result ``(q·s)·s`` is finite or ``+inf``, never NaN.
+    Queries holding NaN or infinity keep their non-finite result (the caller refuses them:
+    :func:`check_query_results`).
+    """
+    samples, offsets = np.nonzero(~np.isfinite(block))
+    for offset in np.unique(offsets):
+        rows = samples[offsets == offset]
+        patch = start + int(offset)
+        x = flat_embedding[rows, :, patch].astype(np.float64)
+        finite = np.isfinite(x).all(axis=1)
+        if not finite.any():
+            continue
+        rows = rows[finite]
+        delta = x[finite] - mean[:, patch].astype(np.float64)
+        _, exponent = np.frexp(np.abs(delta).max(axis=1))
+        scale = np.ldexp(1.0, exponent)  # a power of two >= max|δ|: the division is exact
+        delta /= scale[:, None]
+        q = np.einsum("mc,cd,md->m", delta, precision[patch].astype(np.float64), delta)
+        with np.errstate(over="ignore"):
+            block[rows, offset] = (q * scale) * scale

@@ -528,3 +528,102 @@ def warn_at_caller(message: str, category: type[Warning]) -> None:
         frame = frame.f_back
         level += 1
     warnings.warn(message, category, stacklevel=level)
+
+
+def singular_data_message(feature: int, d: int, *, constant: bool = False) -> str:
+    """The KDE's message for data in a lower-dimensional subspace (both packages; ``numpy.linalg.LinAlgError``).
+
+    Starts with scipy's words (:data:`SINGULAR_DATA`), names the dependent (or constant) ``feature``
+    (0-based, of ``d``) and says what to do.
+
+    Examples
+    --------
+    >>> print(singular_data_message(2, 3))  # doctest: +ELLIPSIS
+    The data appears to lie in a lower-dimensional subspace ...: feature 2 (0-based, of 3) is, to rounding, a linear combination of the other features. ...
+    """
+    if constant:
+        fault = f"feature {feature} (0-based, of {d}) is constant: its spread is within rounding"
+    else:
+        fault = f"feature {feature} (0-based, of {d}) is, to rounding, a linear combination of the other features"
+    return (
+        "The data appears to lie in a lower-dimensional subspace of the space in which it is expressed: "
+        f"{fault}. This has resulted in a singular data covariance matrix, which cannot be treated using the "
+        "algorithms implemented in `gaussian_kde`. Drop or combine the dependent feature (e.g. by principal "
+        "component analysis / dimensionality reduction), give positive weight to points that span every "
+        "feature, or pass an explicit `kernel_covariance`."
+    )
+
+
+def require_finite_points(all_finite: bool, name: str = "points") -> None:
+    """Raise the KDE's ``ValueError`` for query points holding NaN or infinity, naming the argument.
+
+    With ``name="points"`` the message is :data:`NON_FINITE_POINTS` (the core KDE's); the torch adapter
+    names its argument ``features``.
+
+    Examples
+    --------
+    >>> require_finite_points(True)
+    >>> require_finite_points(False, "features")
+    Traceback (most recent call last):
+    ...
+    ValueError: features must contain only finite values (array must not contain infs or NaNs).
+    """
+    if not all_finite:
+        raise ValueError(NON_FINITE_POINTS.replace("points", name, 1))
+
+
+def require_no_nan(no_nan: bool, name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` when an integration bound holds NaN (infinite bounds are fine).
+
+    Examples
+    --------
+    >>> require_no_nan(False, "low")
+    Traceback (most recent call last):
+    ...
+    ValueError: low must not contain NaN (infinite bounds are allowed: they leave the box open on that side).
+    """
+    if not no_nan:
+        raise ValueError(f"{name} must not contain NaN (infinite bounds are allowed: they leave the box open on that side).")
+
+
+def reassigned_dataset_weights_message(n_new: int, n_weights: int) -> str:
+    """The KDE's ``ValueError`` text for a new ``dataset`` whose length differs from the KDE's non-uniform weights.
+
+    Examples
+    --------
+    >>> print(reassigned_dataset_weights_message(5, 4))  # doctest: +ELLIPSIS
+    dataset: the new data have n=5 points but the KDE's weights were given for 4; ...
+    """
+    return (
+        f"dataset: the new data have n={n_new} points but the KDE's weights were given for {n_weights}; "
+        "weights belong to the points they weigh. Build a new GaussianKDE(dataset, bw_method=..., "
+        "weights=...) for weighted data of another length."
+    )
+
+
+def inconsistent_state_error(module: str, detail: str, layout: str) -> RuntimeError:
+    """The ``RuntimeError`` a module's ``load_state_dict`` raises for mutually inconsistent buffers.
+
+    A ``RuntimeError``, as torch's own ``load_state_dict`` raises for a size mismatch; raised before any
+    buffer changes (both packages' torch modules: the KDE and the per-patch Gaussian).
+
+    Parameters
+    ----------
+    module : str
+        The module's class name.
+    detail : str
+        What does not fit, with the shapes found, e.g. ``"bw_transform has shape (3, 3) but dataset (100, 4)"``.
+    layout : str
+        What a consistent fitted state holds, e.g. ``"bw_transform (D, D), dataset (N, D) and a 0-d norm"``.
+
+    Examples
+    --------
+    >>> raise inconsistent_state_error("GaussianKDE", "norm has shape (2,)", "a 0-d norm")
+    Traceback (most recent call last):
+    ...
+    RuntimeError: Error(s) in loading state_dict for GaussianKDE: inconsistent buffers: norm has shape (2,); a fitted GaussianKDE holds a 0-d norm. Load all of them from one fitted module's state_dict; nothing was loaded.
+    """
+    return RuntimeError(
+        f"Error(s) in loading state_dict for {module}: inconsistent buffers: {detail}; a fitted {module} holds "
+        f"{layout}. Load all of them from one fitted module's state_dict; nothing was loaded."
+    )

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["as_frequency_weights", "as_analytic_weights", "check_weights", "kde_weights"]
+__all__ = ["as_frequency_weights", "as_analytic_weights", "check_weights", "kde_weights", "scaled_weights"]
 
 
 def _as_weight_vector(weights: Any, kind: str, n_obs: int, *, detailed: bool = False) -> NDArray[np.float64]:
@@ -115,6 +115,33 @@ def check_weights(weights: Any, n_obs: int, name: str = "aweights") -> NDArray[n
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{name} must be an array of real numbers ({exc})") from None
     return _as_weight_vector(w, name, n_obs, detailed=True)
+
+
+def scaled_weights(weights: NDArray[np.float64]) -> tuple[NDArray[np.float64], int]:
+    """``(weights·2⁻ᵏ, k)``, ``k`` even, the largest scaled weight in ``[0.25, 1)``: the library's weight normalisation.
+
+    Every weighted statistic of the library (a weighted mean, a covariance with numpy's ``aweights``
+    normalisation ``Σw − ddof·Σw²/Σw``) is homogeneous in the weights: of degree 0 (the mean, the
+    covariance) or 1 (the normalisation). Scaling by a power of two is exact (no rounding, short of
+    subnormal weights below ``2⁻¹⁰²²`` of the largest), so formulas evaluated on the scaled weights give,
+    bit for bit, the result of the original weights wherever that one is representable, and stay
+    representable where ``Σw²`` of the original weights would overflow (weights ×1e200) or underflow
+    (×1e-200). ``k`` is even, so that ``√w`` scales exactly too (by ``2^(−k/2)``); it is 0 for weights
+    that are all zero. A new array; the caller's is never written.
+
+    Examples
+    --------
+    >>> scaled_weights(np.array([1e200, 3e200]))[1]
+    666
+    >>> w, k = scaled_weights(np.array([0.5, 2.0, 3.0]))
+    >>> w.tolist(), k
+    ([0.125, 0.5, 0.75], 2)
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    largest = float(w.max()) if w.size else 0.0
+    exponent = int(np.frexp(largest)[1]) if largest > 0 else 0
+    exponent += exponent % 2  # even: √(w·2⁻ᵏ) = √w·2^(−k/2) exactly
+    return np.ldexp(w, -exponent), exponent
 
 
 def kde_weights(weights: Any, n: int | None = None) -> NDArray[np.float64]:

@@ -27,7 +27,7 @@ from ._moment_kernels import centred_moments, plan_moment_chunks
 from ._parallel import resolve_workers, run_chunks
 from ._rules import degrees_of_freedom
 from ._validation import accumulation_dtype, check_ddof, check_memory_budget
-from ._weights import check_weights
+from ._weights import check_weights, scaled_weights
 from .moments import RunningMoments
 
 __all__ = ["batched_cov"]
@@ -36,14 +36,32 @@ __all__ = ["batched_cov"]
 def _checked_weights(
     aweights: ArrayLike | None, n_obs: int
 ) -> tuple[NDArray[np.float64] | None, float, float | None]:
-    """``(weights, Σw, Σw²)`` of validated ``aweights`` (``Σw² = None`` for unit weights); a zero sum raises."""
+    """``(weights, Σw, Σw²)`` of validated ``aweights`` (``Σw² = None`` for unit weights); a zero sum raises.
+
+    The weights come back scaled by a power of two (:func:`anomstats._weights.scaled_weights`): the
+    covariance is the same, bit for bit, and weights of any scale (×1e200, ×1e-200) give it.
+    """
     if aweights is None:
         return None, float(n_obs), None  # unit weights: N - ddof
     weights = check_weights(np.asarray(aweights), n_obs, "aweights")  # dask weights are small: computed
+    weights = scaled_weights(weights)[0]
     w_sum, w2_sum = float(weights.sum()), float(np.dot(weights, weights))
     if w_sum == 0.0:
         raise ZeroDivisionError("Weights sum to zero, can't be normalized")
     return weights, w_sum, w2_sum
+
+
+class _OneShotMoments(RunningMoments):
+    """The partial states of :func:`batched_cov`'s dask twin: :class:`RunningMoments` with numpy's one-shot
+    semantics, so dask and in-memory input give the same results. NaN and infinity pass through (numpy.cov
+    returns NaN; the accumulator refuses them), and a normalisation ``<= 0`` gives ``inf``/``nan`` (the
+    accumulator raises; the warning was given when the lazy result was built)."""
+
+    def accumulate_block(self, block: ArrayLike, weights: ArrayLike | None) -> RunningMoments:
+        return self._update(block, weights, check_finite=False)
+
+    def covariance(self, ddof: int = 1) -> np.ndarray:
+        return self._one_shot_covariance(check_ddof(ddof))
 
 
 def _dask_batched_cov(
@@ -66,7 +84,7 @@ def _dask_batched_cov(
     ddof = check_ddof(ddof)
     weights, w_sum, w2_sum = _checked_weights(aweights, x.shape[obs])
     degrees_of_freedom(w_sum, w2_sum, ddof)  # warns now, as the in-memory path does
-    template = RunningMoments(obs, var, dtype=dtype, memory_budget=memory_budget, workers=workers)
+    template = _OneShotMoments(obs, var, dtype=dtype, memory_budget=memory_budget, workers=workers)
     return _dask.lazy_covariance(template, x, obs, var, weights, ddof, out_dtype)
 
 
@@ -146,7 +164,10 @@ def batched_cov(
     -----
     Accuracy: with float64 accumulation the result agrees with a per-item loop of
     ``numpy.cov(item, rowvar=False)`` to ~1e-15 relative, also far from the origin, because every
-    item is centred at its own mean before the products are taken.
+    item is copied shifted by its first observation (exactly: the shifted values keep every digit)
+    and centred at its own mean before the products are taken. The covariance depends only on the
+    ratios of ``aweights``: weights of any scale give the same result (numpy's ``Σw²`` overflows
+    for weights ×1e200, see :func:`anomstats.cov`).
 
     Deliberate differences from :func:`numpy.cov` (beyond batching):
 
@@ -154,6 +175,9 @@ def batched_cov(
     - The result dtype is always the accumulation dtype (numpy returns float64 for
       ``dtype=float32`` with ``aweights``).
     - NaN or infinite ``aweights`` raise ``ValueError`` (numpy silently returns NaN).
+    - ``aweights`` of extreme scale (×1e200, ×1e-200) give the covariance of the same weights at
+      ordinary scale (numpy's ``Σw²`` overflows or underflows there, with a degrees-of-freedom
+      warning and ``inf``/``nan``, or a silently dropped ``ddof`` correction).
     - ``fweights`` are not supported; repeat observations or use ``aweights`` with ``ddof=0``.
     - Entries are divided by the normalisation rather than multiplied by its reciprocal: results
       may differ from numpy's in the last bit.

@@ -191,6 +191,12 @@ def cov(
     Behaviour kept on purpose, although surprising: an unweighted object-dtype array raises
     ``AttributeError`` (as in numpy, whose ``average`` fails there); a scalar `fweights` or
     `aweights` raises ``IndexError``; an empty (0, 0) result is float64 whatever `dtype` says.
+    Weights of extreme scale follow numpy too, although the estimate depends only on their ratios:
+    ``aweights`` ×1e200 overflow ``sum(w * aweights)`` (a ``RuntimeWarning`` "Degrees of freedom <= 0
+    for slice" and an ``inf``/``nan`` result), and ×1e-200 underflow it to 0, which silently drops the
+    ``ddof`` correction (the result is the ``ddof=0`` one). The library's own weighted estimators
+    (:func:`anomstats.batched_cov`, :class:`anomstats.RunningMoments`) scale the weights by a power of
+    two first and give the same result for weights of any scale.
 
     Examples
     --------

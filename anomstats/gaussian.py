@@ -9,6 +9,7 @@ adapter raises the very same messages.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from ._patch_kernels import (
     PatchFitSettings,
     PatchOutputs,
     ThreadScratch,
+    check_query_results,
     fit_chunk,
     plan_patch_chunks,
     score_chunk,
@@ -63,10 +65,15 @@ from ._low_rank import (
 __all__ = ["DEFAULT_RIDGE", "DEFAULT_MEMORY_BUDGET", "SHRINKAGE_METHODS", "MultiVariateGaussian", "NotFittedError"]
 
 
+def _check_real_dtype(dtype: np.dtype, name: str) -> None:
+    """The dtype check of every method taking embeddings (also run on a dask array's dtype, before computing)."""
+    if np.dtype(dtype).kind not in "biuf":
+        raise DTypeError(f"{name} must hold real numbers (bool, integer or floating), got dtype {np.dtype(dtype)}")
+
+
 def _as_real_array(data: ArrayLike, name: str) -> NDArray:
     array = np.asarray(data)
-    if array.dtype.kind not in "biuf":
-        raise DTypeError(f"{name} must hold real numbers (bool, integer or floating), got dtype {array.dtype}")
+    _check_real_dtype(array.dtype, name)
     return array
 
 
@@ -88,10 +95,10 @@ class MultiVariateGaussian:
     dtype : {float64, float32}, default float64
         Working and storage dtype of the fitted quantities. float32 input is accumulated in float64 by
         default; float32 halves the memory of the fitted stacks (about 1e-6 relative accuracy).
-    store_covariance : bool, default True
-        Keep the regularised covariance and its Cholesky factor (two of the three ``(P, C, C)`` stacks).
-        With ``False`` only the mean, precision and log-determinants are kept: what scoring needs, a third
-        of the memory.
+    store_covariance : bool, default False
+        Also keep the regularised covariance and its Cholesky factor (two more ``(P, C, C)`` stacks, three
+        times the memory of the default). By default only what scoring needs is kept: the mean, the
+        precision and the log-determinants.
     memory_budget : int, default 64 MiB
         Bound, in bytes, on the work buffers of a fit or a scoring call, all threads together (at least
         one patch's worth: N·C values for a fit, 2·M·C for scoring).
@@ -142,19 +149,21 @@ class MultiVariateGaussian:
     **Memory.** A fit holds the caller's embedding (a non-contiguous embedding whose spatial axes cannot
     be flattened without a copy is copied once), the fitted state, and work buffers bounded by
     ``memory_budget``. Fitted state in float64 (one ``(P, C, C)`` stack is ``8·P·C²`` bytes; the
-    default keeps three, ``store_covariance=False`` one; float32 halves every figure):
+    default keeps one, the precision; ``store_covariance=True`` three; float32 halves every figure):
 
-    ==========  ======  ==============  ================  =======================
-    C           grid    one stack       default (3)       store_covariance=False
-    ==========  ======  ==============  ================  =======================
-    100         56×56   0.23 GiB        0.70 GiB          0.23 GiB
-    100         64×64   0.31 GiB        0.92 GiB          0.31 GiB
-    550         56×56   7.07 GiB        21.2 GiB          7.07 GiB
-    550         64×64   9.23 GiB        27.7 GiB          9.23 GiB
-    ==========  ======  ==============  ================  =======================
+    ==========  ======  ============================  =======================
+    C           grid    default (one stack)           store_covariance=True
+    ==========  ======  ============================  =======================
+    100         56×56   0.23 GiB                      0.70 GiB
+    100         64×64   0.31 GiB                      0.92 GiB
+    550         56×56   7.07 GiB                      21.2 GiB
+    550         64×64   9.23 GiB                      27.7 GiB
+    ==========  ======  ============================  =======================
 
     so the peak of a fit is the embedding + the column above + ``memory_budget`` (64 MiB) + a few
     ``C×C`` scratch matrices per thread. anomalib's float32 fit holds about three float32 stacks.
+    (Until version 0.3 the default kept all three stacks; the covariance and its factor are now opt-in,
+    since scoring never reads them and their fresh memory made the first fit in a process slow.)
     Streaming (:meth:`partial_fit`) additionally keeps the running moments (one more float64 stack);
     finalising reads them patch by patch, without another full-size copy.
 
@@ -185,11 +194,25 @@ class MultiVariateGaussian:
     the precision comes from the Cholesky factor and is exactly symmetric (anomalib: ``torch.linalg.inv``,
     not symmetric); non-finite input raises; a covariance that is singular in exact arithmetic (e.g. a
     duplicated feature with ``ridge=0``) raises even when rounding lets its Cholesky factorisation finish:
-    without a ridge or shrinkage, a pivot ``L_kk² <= C·eps·Σ_kk`` counts as zero (anomalib and
-    ``numpy.linalg.inv`` return a precision of ~1/eps noise there). With a ridge (the default) or
-    shrinkage the regularised covariance is definite by construction and this check is not applied, so
-    rank-deficient patches (fewer images than channels, as in PaDiM) fit as in anomalib. Mahalanobis distances are anomalib's formula
-    (square root of the squared distance clamped at 0).
+    without a ridge or shrinkage, a rank test refuses every patch in which a feature is, to within
+    ``C·eps`` of its variance, a linear combination of the others (anomalib and ``numpy.linalg.inv`` return
+    a precision of ~1/eps noise there, and positive log-densities): the pivot each feature would get if
+    factored last, ``1/(Σ⁻¹)_kk``, must exceed ``C·eps·Σ_kk``
+    (:func:`anomstats._patch_kernels.singular_feature`, the library's rule
+    :func:`anomstats._rules.numerically_singular_pivot`). ``eps`` is the data's own (float32 data are held to
+    float32's eps even when accumulated in float64) and at least 16 eps of the working dtype
+    (:func:`anomstats._patch_kernels.patch_rank_eps`). With ``λ`` the smallest eigenvalue of the patch's
+    correlation matrix, every patch with ``λ <= eps`` is refused (for example a float64 patch of condition
+    number 1e16 with up to 35 features) and every patch with ``λ > C·eps`` is accepted; the refusal is a
+    :class:`numpy.linalg.LinAlgError` with one message whether the test or the factorisation refused, so the
+    verdict does not depend on rounding. With a ridge (the default) or shrinkage the regularised covariance is
+    definite by construction and this check is not applied, so rank-deficient patches (fewer images than
+    channels, as in PaDiM) fit as in anomalib. Features whose scale the working dtype cannot represent (a
+    covariance that overflows, a precision whose diagonal falls below the smallest normal number and would
+    read as zeros) raise a ``ValueError`` that names the scale. Mahalanobis distances are anomalib's formula
+    (square root of the squared distance clamped at 0); a finite query far enough for ``d²`` to overflow part
+    way is rescored in float64 with an exact power-of-two scaling (:func:`anomstats._patch_kernels.score_chunk`),
+    so its ``d²`` is finite or ``+inf``, never the NaN of ``inf − inf``.
 
     Examples
     --------
@@ -230,7 +253,7 @@ class MultiVariateGaussian:
         shrinkage: str | None = None,
         dtype: DTypeLike = np.float64,
         *,
-        store_covariance: bool = True,
+        store_covariance: bool = False,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         workers: int | None = None,
         low_memory: bool = False,
@@ -267,6 +290,7 @@ class MultiVariateGaussian:
         self._mean: NDArray | None = None
         self._outputs: PatchOutputs | None = None
         self._n_seen = 0
+        self._data_dtype: np.dtype | None = None  # widest streamed input dtype, for the rank test's eps
 
     @property
     def n_patches(self) -> int:
@@ -358,7 +382,7 @@ class MultiVariateGaussian:
         Examples
         --------
         >>> MultiVariateGaussian(ridge=0.5, dtype=np.float32).empty_like()
-        MultiVariateGaussian(ridge=0.5, shrinkage=None, dtype=float32, store_covariance=True)
+        MultiVariateGaussian(ridge=0.5, shrinkage=None, dtype=float32, store_covariance=False)
         """
         return MultiVariateGaussian(
             self.ridge, self.shrinkage, self.dtype, store_covariance=self.store_covariance,
@@ -370,7 +394,9 @@ class MultiVariateGaussian:
         return self.partial_fit(block)
 
     #: The fitted state, everything :meth:`adopt` takes over (the configuration is not part of it).
-    _STATE = ("n_features", "spatial_shape", "_moments", "_consumed", "_stale", "_mean", "_outputs", "_n_seen")
+    _STATE = (
+        "n_features", "spatial_shape", "_moments", "_consumed", "_stale", "_mean", "_outputs", "_n_seen", "_data_dtype"
+    )
 
     def adopt(self, other: MultiVariateGaussian) -> MultiVariateGaussian:
         """Take over ``other``'s fitted state (``other`` must not be used afterwards); returns ``self``."""
@@ -384,8 +410,30 @@ class MultiVariateGaussian:
         return _dask.reduce_observations(self.empty_like(), embedding, 0).compute()
 
     def _fit_dask(self, embedding: Any) -> MultiVariateGaussian:
-        """:meth:`fit` of a dask embedding chunked along N: partial fits merged, finalised now."""
-        total = self._streamed_dask(embedding)
+        """:meth:`fit` of a dask embedding chunked along N: partial fits merged, finalised now.
+
+        The in-memory fit's checks and messages: the dtype and the shape before anything is computed, NaN or
+        infinity located in the whole embedding (not in the chunk that found it).
+        """
+        _check_real_dtype(embedding.dtype, "embedding")
+        n, c, spatial = check_fit_shape(embedding.shape)
+        try:
+            total = self._streamed_dask(embedding)
+        except ValueError:
+            found = _dask.first_non_finite_patch(embedding)
+            if found is None:
+                raise
+        else:
+            return self._adopt_dask_fit(total, embedding)
+        patch, obs, feature = found
+        where = f" in {describe_patch(patch, spatial)}"
+        if not (self.low_memory or self.form == "low_rank"):
+            where += f", first at observation {obs}, feature {feature}"  # the dense fit's message (fit_chunk)
+        require_finite(False, "embedding", where=where)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _adopt_dask_fit(self, total: MultiVariateGaussian, embedding: Any) -> MultiVariateGaussian:
+        """Finalise a dask fit's merged partial fits now and take them over."""
         # Finalise now, as an in-memory fit does, so that too few observations, a singular patch and the
         # like raise from fit() rather than at first use (and name fit, not partial_fit).
         require_observations(
@@ -395,7 +443,33 @@ class MultiVariateGaussian:
         return self.adopt(total)
 
     def _partial_fit_dask(self, batch: Any) -> MultiVariateGaussian:
-        return self.merge(self._streamed_dask(batch))
+        """:meth:`partial_fit` of a dask batch: the in-memory checks first, then the chunks streamed and merged."""
+        _check_real_dtype(batch.dtype, "batch")
+        self._check_stream(tuple(int(s) for s in batch.shape))
+        try:
+            streamed = self._streamed_dask(batch)
+        except ValueError:
+            found = _dask.first_non_finite_patch(batch)
+            if found is None:
+                raise
+        else:
+            return self.merge(streamed)
+        require_finite(False, "batch", where=f" in {describe_patch(found[0], tuple(batch.shape[2:]))}")
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _dask_block_error(self, error: ValueError, block: np.ndarray, offset: int) -> ValueError | None:
+        """The dask protocol's hook for a scoring error in a block of queries starting at ``offset``: the error
+        of the first bad query scored alone, renumbered to its position in the whole array (as in memory)."""
+        flat = np.asarray(block).reshape(block.shape[0], -1)
+        bad = np.flatnonzero(~np.isfinite(flat).all(axis=1)) if flat.dtype.kind in "fc" else ()
+        if len(bad) == 0:
+            return None
+        try:
+            self._squared_distances(block[bad[0] : bad[0] + 1])
+        except ValueError as single:
+            text, count = re.subn(r"\bsample 0\b", f"sample {offset + int(bad[0])}", str(single))
+            return type(single)(text) if count == 1 else None
+        return None
 
     def _score_dask(self, method: str, x: Any, **kwargs: Any) -> Any:
         """:meth:`mahalanobis` / :meth:`logpdf` of dask embeddings ``(M, C, *spatial)``, lazily."""
@@ -462,7 +536,20 @@ class MultiVariateGaussian:
         notes), and it raises a ``ValueError`` once a fitted quantity has been used (the moments are spent).
         """
         x = _as_real_array(batch, "batch")
-        n, c, spatial = check_fit_shape(x.shape, min_observations=1, name="batch")
+        n, c, spatial = self._check_stream(x.shape)
+        flat_embedding = _finite_patches(x, n, c, spatial, "batch")
+        if self._moments is None:
+            self._moments = self._new_moments(c, flat_embedding.shape[2])
+            self.n_features, self.spatial_shape = c, spatial
+        self._moments.update(flat_embedding)
+        if x.dtype.kind == "f":
+            self._data_dtype = x.dtype if self._data_dtype is None else np.promote_types(self._data_dtype, x.dtype)
+        self._stale = True
+        return self
+
+    def _check_stream(self, shape: tuple[int, ...]) -> tuple[int, int, tuple[int, ...]]:
+        """:meth:`partial_fit`'s checks of a batch's shape against the stream so far; returns ``(n, C, spatial)``."""
+        n, c, spatial = check_fit_shape(shape, min_observations=1, name="batch")
         if self.spatial_shape is not None:
             if self._moments is None:
                 raise ValueError(
@@ -470,14 +557,8 @@ class MultiVariateGaussian:
                     "use a new object (or call fit on all the data) to stream batches"
                 )
             if c != self.n_features or spatial != self.spatial_shape:
-                check_score_shape(x.shape, self.n_features, self.spatial_shape, name="batch")
-        flat_embedding = _finite_patches(x, n, c, spatial, "batch")
-        if self._moments is None:
-            self._moments = self._new_moments(c, flat_embedding.shape[2])
-            self.n_features, self.spatial_shape = c, spatial
-        self._moments.update(flat_embedding)
-        self._stale = True
-        return self
+                check_score_shape(shape, self.n_features, self.spatial_shape, name="batch")
+        return n, c, spatial
 
     def merge(self, other: MultiVariateGaussian) -> MultiVariateGaussian:
         """Fold the data streamed into ``other`` into ``self`` (both built with :meth:`partial_fit`).
@@ -509,6 +590,9 @@ class MultiVariateGaussian:
                 f"C={other.n_features}, spatial={other.spatial_shape}"
             )
         self._moments.merge(other._moments)
+        if other._data_dtype is not None:
+            mine = self._data_dtype
+            self._data_dtype = other._data_dtype if mine is None else np.promote_types(mine, other._data_dtype)
         self._stale = True
         return self
 
@@ -529,7 +613,10 @@ class MultiVariateGaussian:
 
     def _settings(self, n_samples: int, spatial: tuple[int, ...]) -> PatchFitSettings:
         keep = self.store_covariance and not self.low_memory
-        return PatchFitSettings(self.ridge, self.shrinkage, n_samples, spatial, keep_covariance=keep)
+        # A stream's rank test uses the eps of the widest input it saw (a fit's uses its embedding's).
+        return PatchFitSettings(
+            self.ridge, self.shrinkage, n_samples, spatial, keep_covariance=keep, data_dtype=self._data_dtype
+        )
 
     def _fit_low_memory(self, flat_embedding: NDArray, spatial: tuple[int, ...]) -> MultiVariateGaussian:
         """:meth:`fit` with ``low_memory=True``: ``flat_embedding`` ``(N, C, P)`` through the packed accumulator."""
@@ -583,12 +670,7 @@ class MultiVariateGaussian:
             chunks,
             self.workers,
         )
-        if not np.isfinite(out).all():
-            sample, patch = (int(i) for i in np.argwhere(~np.isfinite(out))[0])
-            raise ValueError(
-                f"x gives a non-finite distance for sample {sample} at {describe_patch(patch, self.spatial_shape)}: "
-                "it contains NaN or infinity (or values so large that the distance overflows)"
-            )
+        check_query_results(flat_embedding, out, self.spatial_shape)
         return out, m
 
     @_dask.dispatch(_mahalanobis_dask, arg="x")
@@ -608,6 +690,7 @@ class MultiVariateGaussian:
         >>> d.shape, float(np.abs(d).max())
         ((1, 3, 3), 0.0)
         """
+        squared = check_bool(squared, "squared")
         squared_distances, m = self._squared_distances(x)
         np.maximum(squared_distances, 0.0, out=squared_distances)
         if not squared:
@@ -624,7 +707,7 @@ class MultiVariateGaussian:
         --------
         >>> import numpy as np
         >>> train = np.random.default_rng(2).normal(size=(30, 2, 1))
-        >>> mvg = MultiVariateGaussian(ridge=0.0).fit(train)
+        >>> mvg = MultiVariateGaussian(ridge=0.0, store_covariance=True).fit(train)
         >>> from scipy.stats import multivariate_normal
         >>> ref = multivariate_normal(mvg.mean[:, 0], mvg.covariance[0]).logpdf(train[:3, :, 0])
         >>> bool(np.allclose(mvg.logpdf(train[:3])[:, 0], ref, rtol=1e-12))
@@ -717,7 +800,7 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
         shrinkage: str | None = None,
         dtype: DTypeLike = np.float64,
         *,
-        store_covariance: bool = True,
+        store_covariance: bool = False,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         workers: int | None = None,
         low_memory: bool = False,
@@ -883,10 +966,5 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
             ).T
 
         run_chunks(run, chunks, self.workers)
-        if not np.isfinite(out).all():
-            sample, patch = (int(i) for i in np.argwhere(~np.isfinite(out))[0])
-            raise ValueError(
-                f"x gives a non-finite distance for sample {sample} at {describe_patch(patch, self.spatial_shape)}: "
-                "it contains NaN or infinity (or values so large that the distance overflows)"
-            )
+        check_query_results(flat_embedding, out, self.spatial_shape)
         return out, m

@@ -24,10 +24,12 @@ from .covariance import cov
 from ._validation import (
     D_GREATER_THAN_N,
     NON_FINITE_DATA,
-    NON_FINITE_POINTS,
     SINGULAR_DATA,
     check_memory_budget,
     check_workers,
+    reassigned_dataset_weights_message,
+    require_finite_points,
+    require_no_nan,
 )
 from ._weights import kde_weights_of_valid_shape, normalised_kde_weights
 
@@ -52,6 +54,36 @@ class _EvaluationState:
             norm = np.exp(self.log_norm)
         # The plain sums are scaled by the norm only where that cannot overflow or lose precision.
         self.norm = norm if np.isfinite(norm) and norm >= np.finfo(dtype).tiny else None
+
+    def densities(self, log_sums: np.ndarray, sums: np.ndarray) -> np.ndarray:
+        """Densities from :func:`kernel_sums`' pair: the plain sum times the norm where both are safe, else
+        ``exp(log_sum + log_norm)`` (0 for ``log_sum = -inf``; inf only where the density exceeds the dtype)."""
+        if self.norm is None:
+            return np.exp(log_sums + self.log_norm)
+        plain = ~np.isnan(sums)
+        if plain.all():
+            return sums * self.norm
+        out = np.exp(log_sums + self.log_norm)
+        out[plain] = sums[plain] * self.norm
+        return out
+
+
+def _as_data(dataset) -> np.ndarray:
+    """``dataset`` as a 2-D (d, n) array, with scipy's messages for too few elements and a bad rank."""
+    data = np.atleast_2d(np.asarray(dataset))
+    if not data.size > 1:
+        raise ValueError("`dataset` input should have multiple elements.")
+    if data.ndim != 2:
+        raise ValueError(
+            f"`dataset` should be 1-D (n,) or 2-D (d, n) with points as columns; got shape {data.shape}."
+        )
+    return data
+
+
+def _check_finite_data(data: np.ndarray) -> None:
+    if np.issubdtype(data.dtype, np.number) and not np.issubdtype(data.dtype, np.complexfloating):
+        if not np.all(np.isfinite(data)):
+            raise ValueError(NON_FINITE_DATA)
 
 
 def _check_random_state(seed):
@@ -93,7 +125,9 @@ class GaussianKDE:
     Attributes
     ----------
     dataset : ndarray, shape (d, n)
-        A read-only copy of the data (assigning a new array resets every cached quantity).
+        A read-only copy of the data. Assigning new data to a fitted KDE validates them as the constructor
+        does and recomputes ``d``, ``n``, the factor, ``covariance``, ``cho_cov``, ``log_det`` and every cache
+        (see the differences below); a failed assignment leaves the KDE unchanged.
     d, n : int
         Dimensions and number of data points.
     weights : ndarray, shape (n,)
@@ -143,8 +177,29 @@ class GaussianKDE:
       naming ``weights`` (scipy raises ``ValueError`` from deep inside; its phrases are kept in the messages).
     * A bandwidth factor that is not a positive finite real number raises ``ValueError`` (scipy accepts
       zero or negative factors and fails at evaluation or returns negative densities).
-    * ``dataset`` is copied and made read-only; assigning a new ``dataset`` discards the cached data
-      covariance (scipy keeps using the covariance of the old data).
+    * ``dataset`` is copied and made read-only. Assigning a new ``dataset`` to a fitted KDE refits it: the
+      new data are checked as the constructor checks them (same exceptions), then ``d``, ``n``, the factor
+      (the same rule, on the new data), ``covariance``, ``cho_cov``, ``log_det`` and the caches are
+      recomputed. The weights are kept when the length is unchanged (scipy reads ``weights`` at evaluation,
+      so it uses them with new data of the same length too); for data of another length, uniform weights
+      (none given, or all equal) start anew as uniform, while non-uniform weights raise ``ValueError``
+      (they belong to the old points: build a new KDE). An explicit ``kernel_covariance`` must fit the new
+      ``d``. A failed assignment (bad shape, non-finite or singular data) leaves the KDE unchanged. scipy
+      stores the array and keeps ``d``, ``n``, the factor and the covariance of the old data until
+      ``_compute_covariance`` is called, and then fails for another length. A KDE that was never fitted
+      (a scipy-style subclass that skips ``__init__``) stores the array as scipy does.
+    * Singular data are refused by a rank test (:func:`anomstats.bandwidth.check_data_covariance`), not by
+      whether a Cholesky factorisation happens to finish: a feature that is constant, or a linear
+      combination of the others, to the rounding of the data's dtype raises ``numpy.linalg.LinAlgError``
+      naming it, in float64 and float32, for every draw. scipy refuses such data only when its Cholesky
+      fails, and otherwise (in about half the draws of a duplicated or combined feature) accepts them and
+      returns densities of 1e5-1e16. Data that are full rank beyond a few times the rounding noise, however
+      ill-conditioned, are accepted as by scipy.
+    * Query points that are finite but so far away that their squared whitened distance overflows get
+      ``pdf`` 0 and ``logpdf`` -inf (the exact log-density is below the dtype's range there); scipy may
+      return NaN. Boolean query points count as 0 and 1, as integer ones (scipy raises ``TypeError``).
+    * ``integrate_box_1d`` and ``integrate_box`` refuse NaN bounds with a ``ValueError`` naming them
+      (scipy returns NaN); infinite bounds are open sides, as in scipy.
     * Non-finite data raise ``ValueError`` naming ``dataset``; 3-D inputs raise ``ValueError`` naming the
       shape (scipy: an unpacking error, also ``ValueError``).
     * ``integrate_kde`` is vectorised and memory-bounded; ``integrate_box_1d`` works for long double data
@@ -184,14 +239,8 @@ class GaussianKDE:
         self.memory_budget = check_memory_budget(memory_budget)
         self.workers = check_workers(workers)
 
-        data = np.atleast_2d(np.asarray(dataset))
-        if not data.size > 1:
-            raise ValueError("`dataset` input should have multiple elements.")
-        if data.ndim != 2:
-            raise ValueError(
-                f"`dataset` should be 1-D (n,) or 2-D (d, n) with points as columns; got shape {data.shape}."
-            )
-        self.dataset = data
+        data = _as_data(dataset)
+        self.dataset = data  # not fitted yet: stored as it is (the setter refits only a fitted KDE)
         self.d, self.n = data.shape
 
         # Checks run in scipy's order, so that input with several faults reports the same one: weight
@@ -207,16 +256,13 @@ class GaussianKDE:
         if weights is not None:
             self._weights = normalised_kde_weights(weights)
             self._neff = _bw.neff_of_normalised(self._weights)
-        if np.issubdtype(data.dtype, np.number) and not np.issubdtype(data.dtype, np.complexfloating):
-            if not np.all(np.isfinite(data)):
-                raise ValueError(NON_FINITE_DATA)
+        _check_finite_data(data)
 
         if kernel_covariance is not None:
             self._kernel_covariance = _bw.check_kernel_covariance(kernel_covariance, self.d)
-        try:
-            self.set_bandwidth(bw_method=bw_method)
-        except linalg.LinAlgError as exc:
-            raise linalg.LinAlgError(SINGULAR_DATA) from exc
+        # Singular data raise numpy.linalg.LinAlgError from the rank test of the data covariance (naming the
+        # dependent feature) or, should the Cholesky fail after it, with scipy's message (_data_moments).
+        self.set_bandwidth(bw_method=bw_method)
 
     # ------------------------------------------------------------------ data, weights and caches
 
@@ -226,12 +272,54 @@ class GaussianKDE:
 
     @dataset.setter
     def dataset(self, value) -> None:
+        if "covariance" not in self.__dict__:
+            # Not fitted yet (inside __init__, or a scipy-style subclass that skips it and sets d, n and
+            # calls _compute_covariance itself): store the data, drop what was derived from earlier data.
+            self._store_dataset(value)
+            return
+        self._refit(value)
+
+    def _store_dataset(self, value) -> None:
         data = np.array(value, copy=True)
         data.setflags(write=False)
         self._dataset = data
         # Everything derived from the data is now stale.
         for name in ("_data_covariance", "_data_cho_cov", "_eval_state"):
             self.__dict__.pop(name, None)
+
+    def _refit(self, value) -> None:
+        """Assign new data to a fitted KDE: validate as ``__init__`` does, then recompute everything derived.
+
+        ``d``, ``n``, the factor (the same rule on the new data), the covariance, its factor, ``log_det`` and
+        the caches follow the new data. The weights are kept when the length is unchanged (scipy reads
+        ``weights`` at evaluation, so it uses them with new data of the same length too); for another
+        length, uniform weights (no weights given, or all equal) start anew as uniform, and non-uniform ones
+        raise ``ValueError``: they belong to the old points. Any failure leaves the KDE as it was.
+        """
+        data = _as_data(value)
+        d, n = data.shape
+        explicit = self.__dict__.get("_kernel_covariance")
+        if explicit is not None:
+            _bw.check_kernel_covariance(explicit, d)
+        elif d > n:
+            raise ValueError(D_GREATER_THAN_N)
+        _check_finite_data(data)
+        weights = self.__dict__.get("_weights")
+        reset_weights = weights is not None and len(weights) != n
+        if reset_weights and not np.all(weights == weights[0]):
+            raise ValueError(reassigned_dataset_weights_message(n, len(weights)))
+        saved = dict(self.__dict__)
+        try:
+            self._store_dataset(data)
+            self.d, self.n = d, n
+            if reset_weights:
+                self.__dict__.pop("_weights", None)
+                self.__dict__.pop("_neff", None)
+            self._compute_covariance()
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            raise
 
     @property
     def weights(self) -> np.ndarray:
@@ -376,7 +464,14 @@ class GaussianKDE:
         """Weighted data covariance and its Cholesky factor (cached; LinAlgError when singular)."""
         if "_data_cho_cov" not in self.__dict__:
             data_cov = np.atleast_2d(cov(self.dataset, rowvar=1, bias=False, aweights=self.weights))
-            self._data_cho_cov = linalg.cholesky(data_cov, lower=True)
+            # A rank test, not whether the Cholesky happens to finish: data in a subspace (a feature that is
+            # a combination of others, duplicated or constant) is refused for every rounding, naming it.
+            data = self.dataset
+            _bw.check_data_covariance(data_cov, data @ self.weights, self.n, _bw.data_eps(data.dtype))
+            try:
+                self._data_cho_cov = linalg.cholesky(data_cov, lower=True)
+            except linalg.LinAlgError as exc:
+                raise linalg.LinAlgError(SINGULAR_DATA) from exc
             self._data_covariance = data_cov
 
     def _compute_covariance(self) -> None:
@@ -426,6 +521,8 @@ class GaussianKDE:
 
     def _points_matrix(self, points) -> np.ndarray:
         points = np.atleast_2d(np.asarray(points))
+        if points.dtype.kind == "b":
+            points = points.astype(np.float64)  # 0 and 1, as integer points (scipy: TypeError)
         return np.reshape(points, self._query_shape(points.shape))
 
     def _score_dask(self, method: str, points):
@@ -464,10 +561,10 @@ class GaussianKDE:
     def _log_sums(self, points) -> tuple[np.ndarray, np.ndarray, _EvaluationState]:
         points = self._points_matrix(points)
         dtype = self._output_dtype(points)
-        if not np.all(np.isfinite(points)):
-            raise ValueError(NON_FINITE_POINTS)
+        require_finite_points(bool(np.all(np.isfinite(points))), "points")
         state = self._evaluation_state(dtype)
-        z = whiten(np.asarray(points, dtype=dtype), state.mean, state.cho)
+        with np.errstate(over="ignore", invalid="ignore"):  # far queries: inf or NaN rows score 0 in kernel_sums
+            z = whiten(np.asarray(points, dtype=dtype), state.mean, state.cho)
         log_sums, sums = kernel_sums(state.centres, z, memory_budget=self.memory_budget, workers=self.workers)
         return log_sums, sums, state
 
@@ -501,14 +598,7 @@ class GaussianKDE:
         array([0.0998])
         """
         log_sums, sums, state = self._log_sums(points)
-        if state.norm is None:
-            return np.exp(log_sums + state.log_norm)
-        plain = ~np.isnan(sums)
-        if plain.all():
-            return sums * state.norm
-        out = np.exp(log_sums + state.log_norm)
-        out[plain] = sums[plain] * state.norm
-        return out
+        return state.densities(log_sums, sums)
 
     __call__ = evaluate
 
@@ -599,9 +689,10 @@ class GaussianKDE:
         # LinAlgError if not positive definite (LAPACK works in float64).
         cho = linalg.cholesky(sum_cov.astype(np.float64), lower=True)
         state = _EvaluationState(data, weights, cho, dtype)
-        z = whiten(np.asarray(queries, dtype=dtype), state.mean, state.cho)
+        with np.errstate(over="ignore", invalid="ignore"):  # far queries: inf or NaN rows score 0 in kernel_sums
+            z = whiten(np.asarray(queries, dtype=dtype), state.mean, state.cho)
         log_sums, sums = kernel_sums(state.centres, z, memory_budget=self.memory_budget, workers=self.workers)
-        values = np.where(np.isnan(sums), np.exp(log_sums), sums) * np.exp(state.log_norm)
+        values = state.densities(log_sums, sums)
         if query_weights is None:
             return values[0]
         return np.vecdot(values, np.asarray(query_weights, dtype=dtype))
@@ -632,6 +723,8 @@ class GaussianKDE:
         """
         if self.d != 1:
             raise ValueError("integrate_box_1d() only handles 1D pdfs")
+        require_no_nan(not np.any(np.isnan(low)), "low")
+        require_no_nan(not np.any(np.isnan(high)), "high")
         stdev = np.ravel(np.sqrt(np.asarray(self.covariance, dtype=np.float64)))[0]
         # The differences are formed with numpy's own promotion, as scipy does (a float32 dataset minus a
         # Python float stays float32), so the result agrees with scipy's to rounding for every input dtype.
@@ -667,6 +760,8 @@ class GaussianKDE:
         >>> print(f"{kde.integrate_box(-np.inf, 0.0):.4f}")
         0.5000
         """
+        require_no_nan(not np.any(np.isnan(low_bounds)), "low_bounds")
+        require_no_nan(not np.any(np.isnan(high_bounds)), "high_bounds")
         data_t = self.dataset.T
         low = np.asarray(low_bounds) - data_t
         high = np.asarray(high_bounds) - data_t

@@ -7,13 +7,33 @@ with totals ``Wa``, ``Wb``, means ``μa``, ``μb`` and sums ``Ma``, ``Mb``,
 
     W = Wa + Wb,   δ = μb − μa,   μ = μa + δ·Wb/W,   M = Ma + Mb + δδᴴ·Wa·Wb/W.
 
-Only differences of means and centred quantities appear, never ``Σxxᴴ − n·μμᴴ``, so data far from
-the origin loses no accuracy, and the order in which batches arrive or are merged changes the
-result only by rounding.
+Only differences of means and centred quantities appear, never ``Σxxᴴ − n·μμᴴ``, and the order in
+which batches arrive or are merged changes the result only by rounding.
+
+Location-free accuracy. A rounded mean far from the origin (offset ``o``, spread ``s``) is off by up
+to ``eps·|o|``, and so is every difference ``δ`` of such means: the plain update above loses
+``eps·|o|/s`` relative accuracy (2.6e-9 at ``o = 1e8·s`` in 10 updates). So the state keeps each mean
+as an unevaluated sum ``mean + mean_residual`` (Knuth's TwoSum: ``mean`` is the rounded value,
+``mean_residual`` what rounding dropped), and every batch is copied *shifted by the current mean*
+(:mod:`anomstats._moment_kernels`, in the same pass as the cast; the first batch by its first
+observation). A shift within a factor 2 of the data is subtracted exactly, so the batch's mean
+relative to the shift, ``δ`` and the centred sums are all formed from numbers of size ``s`` and round
+relative to ``s``: any split of the data into updates and merges gives the one-shot
+:func:`~anomstats.batched_cov` to ``eps·sqrt(n)``-order relative accuracy, whatever the offset. Merging
+states with different means needs no common shift: ``δ = (mean_b − mean_a) + (residual_b −
+residual_a)``, and ``mean_b − mean_a`` is exact when the means are close (Sterbenz's lemma).
+
+Weights of any scale. The covariance depends only on the ratios of the weights, but ``Σw²`` of weights
+×1e200 overflows (and ×1e-200 underflows to 0, which silently drops the ``ddof`` correction). The
+accumulator evaluates every weight formula on weights scaled by a power of two (exact:
+:func:`anomstats._weights.scaled_weights`) and keeps ``Σw²`` as a mantissa and a power-of-two exponent,
+so weighted results are invariant to rescaling the weights (bit for bit by powers of two).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 from typing import Any
 
@@ -21,19 +41,20 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
 from . import _dask
-from ._axes import batch_view, check_axis_index, normalise_axis
+from ._axes import batch_view, check_axis_index, normalise_axes, normalise_axis
 from ._budget import DEFAULT_MEMORY_BUDGET, batch_chunks, items_per_chunk
-from ._moment_kernels import centred_copy, gram, plan_moment_chunks
+from ._moment_kernels import centred_copy, first_observations, gram, plan_moment_chunks, two_sum
 from ._parallel import resolve_workers, run_chunks
-from ._rules import chan_merge_weights, degrees_of_freedom
+from ._rules import ChanWeights, chan_merge_weights, covariance_normalisation, degrees_of_freedom
 from ._validation import (
     NotFittedError,
     accumulation_dtype,
     check_accumulation_dtype,
     check_ddof,
     check_memory_budget,
+    require_finite,
 )
-from ._weights import check_weights
+from ._weights import check_weights, scaled_weights
 
 __all__ = ["RunningMoments"]
 
@@ -44,13 +65,141 @@ def _read_only(array: np.ndarray) -> np.ndarray:
     return view
 
 
+#: What ``RunningMoments.update`` says about NaN or infinity in ``x`` (``where`` locates the first one).
+_NON_FINITE_REMEDY = "remove or replace the NaN or infinite values before updating"
+
+
+def refuse_non_finite(index: tuple[int, ...] | None, name: str = "x") -> None:
+    """Raise the ``ValueError`` of :meth:`RunningMoments.update` for non-finite data, ``index`` being the
+    first NaN or infinity of ``name`` in C order (its dask twin computes the same index)."""
+    where = "" if index is None else f" (first at index {tuple(int(i) for i in index)})"
+    require_finite(False, name, where=where, remedy=_NON_FINITE_REMEDY)
+
+
+def _check_finite(data: np.ndarray, name: str = "x") -> None:
+    """Refuse NaN or infinity in ``data`` (the library's message; one read, no temporaries when finite).
+
+    A sum propagates every NaN and infinity, so a finite sum proves finite data; only a non-finite sum
+    (bad data, or finite data whose sum overflows) pays for a full mask, to locate the first bad value.
+    """
+    if data.dtype.kind not in "fc" or data.size == 0:
+        return
+    with np.errstate(all="ignore"):
+        total = np.sum(data, dtype=np.result_type(data.dtype, np.float32))
+    if np.isfinite(total):
+        return
+    bad = ~np.isfinite(data)
+    if bad.any():
+        refuse_non_finite(np.unravel_index(int(np.argmax(bad)), data.shape), name)
+
+
+def _ldexp(mantissa: float, exponent: int) -> float:
+    """``mantissa·2**exponent`` as a float, ``±inf`` or 0 where it is out of range (no exception)."""
+    with np.errstate(over="ignore", under="ignore"):
+        return float(np.ldexp(np.float64(mantissa), exponent))
+
+
+def _scaled_chan(w_a: float, w_b: float) -> ChanWeights:
+    """:func:`anomstats._rules.chan_merge_weights` of any two totals, also where ``w_a·w_b`` would overflow or
+    underflow: the coefficients are homogeneous (``mean_step`` of degree 0, ``cross`` and ``total`` of
+    degree 1), so they are computed for the totals scaled by a power of two and scaled back, exactly."""
+    largest = max(w_a, w_b)
+    if largest == 0.0:
+        return chan_merge_weights(w_a, w_b)
+    k = int(np.frexp(largest)[1])
+    chan = chan_merge_weights(math.ldexp(w_a, -k), math.ldexp(w_b, -k))
+    return ChanWeights(_ldexp(chan.total, k), chan.mean_step, _ldexp(chan.cross, k))
+
+
+def _state_count(value: Any) -> int:
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"state['count'] must be a non-negative integer, got {value!r}")
+    try:
+        count = operator.index(value)
+    except TypeError:
+        raise ValueError(f"state['count'] must be a non-negative integer, got {value!r}") from None
+    if count < 0:
+        raise ValueError(f"state['count'] must be a non-negative integer, got {count}")
+    return count
+
+
+def _state_weight_sum(state: dict[str, Any], name: str) -> float:
+    value = state[name]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+        raise ValueError(f"state['{name}'] must be a real number >= 0, got {value!r}")
+    number = float(value)
+    if not (math.isfinite(number) and number >= 0):
+        raise ValueError(f"state['{name}'] must be a finite number >= 0, got {value!r}")
+    return number
+
+
+def _state_exponent(value: Any) -> int:
+    try:
+        exponent = operator.index(value)
+    except TypeError:
+        raise ValueError(f"state['sum_squared_weights_exponent'] must be an even integer, got {value!r}") from None
+    if exponent % 2 or isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"state['sum_squared_weights_exponent'] must be an even integer, got {value!r}")
+    return exponent
+
+
+def _check_state_arrays(count: int, mean: np.ndarray, sums: np.ndarray, residual: np.ndarray) -> None:
+    """The values a state of finite data must have: finite arrays, non-negative diagonal sums of squares, and
+    zeros without observations."""
+    for name, array in (("mean", mean), ("centred_sums", sums), ("mean_residual", residual)):
+        if not np.isfinite(array).all():
+            raise ValueError(f"state['{name}'] contains NaN or infinity; a state of finite data has finite arrays")
+    diagonal = np.diagonal(sums, axis1=-2, axis2=-1).real
+    if (diagonal < 0).any():
+        raise ValueError(
+            "state['centred_sums'] has a negative diagonal entry (a sum of squares); "
+            f"minimum {float(diagonal.min())!r}"
+        )
+    if count == 0 and (sums.any() or mean.any() or residual.any()):
+        raise ValueError("state has count=0 but non-zero mean or centred_sums; an empty batch adds nothing")
+
+
+def _check_weight_sums(count: int, sum_w: float, sum_w2: float, w2_exp: int) -> None:
+    """``(Σw)²/count <= Σw² <= (Σw)²`` for weights >= 0 (Cauchy-Schwarz and the cross terms), to rounding."""
+    if count == 0:
+        if sum_w or sum_w2:
+            raise ValueError(
+                f"state has count=0 but sum_weights={sum_w!r}, sum_squared_weights={sum_w2!r}; without "
+                "observations both are 0"
+            )
+        return
+    if (sum_w == 0) != (sum_w2 == 0):
+        raise ValueError(
+            f"state['sum_squared_weights']={sum_w2!r} is inconsistent with sum_weights={sum_w!r}: weights >= 0 "
+            "sum to zero exactly when their squares do"
+        )
+    if sum_w == 0:
+        return
+    scaled = _ldexp(sum_w, -(w2_exp // 2))  # Σw in the scale of the mantissa of Σw²
+    square = scaled * scaled
+    # Both sums were accumulated over at most count terms (and as many merges): relative rounding of
+    # at most about count·eps each; 4x that is allowed.
+    slack = 4.0 * (count + 2) * float(np.finfo(np.float64).eps)
+    if sum_w2 > square * (1.0 + slack):
+        raise ValueError(
+            f"state['sum_squared_weights'] exceeds sum_weights**2 ({sum_w2!r} > {square!r}, at scale "
+            f"2**{w2_exp}): impossible for weights >= 0"
+        )
+    if sum_w2 < square / count * (1.0 - slack):
+        raise ValueError(
+            f"state['sum_squared_weights'] is below sum_weights**2 / count ({sum_w2!r} < {square / count!r}, "
+            f"count={count}): impossible for {count} weights (Cauchy-Schwarz)"
+        )
+
+
 class RunningMoments:
     """Mean and covariance matrices accumulated over batches of observations, mergeable.
 
     Batched exactly like :func:`anomstats.batched_cov`: every update holds observations along
     ``obs_axis``, variables along ``var_axis`` and batch axes elsewhere; the batch shape and the
     number of variables are fixed by the first update. Any split of the data into updates and
-    merges gives the one-shot ``batched_cov`` result (to ~1e-13 relative in float64).
+    merges gives the one-shot ``batched_cov`` result to ``eps·sqrt(n)``-order relative accuracy
+    (~1e-14 in float64) at any distance of the data from the origin (see the module notes).
 
     Parameters
     ----------
@@ -72,8 +221,13 @@ class RunningMoments:
         Number of observations seen (weighted or not).
     sum_weights, sum_squared_weights : float
         ``Σw`` and ``Σw²`` over all observations (unit weights when an update gives none).
+        ``sum_squared_weights`` is ``inf`` (or 0) for weights so large (small) that ``Σw²`` is out of
+        float range; the accumulator itself keeps it scaled and is not affected.
     mean : ndarray, shape (*batch, C)
-        Read-only view of the weighted mean.
+        Read-only view of the weighted mean (rounded; ``mean_residual`` is what rounding dropped).
+    mean_residual : ndarray, shape (*batch, C)
+        Read-only view of ``exact mean − mean`` (at most half a unit in the last place of ``mean``):
+        the part of the mean that keeps streaming exact far from the origin.
     centred_sums : ndarray, shape (*batch, C, C)
         Read-only view of ``Σ w (x − mean)(x − mean)ᴴ``.
     batch_shape, n_vars, dtype
@@ -84,6 +238,10 @@ class RunningMoments:
     Weights follow numpy's ``aweights``: ``covariance(ddof)`` divides the centred sums by
     ``Σw − ddof·Σw²/Σw`` (``Σw`` when ``ddof == 0``), which is ``count − ddof`` for unit weights.
     An update whose weights sum to zero counts its observations but changes nothing else.
+
+    Weighted results depend only on the ratios of the weights (weights ×1e200 or ×1e-200 give the
+    same covariance; see the module notes). NaN or infinite data are refused (``ValueError``), and a
+    refused update leaves the state as it was.
 
     ``mean`` and ``centred_sums`` are live views: later updates and merges change them in place
     (the state can be large, so it is not reallocated). Copy them, or call :meth:`state`, to keep a
@@ -129,8 +287,12 @@ class RunningMoments:
         self.workers = resolve_workers(workers)
         self._count = 0
         self._sum_w = 0.0
+        # Σw² = _sum_w2 · 2**_w2_exp: _w2_exp is 0 (a plain float, as numpy sums it) unless Σw² is out of
+        # float range (weights of extreme scale); then it is even and the mantissa is in range.
         self._sum_w2 = 0.0
+        self._w2_exp = 0
         self._mean: np.ndarray | None = None
+        self._residual: np.ndarray | None = None
         self._sums: np.ndarray | None = None
 
     # ------------------------------------------------------------------ inspection
@@ -146,8 +308,8 @@ class RunningMoments:
 
     @property
     def sum_squared_weights(self) -> float:
-        """``Σw²`` over all observations seen (equals ``count`` without weights)."""
-        return self._sum_w2
+        """``Σw²`` over all observations seen (equals ``count`` without weights; ``inf``/0 out of float range)."""
+        return _ldexp(self._sum_w2, self._w2_exp)
 
     @property
     def batch_shape(self) -> tuple[int, ...] | None:
@@ -168,6 +330,13 @@ class RunningMoments:
     def mean(self) -> np.ndarray:
         """Weighted mean, shape ``(*batch, C)`` (read-only live view)."""
         return _read_only(self._require_data("mean")[0])
+
+    @property
+    def mean_residual(self) -> np.ndarray:
+        """``exact mean − mean``, shape ``(*batch, C)`` (read-only live view; see the module notes)."""
+        self._require_data("mean_residual")
+        assert self._residual is not None
+        return _read_only(self._residual)
 
     @property
     def centred_sums(self) -> np.ndarray:
@@ -203,14 +372,51 @@ class RunningMoments:
         """
         ddof = check_ddof(ddof)
         _, sums = self._require_data("covariance()")
-        norm = degrees_of_freedom(self._sum_w, self._sum_w2, ddof, on_nonpositive="raise", count=self._count)
-        return sums / norm
+        return sums / self._normalisation(ddof)
+
+    def _scaled_weight_sums(self) -> tuple[float, float, int]:
+        """``(Σw·2⁻ʲ, Σw²·2⁻²ʲ, j)``: weight sums scaled into float range (``j = 0`` for ordinary weights)."""
+        j = self._w2_exp // 2
+        return _ldexp(self._sum_w, -j), self._sum_w2, j
+
+    def _normalisation(self, ddof: int) -> float:
+        """:func:`anomstats._rules.degrees_of_freedom` (``"raise"``) of the weights seen, for weights of any scale.
+
+        The rule is homogeneous of degree 1 in the weights: it is evaluated on the scaled sums and scaled back.
+        """
+        sum_w, sum_w2, j = self._scaled_weight_sums()
+        try:
+            norm = degrees_of_freedom(sum_w, sum_w2, ddof, on_nonpositive="raise", count=self._count)
+        except ValueError as error:
+            if j == 0:
+                raise
+            scaled = covariance_normalisation(sum_w, sum_w2, ddof)  # report the normalisation of the weights given
+            raise ValueError(str(error).replace(f" is {scaled:g} ", f" is {_ldexp(scaled, j):g} ")) from None
+        return _ldexp(norm, j)
+
+    def _one_shot_covariance(self, ddof: int) -> np.ndarray:
+        """The covariance with numpy's semantics, for the dask twin of :func:`anomstats.batched_cov`: an empty
+        state is an empty sum (0), and a normalisation ``<= 0`` gives ``inf``/``nan`` as numpy's ``1/0`` does (the
+        warning was given when the lazy result was built)."""
+        assert self._sums is not None
+        sum_w, sum_w2, j = self._scaled_weight_sums()
+        norm = _ldexp(covariance_normalisation(sum_w, sum_w2, ddof), j)
+        if norm <= 0:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return self._sums * np.inf
+        return self._sums / norm
 
     def state(self) -> dict[str, Any]:
-        """The raw state as a dict of copies: ``count``, ``sum_weights``, ``sum_squared_weights``,
-        ``mean`` and ``centred_sums`` (the two arrays are ``None`` before any update).
+        """The raw state as a dict of copies: ``count``, ``sum_weights``, ``sum_squared_weights``, ``mean``,
+        ``centred_sums`` (the two arrays are ``None`` before any update), ``mean_residual`` and
+        ``sum_squared_weights_exponent``.
 
-        :meth:`from_state` rebuilds an equal accumulator from it.
+        The first five mean what they always did (``sum_squared_weights`` is ``Σw²``, except for weights so
+        large or small that ``Σw²`` is out of float range: then it is the mantissa, and
+        ``Σw² = sum_squared_weights · 2**sum_squared_weights_exponent``). The last two were added with the
+        location-free streaming (:meth:`from_state` takes states without them, as zeros): they make a restart
+        exact. ``mean_residual`` is ``exact mean − mean``; ``sum_squared_weights_exponent`` is 0 for
+        ordinary weights. :meth:`from_state` rebuilds an equal accumulator from it.
         """
         return {
             "count": self._count,
@@ -218,6 +424,8 @@ class RunningMoments:
             "sum_squared_weights": self._sum_w2,
             "mean": None if self._mean is None else self._mean.copy(),
             "centred_sums": None if self._sums is None else self._sums.copy(),
+            "mean_residual": None if self._residual is None else self._residual.copy(),
+            "sum_squared_weights_exponent": self._w2_exp,
         }
 
     @classmethod
@@ -231,7 +439,18 @@ class RunningMoments:
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         workers: int | None = None,
     ) -> RunningMoments:
-        """Build an accumulator from a :meth:`state` dict (the arrays are copied).
+        """Build an accumulator from a :meth:`state` dict (the arrays are copied), after checking it.
+
+        Raises
+        ------
+        KeyError
+            A key of the five original ones is missing.
+        ValueError
+            An impossible state, naming the field: a count that is not a non-negative integer; weight sums
+            that are negative, not finite, or inconsistent (``Σw² > (Σw)²``, ``Σw² < (Σw)²/count``, non-zero
+            sums without observations); non-finite or wrongly shaped arrays (``mean`` ``(*batch, C)``,
+            ``centred_sums`` ``(*batch, C, C)``, ``mean_residual`` like ``mean``); a negative diagonal of
+            ``centred_sums``; observations without arrays.
 
         Examples
         --------
@@ -240,22 +459,37 @@ class RunningMoments:
         >>> b = RunningMoments.from_state(a.state())
         >>> b.count, bool(np.array_equal(a.covariance(), b.covariance()))
         (4, True)
+        >>> RunningMoments.from_state({**a.state(), "count": -1})
+        Traceback (most recent call last):
+        ...
+        ValueError: state['count'] must be a non-negative integer, got -1
         """
         moments = cls(obs_axis, var_axis, dtype=dtype, memory_budget=memory_budget, workers=workers)
+        return moments._load(state, check_values=True)
+
+    def _load(self, state: dict[str, Any], *, check_values: bool) -> RunningMoments:
+        """Take over a state dict (:meth:`from_state`). ``check_values=False`` keeps the checks of the keys,
+        types and shapes but trusts the numbers: for states this library computed itself (:meth:`copy`, a
+        change of centre), where rounding may leave e.g. a diagonal of ``-1e-300`` that a user's state
+        could not plausibly have."""
+        moments = self
         missing = {"count", "sum_weights", "sum_squared_weights", "mean", "centred_sums"} - set(state)
         if missing:
             raise KeyError(f"state is missing {sorted(missing)}; expected the dict of RunningMoments.state()")
-        count = operator.index(state["count"])
-        sum_w, sum_w2 = float(state["sum_weights"]), float(state["sum_squared_weights"])
-        if count < 0 or not (np.isfinite(sum_w) and sum_w >= 0 and np.isfinite(sum_w2) and sum_w2 >= 0):
-            raise ValueError(
-                "state has a negative count or negative/non-finite weight sums: "
-                f"count={count}, sum_weights={sum_w}, sum_squared_weights={sum_w2}"
-            )
-        mean, sums = state["mean"], state["centred_sums"]
+        count = _state_count(state["count"])
+        sum_w = _state_weight_sum(state, "sum_weights")
+        sum_w2 = _state_weight_sum(state, "sum_squared_weights")
+        w2_exp = _state_exponent(state.get("sum_squared_weights_exponent", 0))
+        if check_values:
+            _check_weight_sums(count, sum_w, sum_w2, w2_exp)
+        mean, sums, residual = state["mean"], state["centred_sums"], state.get("mean_residual")
         if mean is None or sums is None:
-            if count or mean is not None or sums is not None:
-                raise ValueError("state must give both mean and centred_sums, or neither (empty state)")
+            if count or mean is not None or sums is not None or residual is not None:
+                raise ValueError(
+                    "state must give both mean and centred_sums, or neither (an empty state); got "
+                    f"count={count}, mean {'None' if mean is None else 'given'}, centred_sums "
+                    f"{'None' if sums is None else 'given'}"
+                )
             return moments
         mean, sums = np.asarray(mean), np.asarray(sums)
         if mean.ndim < 1 or sums.shape != mean.shape + mean.shape[-1:]:
@@ -263,22 +497,29 @@ class RunningMoments:
                 f"state arrays do not fit together: mean has shape {mean.shape}, centred_sums "
                 f"{sums.shape}; expected (*batch, C) and (*batch, C, C)"
             )
-        acc = accumulation_dtype(np.result_type(mean, sums), moments._requested_dtype)
-        moments._mean = np.array(mean, dtype=acc)
-        moments._sums = np.array(sums, dtype=acc)
-        moments._count, moments._sum_w, moments._sum_w2 = count, sum_w, sum_w2
+        residual = np.zeros_like(mean) if residual is None else np.asarray(residual)
+        if residual.shape != mean.shape:
+            raise ValueError(
+                f"state['mean_residual'] has shape {residual.shape}, but mean has {mean.shape}; they must match"
+            )
+        acc = accumulation_dtype(np.result_type(mean, sums, residual), moments._requested_dtype)
+        if check_values:
+            _check_state_arrays(count, mean, sums, residual)
+        moments._start(mean.shape[:-1], mean.shape[-1], acc)
+        assert moments._mean is not None and moments._residual is not None and moments._sums is not None
+        np.copyto(moments._sums, sums, casting="unsafe")
+        # The exact mean is mean + residual; re-split it in the accumulation dtype.
+        two_sum(mean.astype(acc), residual.astype(acc), moments._mean, moments._residual)
+        moments._count, moments._sum_w, moments._sum_w2, moments._w2_exp = count, sum_w, sum_w2, w2_exp
         return moments
 
     def copy(self) -> RunningMoments:
         """An independent accumulator with the same configuration and state."""
-        return RunningMoments.from_state(
-            self.state(),
-            self.obs_axis,
-            self.var_axis,
-            dtype=self._requested_dtype,
-            memory_budget=self.memory_budget,
+        twin = RunningMoments(
+            self.obs_axis, self.var_axis, dtype=self._requested_dtype, memory_budget=self.memory_budget,
             workers=self.workers,
         )
+        return twin._load(self.state(), check_values=False)
 
     def __repr__(self) -> str:
         if self._mean is None:
@@ -305,7 +546,24 @@ class RunningMoments:
 
     def _start(self, batch: tuple[int, ...], n_var: int, dtype: np.dtype[Any]) -> None:
         self._mean = np.zeros((*batch, n_var), dtype=dtype)
+        self._residual = np.zeros((*batch, n_var), dtype=dtype)
         self._sums = np.zeros((*batch, n_var, n_var), dtype=dtype)
+
+    def _add_squared_weights(self, mantissa: float, exponent: int) -> None:
+        """``Σw² += mantissa·2**exponent`` (``exponent`` even), keeping the sum as a plain float when it is one."""
+        if exponent == 0 and self._w2_exp == 0:
+            self._sum_w2 += mantissa  # ordinary weights: exactly the float sum it always was
+            return
+        # Add in the scale of the larger term (both exponents are even, and so is the result's).
+        ours = -math.inf if self._sum_w2 == 0.0 else math.frexp(self._sum_w2)[1] + self._w2_exp
+        theirs = -math.inf if mantissa == 0.0 else math.frexp(mantissa)[1] + exponent
+        common = self._w2_exp if ours >= theirs else exponent
+        total = _ldexp(self._sum_w2, self._w2_exp - common) + _ldexp(mantissa, exponent - common)
+        plain = _ldexp(total, common)
+        if math.isfinite(plain) and (total == 0.0 or abs(plain) >= np.finfo(np.float64).tiny):
+            self._sum_w2, self._w2_exp = plain, 0
+        else:
+            self._sum_w2, self._w2_exp = total, common
 
     # ------------------------------------------------------------------ dask protocol (anomstats._dask)
     def empty_like(self) -> RunningMoments:
@@ -316,7 +574,7 @@ class RunningMoments:
         >>> RunningMoments(obs_axis=1, var_axis=0).empty_like()
         RunningMoments(obs_axis=1, var_axis=0, empty)
         """
-        return RunningMoments(
+        return type(self)(
             self.obs_axis, self.var_axis, dtype=self._requested_dtype, memory_budget=self.memory_budget,
             workers=self.workers,
         )
@@ -325,12 +583,43 @@ class RunningMoments:
         """:meth:`update` of one in-memory chunk (the dask protocol's name for it)."""
         return self.update(block, weights)
 
+    def _check_batch(self, shape: tuple[int, ...], x_dtype: np.dtype[Any]) -> tuple[tuple[int, ...], int, int, np.dtype[Any]]:
+        """The checks of :meth:`update` that need only the shape and dtype of ``x`` (its dask twin runs them too).
+
+        Returns ``(batch shape, N, C, accumulation dtype)``.
+        """
+        obs, var = normalise_axes(len(shape), self.obs_axis, self.var_axis)
+        batch = tuple(size for axis, size in enumerate(shape) if axis not in (obs, var))
+        n_obs, n_var = shape[obs], shape[var]
+        if self._mean is None:
+            acc = accumulation_dtype(x_dtype, self._requested_dtype)
+        else:
+            acc = self._mean.dtype
+            self._check_compatible(batch, n_var, x_dtype, "x")
+            accumulation_dtype(x_dtype, acc)  # rejects non-numeric data
+        return batch, n_obs, n_var, acc
+
     def _update_dask(self, x: Any, weights: Any = None) -> RunningMoments:
-        """:meth:`update` for a dask array: the chunks' moments are merged where they live, then here."""
+        """:meth:`update` for a dask array: the chunks' moments are merged where they live, then here.
+
+        The checks are the in-memory ones, in the same order, before anything is computed; non-finite
+        data are located in the whole array (not in the chunk that found them), so the error is the
+        in-memory one too. The state changes only once everything is computed.
+        """
+        self._check_batch(tuple(x.shape), np.dtype(x.dtype))
         obs = normalise_axis(self.obs_axis, "obs_axis", x.ndim)
-        normalise_axis(self.var_axis, "var_axis", x.ndim)
         w = None if weights is None else check_weights(np.asarray(weights), x.shape[obs], "weights")
-        return self.merge(_dask.reduce_observations(self.empty_like(), x, obs, w).compute())
+        try:
+            total = _dask.reduce_observations(self.empty_like(), x, obs, w).compute()
+        except ValueError:
+            # A chunk found NaN or infinity: name the first one of the whole array, as update(x) does.
+            index = _dask.first_non_finite(x)
+            if index is None:
+                raise
+        else:
+            return self.merge(total)
+        refuse_non_finite(index)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     @_dask.dispatch(_update_dask, arg="x")
     def update(self, x: ArrayLike, weights: ArrayLike | None = None) -> RunningMoments:
@@ -340,97 +629,128 @@ class RunningMoments:
         ----------
         x : array_like
             Observations along ``obs_axis``, variables along ``var_axis``, the batch axes elsewhere
-            (their shape, and ``C``, must match earlier updates). Never modified.
+            (their shape, and ``C``, must match earlier updates). Finite. Never modified.
         weights : array_like, shape (N,), optional
             Analytic weights of these observations (numpy's ``aweights`` semantics), finite and
-            non-negative; default: all 1.
+            non-negative; default: all 1. Only their ratios matter (any scale works).
 
         Raises
         ------
         ValueError
-            Shape mismatch with earlier updates, bad axes, negative or non-finite weights.
+            Shape mismatch with earlier updates, bad axes, negative or non-finite weights, or NaN or
+            infinity in ``x`` (naming the index of the first one). Nothing is accumulated then: the
+            state stays as it was.
         RuntimeError
             ``weights`` not 1-D or of the wrong length (numpy's exception type).
         """
+        return self._update(x, weights, check_finite=True)
+
+    def _update(self, x: ArrayLike, weights: ArrayLike | None, *, check_finite: bool) -> RunningMoments:
+        """:meth:`update`; ``check_finite=False`` for callers that validated ``x`` already (or, for the dask twin
+        of :func:`anomstats.batched_cov`, that follow numpy and let NaN through)."""
         data = np.asarray(x)
+        batch, n_obs, n_var, acc = self._check_batch(data.shape, data.dtype)
         view = batch_view(data, self.obs_axis, self.var_axis)
-        *batch_list, n_obs, n_var = view.shape
-        batch = tuple(batch_list)
-        if self._mean is None:
-            acc = accumulation_dtype(data.dtype, self._requested_dtype)
-        else:
-            acc = self._mean.dtype
-            self._check_compatible(batch, n_var, data.dtype, "x")
-            accumulation_dtype(data.dtype, acc)  # rejects non-numeric data
         w = None if weights is None else check_weights(weights, n_obs, "weights")
-        w_b = float(n_obs) if w is None else float(w.sum())
-        w2_b = float(n_obs) if w is None else float(np.dot(w, w))
+        if check_finite:
+            _check_finite(data)
+        if w is None:
+            w_b, w2_b, w2_exp = float(n_obs), float(n_obs), 0
+        else:
+            scaled, k = scaled_weights(w)
+            w_b, w2_b, w2_exp = float(w.sum()), float(np.dot(scaled, scaled)), 2 * k
+            if 2 * k and math.isfinite(_ldexp(w2_b, 2 * k)) and _ldexp(w2_b, 2 * k) >= np.finfo(np.float64).tiny:
+                w2_b, w2_exp = _ldexp(w2_b, 2 * k), 0  # in range: the plain Σw² (bit for bit np.dot(w, w))
+        # Validated: from here on nothing raises, so a refused batch leaves the state alone.
         if self._mean is None:
             self._start(batch, n_var, acc)
+        assert self._mean is not None
         if w_b > 0.0 and self._mean.size:
             self._fold_data(view, acc, w, w_b)
         self._count += n_obs
         self._sum_w += w_b
-        self._sum_w2 += w2_b
+        self._add_squared_weights(w2_b, w2_exp)
         return self
 
     def _fold_data(self, view: np.ndarray, acc: np.dtype[Any], w: Any, w_b: float) -> None:
         """Fold new observations (``view`` laid out ``(*batch, N, C)``) into the state, chunk by chunk.
 
-        The mean-shift term of the pairwise update is folded into the same product as the new
-        centred sums: appending the row ``√(Wa·Wb/W)·δ`` to the centred observations adds exactly
-        ``δδᴴ·Wa·Wb/W`` to their Gram matrix, which saves three passes over a ``(p, C, C)`` array.
+        Each chunk is copied shifted by the current (rounded) mean ``m`` of its items, so the batch's mean
+        relative to ``m`` and ``δ = μ_b − μ_a = (μ_b − m) − residual`` are formed from small numbers (see
+        the module notes); the first batch is shifted by its first observations instead. The mean-shift
+        term of the pairwise update is folded into the same product as the new centred sums: appending the
+        row ``√(Wa·Wb/W)·δ`` to the centred observations adds exactly ``δδᴴ·Wa·Wb/W`` to their Gram matrix,
+        which saves three passes over a ``(p, C, C)`` array.
         """
         n_obs, n_var = view.shape[-2:]
         w_a = self._sum_w
-        chan = chan_merge_weights(w_a, w_b)
+        chan = _scaled_chan(w_a, w_b)
         shift_scale = np.sqrt(chan.cross)
         chunks = plan_moment_chunks(
-            # Scratch per item: the appended row and the chunk's sums of products.
-            view, acc, self.memory_budget, self.workers, extra_per_item=(n_var * n_var + n_var) * acc.itemsize
+            # Scratch per item: the appended row, the chunk's sums of products, means and residual updates.
+            view, acc, self.memory_budget, self.workers, extra_per_item=(n_var * n_var + 5 * n_var) * acc.itemsize
         )
 
         def task(chunk: tuple[tuple[Any, ...], int]) -> None:
             index, p = chunk
-            assert self._mean is not None and self._sums is not None
+            assert self._mean is not None and self._residual is not None and self._sums is not None
             mean_a = self._mean[index].reshape(p, n_var)  # contiguous blocks: views, updated in place
+            residual_a = self._residual[index].reshape(p, n_var)
             sums_a = self._sums[index].reshape(p, n_var, n_var)
+            mean_b = np.empty((p, n_var), dtype=acc)  # the batch's mean minus the shift
             if w_a == 0.0:
                 # Nothing to combine with yet: write the first moments straight into the state.
-                gram(centred_copy(view[index], acc, w, mean_a), sums_a)
+                shift = first_observations(view[index], acc, w)
+                gram(centred_copy(view[index], acc, w, mean_b, shift=shift), sums_a)
+                two_sum(shift, mean_b, mean_a, residual_a)
                 return
-            mean_b = np.empty((p, n_var), dtype=acc)
-            rows = centred_copy(view[index], acc, w, mean_b, spare_rows=1)
-            delta = mean_b - mean_a
+            rows = centred_copy(view[index], acc, w, mean_b, spare_rows=1, shift=mean_a)
+            delta = mean_b - residual_a  # μ_b − μ_a: both relative to the rounded mean
             np.multiply(delta, shift_scale, out=rows[:, n_obs])
             sums_b = np.empty((p, n_var, n_var), dtype=acc)
             gram(rows, sums_b)
             sums_a += sums_b
-            mean_a += delta * chan.mean_step
+            delta *= chan.mean_step
+            delta += residual_a  # μ_new − m, small: rounded relative to the data's spread
+            two_sum(mean_a, delta, mean_a, residual_a)
 
         # Many small products: hold BLAS to one thread (see anomstats.batched_cov, Notes).
         run_chunks(task, chunks, self.workers, single_blas=self._mean.size > n_var)
 
     def _fold_chunk(
-        self, index: tuple[Any, ...], p: int, w_a: float, mean_b: np.ndarray, w_b: float, sums_b: np.ndarray
+        self,
+        index: tuple[Any, ...],
+        p: int,
+        chan: ChanWeights,
+        mean_b: np.ndarray,
+        residual_b: np.ndarray,
+        sums_b: np.ndarray,
     ) -> None:
         """Chan's pairwise update of one contiguous block of batch items with another state, in place.
 
         ``sums_b`` is used as scratch.
         """
-        assert self._mean is not None and self._sums is not None
+        assert self._mean is not None and self._residual is not None and self._sums is not None
         n_var = mean_b.shape[-1]
         mean_a = self._mean[index].reshape(p, n_var)
+        residual_a = self._residual[index].reshape(p, n_var)
         sums_a = self._sums[index].reshape(p, n_var, n_var)
-        chan = chan_merge_weights(w_a, w_b)
+        if chan.cross == 0.0 and chan.mean_step == 1.0:
+            # This side has zero weight (its arrays are zeros): take the other state as it is.
+            mean_a[...], residual_a[...], sums_a[...] = mean_b, residual_b, sums_b
+            return
+        # Exact when the means are close (Sterbenz): far from the origin nothing is lost.
         delta = mean_b - mean_a
+        delta += residual_b - residual_a
         if chan.cross:
             # Correction for the distance between the two means; zero when one side is empty.
             outer = delta[:, :, None] * (delta.conj() if delta.dtype.kind == "c" else delta)[:, None, :]
             outer *= chan.cross
             sums_b += outer
         sums_a += sums_b
-        mean_a += delta * chan.mean_step
+        delta *= chan.mean_step
+        delta += residual_a
+        two_sum(mean_a, delta, mean_a, residual_a)
 
     def merge(self, other: RunningMoments) -> RunningMoments:
         """Fold another accumulator's moments into this one; returns ``self``. ``other`` is unchanged.
@@ -448,8 +768,8 @@ class RunningMoments:
             return self
         if other is self:
             other = self.copy()
-        o_mean, o_sums = other._mean, other._sums
-        assert o_mean is not None and o_sums is not None
+        o_mean, o_residual, o_sums = other._mean, other._residual, other._sums
+        assert o_mean is not None and o_residual is not None and o_sums is not None
         if self._mean is None:
             acc = accumulation_dtype(o_mean.dtype, self._requested_dtype)
             self._start(o_mean.shape[:-1], o_mean.shape[-1], acc)
@@ -459,14 +779,15 @@ class RunningMoments:
         if other._sum_w > 0.0 and self._mean.size:
             acc = self._mean.dtype
             n_var = o_mean.shape[-1]
-            w_a, w_b = self._sum_w, other._sum_w
-            per_item = (3 * n_var * n_var + 2 * n_var) * acc.itemsize  # copies + outer product
+            chan = _scaled_chan(self._sum_w, other._sum_w)
+            per_item = (3 * n_var * n_var + 4 * n_var) * acc.itemsize  # copies + outer product
             max_items = items_per_chunk(per_item, self.memory_budget)
             for index, p in batch_chunks(o_mean.shape[:-1], max_items):
                 mean_b = np.array(o_mean[index], dtype=acc).reshape(p, n_var)
+                residual_b = np.array(o_residual[index], dtype=acc).reshape(p, n_var)
                 sums_b = np.array(o_sums[index], dtype=acc).reshape(p, n_var, n_var)
-                self._fold_chunk(index, p, w_a, mean_b, w_b, sums_b)
+                self._fold_chunk(index, p, chan, mean_b, residual_b, sums_b)
         self._count += other._count
         self._sum_w += other._sum_w
-        self._sum_w2 += other._sum_w2
+        self._add_squared_weights(other._sum_w2, other._w2_exp)
         return self

@@ -1,16 +1,41 @@
-"""All-reduce of streaming Gaussian moments across torch.distributed ranks.
+"""Merge of streaming Gaussian moments across torch.distributed ranks, exact and polite.
 
-Each rank holds (count, mean, centred sum of products M2) per patch. The global moments are exact:
-mean = Σ n_r·mean_r / Σ n_r and M2 = Σ (M2_r + n_r·(mean_r − mean)(mean_r − mean)ᵀ), i.e. the parallel
-form of Chan et al.'s merge, with deviations taken from the global mean (no cancellation).
+Each rank holds a stream (:mod:`anomstats_torch._streaming`): a count, a shift (its first batch's mean), its
+mean minus the shift and its centred sums of products M2, per patch. The merge:
+
+1. **Agreement** (one small collective): every rank contributes a signature, ``[count, C, P, dtype,
+   device type, wide input]`` as int64, gathered on every rank. Every rank then reaches the same decision
+   from the same numbers: ranks without data take the shape, dtype and device type of the ranks with data
+   (so an empty rank works whatever its ``accumulate_dtype``); ranks with data that disagree (shapes,
+   accumulation dtypes, device types) make every rank raise the same ``ValueError`` before any large
+   collective, so none aborts or hangs; no data anywhere raises :class:`anomstats.NotFittedError` everywhere.
+2. **Means** (``all_gather`` of each rank's shift and shifted mean, 2·C·P numbers per rank): every rank
+   re-expresses each rank's mean about one common origin, the first rank-with-data's shift
+   (``(shift_r − origin) + mean_r``: differences of nearby numbers, exact to the data's spread), and merges
+   them pairwise in rank order by Chan's update (the coefficients are
+   :func:`anomstats._rules.chan_merge_weights`), collecting each merge's cross term ``δδᵀ·w_a·w_b/W`` as a
+   column ``δ·sqrt(w_a·w_b/W)`` of a small factor D (P, C, ranks).
+3. **Sums** (one ``all_reduce`` of the (P, C, C) stacks): ``M2 = Σ M2_r + D Dᵀ``.
+
+Everything about location stays relative to the data's spread: ranks whose shifts differ merge exactly (to
+a few eps of the spread), at any distance of the data from the origin.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from anomstats._validation import NotFittedError
+
+from . import _streaming
+
+#: Codes of the accumulation dtypes and device types in a rank's signature.
+_DTYPE_CODES = {torch.float32: 32, torch.float64: 64}
+_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "meta")
 
 
 def _is_distributed() -> bool:
@@ -18,63 +43,132 @@ def _is_distributed() -> bool:
     return bool(dist is not None and dist.is_available() and dist.is_initialized())
 
 
-def _collective_device(state: Tensor | None) -> torch.device:
+def _collective_device() -> torch.device:
+    """Where the small collectives run: the rank's CUDA device under NCCL, else the CPU."""
     import torch.distributed as dist
 
-    if state is not None:
-        return state.device
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def global_moments(
-    count: int, mean: Tensor | None, m2: Tensor | None, wide_input: bool
-) -> tuple[int, Tensor, Tensor, bool]:
-    """Return the moments over every rank (just the local ones when torch.distributed is not initialised).
+def _device_code(device: torch.device) -> int:
+    return _DEVICE_TYPES.index(device.type) if device.type in _DEVICE_TYPES else len(_DEVICE_TYPES)
 
-    A collective when distributed: every rank must call it. Ranks without data contribute nothing; shapes
-    are agreed first so every rank raises the same error if they differ. ``wide_input`` (the rank saw
-    float64 input) is OR-ed over ranks, so every rank stores its buffers in the same dtype.
+
+def _device_name(code: int) -> str:
+    return _DEVICE_TYPES[code] if code < len(_DEVICE_TYPES) else "another device type"
+
+
+@dataclass
+class _Plan:
+    """What every rank agreed on."""
+
+    counts: list[int]
+    channels: int
+    patches: int
+    dtype: torch.dtype
+    device_type: str
+    wide: bool
+
+    @property
+    def origin_rank(self) -> int:
+        return next(rank for rank, count in enumerate(self.counts) if count > 0)
+
+
+def _differ(what: str, values: dict[int, object], remedy: str) -> ValueError:
+    listing = ", ".join(f"rank {rank}: {value}" for rank, value in values.items())
+    return ValueError(f"torch.distributed ranks streamed {what} ({listing}); {remedy}")
+
+
+def agree(signatures: list[list[int]], backend: str) -> _Plan:
+    """The plan every rank follows, from every rank's signature; the same error on every rank if they differ."""
+    data = {rank: sig for rank, sig in enumerate(signatures) if sig[0] > 0}
+    if not data:
+        raise NotFittedError("no rank has data: call update(embedding) before compute()")
+    shapes = {rank: (sig[1], sig[2]) for rank, sig in data.items()}
+    if len(set(shapes.values())) > 1:
+        listing = {rank: f"C={c}, H*W={p}" for rank, (c, p) in shapes.items()}
+        raise _differ(
+            "embeddings of different shapes", listing,
+            "every rank must use the same feature extractor and image size",
+        )
+    dtypes = {rank: _DTYPES[sig[3]] for rank, sig in data.items()}
+    if len(set(dtypes.values())) > 1:
+        raise _differ(
+            "moments in different dtypes", dtypes,
+            "give every rank the same accumulate_dtype (and float64 input on all ranks or on none: float64 input "
+            "is accumulated in float64)",
+        )
+    devices = {rank: _device_name(sig[4]) for rank, sig in data.items()}
+    if len(set(devices.values())) > 1:
+        raise _differ(
+            "moments on different device types", devices,
+            "keep every rank's streamed moments on the same kind of device (the rank's CUDA device under NCCL)",
+        )
+    device_type = next(iter(devices.values()))
+    if backend == "nccl" and device_type != "cuda":
+        raise ValueError(
+            f"torch.distributed with NCCL all-reduces CUDA tensors, but the streamed moments are on {device_type}; "
+            "stream the embeddings on the rank's CUDA device (or use the gloo backend)"
+        )
+    first = next(iter(data.values()))
+    return _Plan(
+        [sig[0] for sig in signatures], first[1], first[2], _DTYPES[first[3]], device_type,
+        any(sig[5] for sig in signatures),
+    )
+
+
+def _signature(stream: _streaming.Stream | None, device: torch.device) -> Tensor:
+    if stream is None:
+        values = [0, 0, 0, 0, 0, 0]
+    else:
+        values = [
+            stream.count, stream.n_features, stream.n_patches, _DTYPE_CODES[stream.shift.dtype],
+            _device_code(stream.shift.device), int(stream.wide),
+        ]
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def _data_device(plan: _Plan) -> torch.device:
+    if plan.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(plan.device_type)
+
+
+def global_moments(stream: _streaming.Stream | None) -> tuple[int, Tensor, Tensor, Tensor, bool]:
+    """``(count, shift, mean − shift, M2, wide input)`` over every rank (the local stream when not distributed).
+
+    A collective when torch.distributed is initialised: every rank must call it, with or without data. The
+    local stream is not modified. See the module notes for the agreement and the merge.
     """
     if not _is_distributed():
-        if mean is None or m2 is None:
+        if stream is None:
             raise NotFittedError("no data: call update(embedding) before compute()")
-        return count, mean, m2, wide_input
+        return stream.count, stream.shift, stream.mean, stream.spread, stream.wide
 
     import torch.distributed as dist
 
-    device = _collective_device(m2)
-    missing = -(2**62)
-    if mean is None:
-        shape = torch.tensor([-1, -1, missing, missing, int(wide_input)], dtype=torch.int64, device=device)
+    small = _collective_device()
+    signature = _signature(stream, small)
+    gathered = [torch.empty_like(signature) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, signature)
+    plan = agree([[int(v) for v in sig.tolist()] for sig in gathered], str(dist.get_backend()))
+    if stream is None:
+        device = _data_device(plan)
+        zeros = torch.zeros(plan.channels, plan.patches, dtype=plan.dtype, device=device)
+        shift, mean = zeros, zeros
+        m2 = torch.zeros(plan.patches, plan.channels, plan.channels, dtype=plan.dtype, device=device)
     else:
-        c, p = mean.shape
-        shape = torch.tensor([c, p, -c, -p, int(wide_input)], dtype=torch.int64, device=device)
-    dist.all_reduce(shape, op=dist.ReduceOp.MAX)
-    wide_input = bool(shape[4].item())
-    c_max, p_max, c_min, p_min = shape[0].item(), shape[1].item(), -shape[2].item(), -shape[3].item()
-    if c_max < 0:
-        raise NotFittedError("no rank has data: call update(embedding) before compute()")
-    if (c_max, p_max) != (c_min, p_min):
-        raise ValueError(
-            f"ranks streamed embeddings of different shapes (C from {c_min} to {c_max}, H*W from {p_min} to "
-            f"{p_max}); every rank must use the same feature extractor and image size"
-        )
-    dtype = m2.dtype if m2 is not None else torch.float64
-    if mean is None or m2 is None:
-        mean = torch.zeros(c_max, p_max, dtype=dtype, device=device)
-        m2 = torch.zeros(p_max, c_max, c_max, dtype=dtype, device=device)
-
-    total = torch.tensor([float(count)], dtype=torch.float64, device=device)
+        shift, mean, m2 = stream.shift, stream.mean, stream.spread
+    pair = torch.stack([shift, mean])
+    pairs = [torch.empty_like(pair) for _ in plan.counts]
+    dist.all_gather(pairs, pair)
+    total = m2.clone()
     dist.all_reduce(total)
-    n_total = int(round(total.item()))
-    if n_total == 0:
-        return 0, mean, m2, wide_input
-    global_mean = mean * count
-    dist.all_reduce(global_mean)
-    global_mean /= n_total
-    deviation = (mean - global_mean).mT  # (P, C)
-    global_m2 = torch.baddbmm(m2, deviation.unsqueeze(2), deviation.unsqueeze(1), alpha=float(count))
-    dist.all_reduce(global_m2)
-    return n_total, global_mean, global_m2, wide_input
+    origin = pairs[plan.origin_rank][0]
+    # Each rank's mean about the common origin: (shift_r − origin) is a difference of nearby numbers.
+    means = [(p[0] - origin) + p[1] for p in pairs]
+    merged, correction = _streaming.merge_factor_columns(plan.counts, means)
+    total.baddbmm_(correction, correction.mT)
+    return sum(plan.counts), origin, merged, total, plan.wide

@@ -19,11 +19,20 @@ from torch import Tensor
 
 from anomstats._low_rank import check_definite, check_form, low_rank_width, needs_ridge_message, no_advantage_message
 from anomstats._packed import packed_length
-from anomstats._rules import DEFAULT_RIDGE, chan_merge_weights, covariance_normalisation, degrees_of_freedom
+from anomstats._patch_kernels import (
+    feature_scale,
+    not_definite_error,
+    patch_rank_eps,
+    precision_fault,
+    raise_non_finite_query,
+    singular_feature,
+    singular_patch_error,
+    unrepresentable_error,
+)
+from anomstats._rules import DEFAULT_RIDGE, covariance_normalisation
 from anomstats._validation import (
     DTypeError,
     NotFittedError,
-    check_ddof,
     check_fit_shape,
     check_memory_budget,
     check_patch_score_shape,
@@ -33,7 +42,6 @@ from anomstats._validation import (
     require_finite,
     require_observations,
 )
-from anomstats._weights import as_analytic_weights
 
 from ._policy import (
     DEFAULT_CHUNK_BYTES,
@@ -46,34 +54,175 @@ from ._policy import (
     storage_dtype,
     working_dtype,
 )
-from .dynamic_buffer import DynamicBufferModule
+from .dynamic_buffer import ADOPT_KEY, DynamicBufferModule
+from . import _checkpoints
 from . import _compact
+from . import _covariance
 from . import _distributed
 from . import _low_rank
+from . import _streaming
 
 __all__ = ["MultiVariateGaussian", "LowRankMultiVariateGaussian", "PackedMultiVariateGaussian"]
 
 
-def _precision_into(covariance: Tensor, out: Tensor, first_patch: int, spatial: tuple[int, ...]) -> Tensor:
-    """Write the symmetric inverses of a stack of SPD matrices into ``out``, through Cholesky factors.
+#: How the adapter's faults of a fit tell the user what to do (it has no shrinkage, and computes in float64 when
+#: asked by ``module.double()`` or float64 embeddings).
+_SINGULAR_HINT = (
+    "remove or combine the dependent features, or increase ridge (a larger ridge makes every patch definite)"
+)
+_WIDER_REMEDY = (
+    "or compute and store in float64: module.double() or float64 embeddings (and, for update(), "
+    "accumulate_dtype=torch.float64)"
+)
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The NumPy twin of a working dtype (float32 or float64; anything else: float16) for the core's dtype rules."""
+    return np.dtype({torch.float64: np.float64, torch.float32: np.float32}.get(dtype, np.float16))
+
+
+def _rank_eps(data_dtype: torch.dtype, working: torch.dtype) -> float:
+    """The core's eps of an unregularised patch's rank test (:func:`anomstats._patch_kernels.patch_rank_eps`)."""
+    data_eps = torch.finfo(data_dtype).eps if data_dtype.is_floating_point else None
+    return patch_rank_eps(data_eps, _numpy_dtype(working))
+
+
+def _scale_remedy(dtype: torch.dtype) -> str:
+    """What to do about features whose scale ``dtype`` cannot represent."""
+    return "rescale the embedding (e.g. divide it by its typical scale)" + (
+        "" if dtype == torch.float64 else ", " + _WIDER_REMEDY
+    )
+
+
+def _precision_into(
+    covariance: Tensor,
+    out: Tensor,
+    first_patch: int,
+    spatial: tuple[int, ...],
+    *,
+    ridge: float,
+    store_dtype: torch.dtype | None = None,
+    data_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Write the symmetric inverses of a stack of regularised covariances into ``out``, through Cholesky factors.
 
     ``Σ = L Lᵀ`` (batched ``cholesky_ex``), then ``Σ⁻¹ = L⁻ᵀ L⁻¹`` with ``L⁻¹`` from a batched triangular
     solve: on CPU about twice as fast as ``torch.cholesky_inverse`` for PaDiM's sizes, equally accurate.
     The result is symmetrised (``(P + Pᵀ) / 2``) so that it is exactly symmetric.
+
+    The faults are the core's (:mod:`anomstats._patch_kernels`), with its messages: a covariance that is not
+    finite (``ValueError`` naming the scale); a failed factorisation (``numpy.linalg.LinAlgError``); with
+    ``ridge=0`` the core's rank test on the precision's diagonal (:func:`anomstats._patch_kernels.singular_feature`,
+    eps from ``data_dtype``: float32 data are held to float32's eps even when computed in float64), with one
+    message whether the test or the factorisation refused; a precision whose diagonal does not fit
+    ``store_dtype`` (``ValueError`` naming the scale: stored, it would read as zeros).
     """
+    store_dtype = out.dtype if store_dtype is None else store_dtype
+    diagonal = covariance.diagonal(dim1=-2, dim2=-1)
+    finite = torch.isfinite(diagonal).all(dim=-1)
+    if not bool(finite.all()):
+        where = describe_patch(int(torch.nonzero(~finite)[0, 0]) + first_patch, spatial)
+        raise unrepresentable_error(where, torch.finfo(covariance.dtype), "covariance", None, _scale_remedy(covariance.dtype))
     factor, info = torch.linalg.cholesky_ex(covariance)
     bad = torch.nonzero(info).flatten()
     if bad.numel():
-        where = describe_patch(int(bad[0]) + first_patch, spatial)
-        raise ValueError(
-            f"the regularised covariance at {where} is not positive definite ({bad.numel()} patch(es) in "
-            "this chunk); check the embedding for degenerate values or increase ridge"
+        patch = int(bad[0])
+        where = describe_patch(patch + first_patch, spatial)
+        if ridge == 0:
+            data = covariance.dtype if data_dtype is None else data_dtype
+            raise singular_patch_error(where, covariance.shape[-1], _rank_eps(data, covariance.dtype), _SINGULAR_HINT)
+        largest = float(diagonal[patch].max())
+        rounding = covariance.shape[-1] * torch.finfo(covariance.dtype).eps * largest
+        raise not_definite_error(
+            where, int(info[patch]), ridge,
+            hint=(
+                f"increase ridge (a larger ridge makes every patch definite; with variances up to {largest:.1e} it "
+                f"must be well above {rounding:.1e}, the {_numpy_dtype(covariance.dtype).name} rounding of the "
+                f"covariance), {_WIDER_REMEDY}"
+            ),
         )
     eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device).expand_as(factor)
     factor_inv = torch.linalg.solve_triangular(factor, eye, upper=False)
     # Half the product (scaling by 0.5 is exact), then P/2 + (P/2)ᵀ: symmetric bit for bit, one pass.
     half = torch.baddbmm(factor_inv, factor_inv.mT, factor_inv, beta=0.0, alpha=0.5)
-    return torch.add(half, half.mT, out=out)
+    precision = torch.add(half, half.mT, out=out)
+    _check_precision(precision, covariance, first_patch, spatial, store_dtype)
+    if ridge == 0:
+        data = covariance.dtype if data_dtype is None else data_dtype
+        _check_rank(precision, covariance, first_patch, spatial, _rank_eps(data, covariance.dtype))
+    return precision
+
+
+def _check_precision(
+    precision: Tensor, covariance: Tensor, first_patch: int, spatial: tuple[int, ...], store_dtype: torch.dtype
+) -> None:
+    """Refuse precisions whose diagonal does not fit ``store_dtype`` (the core's rule and message).
+
+    The diagonal of a positive definite precision is positive and at least ``1/variance``: a zero or subnormal
+    entry once stored means features too large for the dtype (float32 features of scale 1e19 have a precision
+    of ~1e-38; stored, it reads as zeros and every distance along them is 0), an infinite one features too
+    small. One reduction per chunk; the error path names the patch and the features' scale.
+    """
+    info = torch.finfo(store_dtype)
+    diagonal = precision.diagonal(dim1=-2, dim2=-1).to(store_dtype)
+    fits = (torch.isfinite(diagonal) & (diagonal >= info.tiny)).all(dim=-1)
+    if bool(fits.all()):
+        return
+    patch = int(torch.nonzero(~fits)[0, 0])
+    fault = precision_fault(diagonal[patch].double().cpu().numpy(), info)
+    variances = covariance[patch].diagonal().double()
+    variance = float(variances.max() if fault == "precision_underflow" else variances.min())
+    raise unrepresentable_error(
+        describe_patch(patch + first_patch, spatial), info, fault, max(variance, 0.0) ** 0.5, _scale_remedy(store_dtype)
+    )
+
+
+def _check_rank(precision: Tensor, covariance: Tensor, first_patch: int, spatial: tuple[int, ...], eps: float) -> None:
+    """The core's rank test (:func:`anomstats._patch_kernels.singular_feature`) of each unregularised patch.
+
+    Only with ``ridge=0``: the precisions' and the covariances' diagonals (P·C numbers) go to the host once per
+    chunk and each patch is tested by the core's function.
+    """
+    precision_diagonal = precision.diagonal(dim1=-2, dim2=-1).double().cpu().numpy()
+    variances = covariance.diagonal(dim1=-2, dim2=-1).double().cpu().numpy()
+    for patch in range(precision_diagonal.shape[0]):
+        if singular_feature(precision_diagonal[patch], variances[patch], eps):
+            where = describe_patch(patch + first_patch, spatial)
+            raise singular_patch_error(where, covariance.shape[-1], eps, _SINGULAR_HINT)
+
+
+def _data_dtype_of_store(store: torch.dtype) -> torch.dtype:
+    """The data dtype a fit into a ``store`` buffer most likely came in, when the caller does not say."""
+    return store if store in (torch.float32, torch.float64) else torch.float32
+
+
+def _fits(values: Tensor) -> bool:
+    """Whether every value is finite and at least the dtype's smallest normal number (one reduction)."""
+    return bool((torch.isfinite(values) & (values >= torch.finfo(values.dtype).tiny)).all())
+
+
+def _wide_covariance(vectors: Tensor, ridge: float, alpha: float, first_patch: int, spatial: tuple[int, ...]) -> Tensor:
+    """The regularised covariances of a chunk (B, C, p) in float64, for a float32 fit whose variances float32
+    cannot represent.
+
+    float32 sums of squares overflow for features of scale above about ``sqrt(3.4e38 / B)``, and variances
+    below 1.2e-38 (features of scale 1e-19, without a ridge) are subnormal or zero; in float64 neither
+    happens, and the precision, computed there, is rounded into the float32 store if it fits (else the
+    store's check names the scale). A covariance that overflows float64 too raises the core's message,
+    naming the scale. A patch that is constant (variance 0) comes here too and is refused as singular.
+    """
+    wide = torch.float64
+    centred = _centred_patches(vectors, vectors.mean(dim=0, dtype=wide), wide)
+    eye = torch.eye(centred.shape[-1], dtype=wide, device=centred.device).mul_(ridge)
+    covariance = torch.baddbmm(eye, centred.mT, centred, alpha=alpha)
+    finite = torch.isfinite(covariance.diagonal(dim1=-2, dim2=-1)).all(dim=-1)
+    if not bool(finite.all()):
+        patch = int(torch.nonzero(~finite)[0, 0])
+        raise unrepresentable_error(
+            describe_patch(patch + first_patch, spatial), np.float64, "covariance",
+            feature_scale(centred[patch].cpu().numpy()), _scale_remedy(wide),
+        )
+    return covariance
 
 
 def _as_patches(x: Tensor) -> Tensor:
@@ -86,14 +235,64 @@ def _centred_patches(vectors: Tensor, mean: Tensor, dtype: torch.dtype) -> Tenso
 
     The copy goes to a (B, p, C) buffer: each image's (C, p) block is transposed in cache, about 4x
     faster than gathering straight into patch-major order; BLAS reads the (p, B, C) view with strides.
+    Bool embeddings (accepted as the core accepts them: 0 and 1) are converted first (torch has no bool
+    subtraction).
     """
     batch, channels, patches = vectors.shape
+    if vectors.dtype == torch.bool:
+        vectors = vectors.to(dtype)
     if torch.is_grad_enabled() and (vectors.requires_grad or mean.requires_grad):
         # out= is refused by autograd: same values, out of place, so gradients flow (e.g. to the scored input).
         return (vectors.transpose(1, 2).to(dtype) - mean.mT.to(dtype)).permute(1, 0, 2)
     out = torch.empty(batch, patches, channels, dtype=dtype, device=vectors.device)
     torch.sub(vectors.transpose(1, 2), mean.mT, out=out)
     return out.permute(1, 0, 2)
+
+
+def _check_queries(x: Tensor, spatial: tuple[int, ...]) -> None:
+    """Eager scoring: refuse an embedding holding NaN or infinity, with the core's message (sample and patch).
+
+    Skipped while tracing or exporting (a data-dependent branch cannot be recorded): there a NaN query gives a
+    NaN distance at its patch, an infinite one NaN or inf.
+    """
+    if not x.is_floating_point() or bool(torch.isfinite(x).all()):
+        return
+    bad = ~torch.isfinite(_as_patches(x)).all(dim=1)  # (B, P)
+    sample, patch = (int(i) for i in torch.nonzero(bad)[0])
+    raise_non_finite_query("embedding", sample, patch, spatial if len(spatial) else (1,))
+
+
+def _safe_sqrt(squared: Tensor) -> Tensor:
+    """``sqrt(max(squared, 0))`` (PaDiM's formula, the same values) whose gradient is 0, not NaN, at and below 0.
+
+    ``torch.where`` sends the gradient of the branch not taken to 0, and the square root's argument is replaced
+    by 1 there, so no ``inf·0`` appears; NaN stays NaN (``squared <= 0`` is false for it), infinity stays
+    infinity. Traceable and exportable (no custom autograd function).
+    """
+    empty = squared <= 0
+    return torch.where(empty, torch.zeros_like(squared), torch.where(empty, torch.ones_like(squared), squared).sqrt())
+
+
+def _distances(delta: Tensor, quadratic, precision_bound: Tensor) -> Tensor:
+    """PaDiM's ``sqrt(max(q(δ), 0))`` per row of ``delta`` (p, B, C), for a quadratic form ``q`` of ``precision``.
+
+    ``precision_bound`` (p,) bounds the magnitude of the precision's entries (for a positive definite one, its
+    largest diagonal entry). ``q(δ)`` cannot overflow while ``8·C²·max|δ|²·bound <= max`` (every product and
+    partial sum is below that); beyond it, ``δ`` is divided by ``s = max|δ|`` and the distance is
+    ``s·sqrt(q(δ/s))``: finite where the distance is, ``+inf`` beyond the dtype's range, never the NaN of
+    ``inf − inf``. Below the threshold ``s`` is exactly 1, so ordinary queries get anomalib's numbers bit for
+    bit. ``s`` is a constant for autograd (``q`` is homogeneous of degree 2, so the gradient is exact), and
+    the square root is :func:`_safe_sqrt` (a zero gradient at the mean). Traceable: no data-dependent branch.
+    """
+    channels = delta.shape[-1]
+    size = delta.detach().abs().amax(dim=-1, keepdim=True)  # (p, B, 1)
+    limit = (torch.finfo(delta.dtype).max / (8.0 * channels * channels) / precision_bound.detach()).sqrt()
+    scale = torch.where(size > limit.reshape(-1, 1, 1), size, torch.ones_like(size))
+    if delta.requires_grad or is_tracing():
+        scaled = delta / scale
+    else:
+        scaled = delta.div_(scale)  # the chunk's own buffer: no second copy
+    return scale.squeeze(-1) * _safe_sqrt(quadratic(scaled))
 
 
 def _prod(sizes: tuple[int, ...]) -> int:
@@ -201,6 +400,22 @@ class MultiVariateGaussian(DynamicBufferModule):
       autograd graph (anomalib's would hold the graph, which also makes ``copy.deepcopy`` of the module
       fail). ``mahalanobis`` is differentiable with respect to the scored embedding.
 
+    Streaming state (:mod:`anomstats_torch._streaming`): ``update`` keeps its moments as buffers
+    (``stream_count``, ``stream_info``, ``stream_shift``, ``stream_mean``, ``stream_m2``), accumulated about a
+    fixed shift (the first batch's mean), so any split of the data gives the one-shot fit to a few eps of the
+    data's spread at any distance from the origin. They are in ``state_dict()`` from ``update`` until
+    ``compute``: a checkpoint taken mid-stream loads (``strict=True``) into a fresh module, which resumes
+    exactly (anomalib's module refuses such a checkpoint: unexpected keys); after ``compute`` they leave the
+    state dict (kept in memory: more updates can follow and bring them back), so a finished fit saves exactly
+    anomalib's keys. A checkpoint without stream entries closes the stream of the module it is loaded into.
+    ``.to(device)``/``.cuda()``/``.cpu()`` move them; dtype casts of the module (``.double()``, ``.half()``,
+    ``.to(dtype)``) do not cast them: the moments keep the precision they were accumulated in
+    (``accumulate_dtype``), and a loaded stream keeps the checkpoint's. ``reset()`` removes them.
+    ``load_state_dict`` checks the entries against each other (``mean`` (C, H·W) with the precision, the
+    stream's entries with each other) and refuses inconsistent ones with
+    :func:`anomstats._validation.inconsistent_state_error` before anything changes; a load that fails leaves
+    the module as it was (:class:`~anomstats_torch.DynamicBufferModule`).
+
     Devices: ``fit``/``update`` compute on the embedding's device and store there (as anomalib assigns its
     buffers); ``mahalanobis`` computes on the buffers' device and returns the map there. With
     torch.distributed on NCCL, keep the streamed moments on the rank's CUDA device.
@@ -291,13 +506,29 @@ class MultiVariateGaussian(DynamicBufferModule):
         """Temporaries of :meth:`_put_precision` per patch (beyond the covariance and its factor)."""
         return 0 if work == store else channels * channels * (torch.finfo(work).bits // 8)
 
-    def _put_precision(self, store: Tensor, p0: int, p1: int, covariance: Tensor, spatial: tuple[int, ...]) -> None:
-        """Write the precisions of the regularised covariances (p1 - p0, C, C) into patches p0:p1 of ``store``."""
+    def _put_precision(
+        self,
+        store: Tensor,
+        p0: int,
+        p1: int,
+        covariance: Tensor,
+        spatial: tuple[int, ...],
+        data_dtype: torch.dtype | None = None,
+    ) -> None:
+        """Write the precisions of the regularised covariances (p1 - p0, C, C) into patches p0:p1 of ``store``.
+
+        The finishing kernel of :meth:`fit` and :meth:`compute` (:func:`_precision_into`: the core's faults and
+        messages). ``data_dtype``: the dtype the data came in, whose eps the rank test of ``ridge=0`` uses
+        (None: the store's, float32 for a half-precision store).
+        """
         target = store[p0:p1]
+        data = data_dtype if data_dtype is not None else _data_dtype_of_store(store.dtype)
         if covariance.dtype == target.dtype:
-            _precision_into(covariance, target, p0, spatial)
+            _precision_into(covariance, target, p0, spatial, ridge=self.ridge, data_dtype=data)
         else:  # computed in the covariance's dtype, rounded once into the store's (float32 or a half module's)
-            target.copy_(_precision_into(covariance, torch.empty_like(covariance), p0, spatial))
+            dense = torch.empty_like(covariance)
+            _precision_into(covariance, dense, p0, spatial, ridge=self.ridge, store_dtype=target.dtype, data_dtype=data)
+            target.copy_(dense)
 
     def _set_fit(self, mean: Tensor, store: Tensor) -> list[Tensor]:
         self.mean = mean
@@ -362,7 +593,6 @@ class MultiVariateGaussian(DynamicBufferModule):
         own, other = ("inv_covariance", _compact.PACKED_KEY)
         if self._storage == "packed":
             own, other = other, own
-        converted = None
         if self.form == "dense" and prefix + other in state_dict:
             if prefix + own in state_dict:
                 error_msgs.append(
@@ -372,18 +602,42 @@ class MultiVariateGaussian(DynamicBufferModule):
                 return
             try:
                 converted = self._convert_precision(state_dict[prefix + other], state_dict.get(prefix + "mean"), prefix + other)
-            except (TypeError, ValueError) as exc:
-                error_msgs.append(str(exc))
-                return
+            except (TypeError, ValueError) as exc:  # entries that do not fit: refused as the consistency check does
+                raise _checkpoints.refusal(type(self).__name__, str(exc), self._storage == "packed") from None
+            # The converted entry stands for the other one (in a copy of this call's dict); it is the module's own
+            # tensor, in the buffer's dtype and on its device, so it becomes the buffer without a second copy.
+            state_dict = {key: value for key, value in state_dict.items() if key != prefix + other}
+            state_dict[prefix + own] = converted
+            local_metadata = {**local_metadata, ADOPT_KEY: (own,)}
+        # Checked (_check_state_consistency) and loaded all or nothing by DynamicBufferModule.
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if converted is not None:
-            if prefix + own in missing_keys:
-                missing_keys.remove(prefix + own)
-            if prefix + other in unexpected_keys:
-                unexpected_keys.remove(prefix + other)
-            self._buffers[own] = converted
+
+    #: Which stream this form keeps (:mod:`anomstats_torch._streaming`).
+    _stream_kind = "dense"
+
+    def _check_state_consistency(self, incoming: dict[str, Tensor]) -> None:
+        """Refuse entries that do not fit together, before anything is loaded (:mod:`anomstats_torch._checkpoints`).
+
+        ``mean`` (C, H·W) with ``inv_covariance`` (H·W, C, C) (``inv_covariance_packed`` (H·W, C·(C+1)/2) for the
+        packed storage), and a stream's entries with each other; raises
+        :func:`anomstats._validation.inconsistent_state_error` (a ``RuntimeError``).
+        """
+        packed = self._storage == "packed"
+        key = _compact.PACKED_KEY if packed else "inv_covariance"
+        current = {"mean": self._buffers["mean"], key: self._buffers[key]}
+        _checkpoints.check_dense(type(self).__name__, incoming, current, packed)
+        layout = _checkpoints.PACKED_LAYOUT if packed else _checkpoints.DENSE_LAYOUT
+        _checkpoints.check_stream(type(self).__name__, incoming, self._stream_kind, layout)
+
+    def _prepare_state_load(self, incoming: dict[str, Tensor]) -> None:
+        """A checkpoint's stream entries open the stream (it resumes exactly); a checkpoint without them closes it."""
+        _streaming.prepare_load(self, self._stream_kind, incoming, self._buffers["mean"].device)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> MultiVariateGaussian:
+        """torch's moves and casts, except that the streamed moments are moved but never cast (see the class notes)."""
+        return _streaming.apply_keeping_dtype(self, fn, lambda: super(MultiVariateGaussian, self)._apply(fn, recurse))
 
     def _convert_precision(self, incoming: Any, mean: Any, key: str) -> Tensor:
         """A packed checkpoint entry (P, C·(C+1)/2) unpacked into this module's buffer dtype and device."""
@@ -445,11 +699,16 @@ class MultiVariateGaussian(DynamicBufferModule):
     ) -> Tensor:
         """Covariance with :func:`numpy.cov` semantics (``rowvar`` defaults to False), squeezed.
 
-        Floating inputs keep their dtype (integers are computed in the default float dtype); with fewer
-        degrees of freedom than 1 a ``RuntimeWarning`` is issued and the result is inf/NaN, as numpy's.
-        As in numpy >= 2, a 2-D input with ``rowvar=False`` holds one observation per row even when it has
-        a single row, and 1-D input is one variable for either ``rowvar`` (anomalib's gives NaN for 1-D
-        input with ``rowvar=True``: a deliberate difference).
+        :func:`anomstats_torch._covariance.numpy_cov`: numpy's values (to rounding) and numpy's exceptions for
+        every argument, in numpy's order: ``ddof`` must be integral (``ValueError: ddof must be integer`` for
+        1.5), ``aweights`` (a tensor or array-like) must be one non-negative weight per observation
+        (``RuntimeError`` for 2-D weights or a wrong count, ``IndexError`` for a scalar, ``ValueError`` for
+        negative ones) that do not sum to zero (``ZeroDivisionError``); ``rowvar`` and ``bias`` are taken by
+        truth value, as numpy takes them. Floating inputs keep their dtype (integers and bools are computed in
+        the default float dtype); with fewer degrees of freedom than 1 a ``RuntimeWarning`` is issued and the
+        result is inf/NaN, as numpy's. As in numpy >= 2, a 2-D input with ``rowvar=False`` holds one observation
+        per row even when it has a single row, and 1-D input is one variable for either ``rowvar`` (anomalib's
+        gives NaN for 1-D input with ``rowvar=True``: a deliberate difference).
 
         Examples
         --------
@@ -459,39 +718,12 @@ class MultiVariateGaussian(DynamicBufferModule):
         >>> MultiVariateGaussian._cov(obs)
         tensor([[ 1., -1.],
                 [-1.,  1.]])
+        >>> MultiVariateGaussian._cov(obs, ddof=1.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: ddof must be integer
         """
-        x = as_float_tensor(observations, "observations")
-        if x.ndim > 2:
-            raise ValueError(f"observations must be 1-D or 2-D, got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            x = x.to(torch.get_default_dtype())
-        # As numpy >= 2: a 2-D input is transposed for rowvar=False even with a single row (then it holds
-        # one observation of several variables); only 1-D input is always one variable.
-        if x.ndim < 2:
-            x = x.reshape(1, -1)
-        elif not rowvar:
-            x = x.mT
-        check_ddof(ddof, numpy_exact=True)
-        if ddof is None:
-            ddof = 0 if bias else 1
-        n = x.shape[1]
-        if aweights is None:
-            mean = x.mean(dim=1, keepdim=True)
-            dof = degrees_of_freedom(n, None, ddof)
-            weighted = x - mean
-        else:
-            # numpy's checks, types and messages (anomstats._weights), on a host copy of the small vector.
-            as_analytic_weights(as_float_tensor(aweights, "aweights").detach().cpu().double().numpy(), n)
-            w = aweights.to(device=x.device, dtype=x.dtype)
-            w_sum = w.sum()
-            if float(w_sum) == 0.0:
-                raise ZeroDivisionError("Weights sum to zero, can't be normalized")
-            mean = (x * w).sum(dim=1, keepdim=True) / w_sum
-            dof = degrees_of_freedom(float(w_sum), float((w * w).sum()), ddof)
-            weighted = (x - mean) * w
-        if dof <= 0:  # degrees_of_freedom warned, as numpy does; numpy's 1/0 gives inf/nan entries
-            dof = 0.0
-        return ((x - mean) @ weighted.mT / dof).squeeze()
+        return _covariance.numpy_cov(observations, rowvar=rowvar, bias=bias, ddof=ddof, aweights=aweights)
 
     # ------------------------------------------------------------------ one-shot fit
     def fit(self, embedding: Tensor) -> list[Tensor]:
@@ -502,12 +734,21 @@ class MultiVariateGaussian(DynamicBufferModule):
         module cast to half precision keeps its dtype). Returns the buffers (with ``storage="packed"``:
         ``[mean, inv_covariance_packed]``).
 
+        Bool and integer embeddings are accepted, as the core accepts them (computed in float32).
+
         Raises
         ------
         ValueError
-            For fewer than 2 embeddings, a wrong number of axes or non-finite values.
+            For fewer than 2 embeddings, a wrong number of axes or non-finite values; for features whose scale
+            the stored dtype cannot represent (float32: a covariance beyond 3.4e38 or a precision below 1.2e-38,
+            which would be stored as zeros), naming the scale (the core's message).
+        numpy.linalg.LinAlgError
+            A regularised covariance that is not positive definite; with ``ridge=0``, a patch that is singular
+            to rounding (the core's rank test and message), naming the patch.
         """
         x = as_float_tensor(embedding, "embedding").detach()  # statistics, not a graph: see Notes
+        if x.dtype == torch.bool:  # 0/1, as fit and the core take them (exact in float32)
+            x = x.to(torch.float32)
         # Clear errors for a bad rank and for B < 2 (anomalib silently returns NaN for one sample).
         batch, _, spatial = check_fit_shape(x.shape, name="embedding")
         dtype = working_dtype(self.mean.dtype, x.dtype)
@@ -521,11 +762,14 @@ class MultiVariateGaussian(DynamicBufferModule):
         itemsize = torch.finfo(dtype).bits // 8
         per_patch = (batch * channels + channels * channels * 5) * itemsize + self._store_bytes_per_patch(channels, dtype, store)
         block = rows_per_chunk(per_patch, self.chunk_bytes, patches)
+        alpha = 1.0 / covariance_normalisation(batch, None, 1)
         for p0 in range(0, patches, block):
             p1 = min(p0 + block, patches)
             centred = _centred_patches(vectors[:, :, p0:p1], mean[:, p0:p1], dtype)
-            covariance = torch.baddbmm(ridge, centred.mT, centred, alpha=1.0 / covariance_normalisation(batch, None, 1))
-            self._put_precision(precision, p0, p1, covariance, spatial)
+            covariance = torch.baddbmm(ridge, centred.mT, centred, alpha=alpha)
+            if dtype != torch.float64 and not _fits(covariance.diagonal(dim1=-2, dim2=-1)):
+                covariance = _wide_covariance(vectors[:, :, p0:p1], self.ridge, alpha, p0, spatial)
+            self._put_precision(precision, p0, p1, covariance, spatial, x.dtype)
         return self._set_fit(mean.to(store), precision)
 
     def forward(self, embedding: Tensor) -> list[Tensor]:
@@ -534,72 +778,68 @@ class MultiVariateGaussian(DynamicBufferModule):
 
     # ------------------------------------------------------------------ streaming fit
     def reset(self) -> None:
-        """Forget the streaming moments accumulated by :meth:`update`."""
-        self._count = 0
-        self._running_mean: Tensor | None = None
-        self._running_m2: Tensor | None = None
-        self._input_dtype = torch.float32
-        self._spatial: tuple[int, ...] = ()
+        """Forget the streamed moments accumulated by :meth:`update` (they leave the state dict too)."""
+        _streaming.close(self)
 
-    def update(self, embedding: Tensor) -> None:
-        """Accumulate a batch (B, C, H, W) into the streaming moments (Chan et al.'s pairwise merge).
-
-        Only the count, the per-patch mean (C, P) and the centred sum of products (P, C, C) are kept, in
-        ``accumulate_dtype``; call :meth:`compute` to set the buffers. The input is not modified.
-        """
-        x = as_float_tensor(embedding, "embedding").detach()  # statistics, not a graph: see Notes
-        batch, _, spatial = check_fit_shape(x.shape, min_observations=1, name="embedding")
-        dtype = torch.float64 if x.dtype == torch.float64 else self.accumulate_dtype
-        vectors = _as_patches(x)
+    def _stream_for(self, vectors: Tensor, input_dtype: torch.dtype) -> _streaming.Stream:
+        """The open stream, checked against a batch (B, C, P) and writable, or a new one shifted by its mean."""
         _, channels, patches = vectors.shape
-        if self._running_mean is None:
-            self._running_mean = torch.zeros(channels, patches, dtype=dtype, device=x.device)
-            self._running_m2 = torch.zeros(patches, channels, channels, dtype=dtype, device=x.device)
-        elif self._running_mean.shape != (channels, patches):
+        stream = _streaming.read(self, self._stream_kind)
+        if stream is None:
+            dtype = torch.float64 if input_dtype == torch.float64 else self.accumulate_dtype
+            shift = vectors.mean(dim=0, dtype=dtype)  # the stream's fixed origin: the first batch's mean
+            _check_mean_finite(shift)
+            width = channels if self._stream_kind == "dense" else 0
+            spread = torch.zeros(patches, channels, width, dtype=dtype, device=shift.device)
+            return _streaming.Stream(0, False, (), shift, torch.zeros_like(shift), spread)
+        if (stream.n_features, stream.n_patches) != (channels, patches):
             raise ValueError(
                 f"embedding has C={channels}, H*W={patches} but earlier updates had "
-                f"C={self._running_mean.shape[0]}, H*W={self._running_mean.shape[1]}; call reset() first"
+                f"C={stream.n_features}, H*W={stream.n_patches}; call reset() first"
             )
-        assert self._running_m2 is not None
-        if not torch.is_inference_mode_enabled() and self._running_m2.is_inference():
-            # Moments begun under torch.inference_mode cannot be updated in place outside it: copy them.
-            self._running_mean = self._running_mean.clone()
-            self._running_m2 = self._running_m2.clone()
-        acc_dtype, device = self._running_mean.dtype, self._running_mean.device
-        self._input_dtype = working_dtype(self._input_dtype, x.dtype)
-        self._spatial = spatial
-        vectors = vectors.to(device=device)
-        batch_mean = vectors.mean(dim=0, dtype=acc_dtype)
-        _check_mean_finite(batch_mean)
-        delta = batch_mean - self._running_mean
-        chan = chan_merge_weights(self._count, batch)
-        per_patch = (batch * channels * 2 + channels * channels) * self._running_m2.element_size()
-        block = rows_per_chunk(per_patch, self.chunk_bytes, patches)
-        for p0 in range(0, patches, block):
-            p1 = min(p0 + block, patches)
-            centred = _centred_patches(vectors[:, :, p0:p1], batch_mean[:, p0:p1], acc_dtype)
-            m2 = self._running_m2[p0:p1]
-            m2.baddbmm_(centred.mT, centred)
-            if chan.cross:
-                step = delta[:, p0:p1].mT
-                m2.baddbmm_(step.unsqueeze(2), step.unsqueeze(1), alpha=chan.cross)
-        self._running_mean += delta * chan.mean_step
-        self._count = int(chan.total)
+        return stream.writable()
+
+    def update(self, embedding: Tensor) -> None:
+        """Accumulate a batch (B, C, H, W) into the streamed moments (Chan et al.'s pairwise merge).
+
+        Kept per patch: the count, a fixed shift (the first batch's mean), the mean about it and the centred
+        sums of products (P, C, C), in ``accumulate_dtype`` (float64 for float64 input), as buffers on the first
+        batch's device (see the class notes: in ``state_dict()`` until :meth:`compute`, moved by ``.to(device)``,
+        never cast, cleared by :meth:`reset`). Every batch enters as ``x − shift``, so the result does not depend
+        on the data's distance from the origin. Call :meth:`compute` to set the buffers. The input is not
+        modified; a refused batch (non-finite values, another shape) leaves the state as it was.
+        """
+        x = as_float_tensor(embedding, "embedding").detach()  # statistics, not a graph: see Notes
+        if x.dtype == torch.bool:  # 0/1, as fit and the core take them (exact in float32)
+            x = x.to(torch.float32)
+        _, _, spatial = check_fit_shape(x.shape, min_observations=1, name="embedding")
+        vectors = _as_patches(x)
+        stream = self._stream_for(vectors, x.dtype)
+        vectors = vectors.to(device=stream.shift.device)
+        batch_mean = _streaming.shifted_mean(vectors, stream.shift, stream.shift.dtype, self.chunk_bytes)
+        _check_mean_finite(batch_mean)  # before the state changes
+        stream.count = _streaming.accumulate_scatter(stream, vectors, batch_mean, self.chunk_bytes)
+        stream.wide = stream.wide or x.dtype == torch.float64
+        stream.spatial = spatial
+        _streaming.write(self, self._stream_kind, stream)
 
     def compute(self) -> list[Tensor]:
         """Set the buffers from the streamed moments; returns ``[mean, inv_covariance]``.
 
-        With :mod:`torch.distributed` initialised, the moments of every rank are all-reduced first (a
-        collective: call it on every rank), so each rank gets the fit over all ranks' data. The local
-        moments are left as they were, so more updates can follow.
+        With :mod:`torch.distributed` initialised, the moments of every rank are merged first (collectives:
+        call it on every rank, with or without data; ranks that disagree on shapes, dtypes or device types
+        all raise the same ``ValueError``, see :mod:`anomstats_torch._distributed`), so each rank gets the fit
+        over all ranks' data. The local moments are left as they were, so more updates can follow; until
+        then they are not in ``state_dict()`` (a checkpoint taken now holds the fit, with anomalib's keys).
         """
-        count, mean, m2, wide_input = _distributed.global_moments(
-            self._count, self._running_mean, self._running_m2, self._input_dtype == torch.float64
-        )
+        stream = _streaming.read(self, self._stream_kind)
+        count, shift, mean, m2, wide_input = _distributed.global_moments(stream)
         require_observations(count, name="compute: the stream", streamed=True, where="; call update() with more data")
-        store = storage_dtype(self.mean.dtype, torch.float64 if wide_input else torch.float32)
+        data_dtype = torch.float64 if wide_input else torch.float32  # what the streamed data came in (its eps)
+        store = storage_dtype(self.mean.dtype, data_dtype)
         patches, channels = m2.shape[0], m2.shape[1]
-        spatial = self._spatial if len(self._spatial) and _prod(self._spatial) == patches else (patches,)
+        known = stream.spatial if stream is not None else ()
+        spatial = known if len(known) and _prod(known) == patches else (patches,)
         precision = self._new_precision(patches, channels, store, m2.device)
         per_patch = channels * channels * 3 * m2.element_size() + self._store_bytes_per_patch(channels, m2.dtype, store)
         block = rows_per_chunk(per_patch, self.chunk_bytes, patches)
@@ -607,9 +847,11 @@ class MultiVariateGaussian(DynamicBufferModule):
             p1 = min(p0 + block, patches)
             covariance = m2[p0:p1] / covariance_normalisation(count, None, 1)
             covariance.diagonal(dim1=-2, dim2=-1).add_(self.ridge)
-            self._put_precision(precision, p0, p1, covariance, spatial)
-        # A copy: the running mean is updated in place by later update() calls, the buffer must not follow.
-        return self._set_fit(mean.to(store, copy=True), precision)
+            self._put_precision(precision, p0, p1, covariance, spatial, data_dtype=data_dtype)
+        # The mean about the origin: one rounding relative to |mean| (the one-shot fit's mean has it too).
+        fitted = self._set_fit((shift + mean).to(store), precision)
+        _streaming.set_persistent(self, False)  # a finished fit's checkpoint: anomalib's keys
+        return fitted
 
     # ------------------------------------------------------------------ scoring
     def mahalanobis(self, embedding: Tensor) -> Tensor:
@@ -619,7 +861,26 @@ class MultiVariateGaussian(DynamicBufferModule):
         correct at every batch size. Computed in float32 (float64 if the module or the input is), from
         buffers upcast chunk by chunk; returned in the dtype of a float16/bfloat16 input (one rounding), so
         that the layers after it (cast with the model by ``model.half()``) get what they expect, otherwise in
-        the working dtype.
+        the working dtype. Bool and integer embeddings are scored as the core scores them (0/1, exact values).
+        The same method serves the low-rank form and the packed storage, with the same guarantees:
+
+        - **Shapes**: the embedding must be ``(B, C, *spatial)`` with the fit's C and ``prod(spatial)`` patches; any
+          other shape (1-D, another C or number of patches) raises the core's ``ValueError``
+          (:func:`anomstats._validation.check_patch_score_shape`), which names the expected shape.
+        - **Non-finite queries**: in eager mode a NaN or infinite value raises ``ValueError`` naming the
+          embedding, the first sample and patch holding one (the core's message,
+          :func:`anomstats._patch_kernels.raise_non_finite_query`). While tracing or exporting
+          (``torch.jit.trace``, ``torch.export``, ``torch.compile``, ONNX export) the check is skipped, since a
+          recorded graph cannot branch on data: there a NaN query gives NaN at its patch and an infinite one NaN
+          or inf, as anomalib's.
+        - **Far queries**: finite queries at any distance give finite distances, or ``+inf`` where the distance
+          itself exceeds the dtype's range, never NaN, eager and exported alike: past
+          ``max|δ| > sqrt(max / (8 C² max_k P_kk))`` (about 1e16 for unit-variance float32 features) ``δ`` is
+          divided by its largest magnitude ``s`` and the distance is ``s·sqrt(q(δ/s))``; below it the numbers are
+          anomalib's formula bit for bit.
+        - **Gradients** with respect to the embedding are finite everywhere: the square root's gradient at a
+          zero distance (the patch mean) is 0 instead of NaN (the distance is not differentiable there; 0 is a
+          subgradient), and the far-query scaling is a constant for autograd, so the gradient is exact.
 
         Examples
         --------
@@ -628,6 +889,12 @@ class MultiVariateGaussian(DynamicBufferModule):
         >>> mvg = MultiVariateGaussian(2, 1)  # identity precision, zero mean
         >>> mvg.mahalanobis(torch.tensor([[[[3.0]], [[4.0]]]]))
         tensor([[[5.]]])
+        >>> mvg.mahalanobis(torch.tensor([[[[3e30]], [[4e30]]]]))  # δᵀδ overflows float32; the distance does not
+        tensor([[[5.0000e+30]]])
+        >>> mvg.mahalanobis(torch.tensor([[[[float("nan")]], [[4.0]]]]))
+        Traceback (most recent call last):
+        ...
+        ValueError: embedding contains non-finite values (NaN or infinity) at sample 0, patch 0 (position (0, 0) of the 1x1 grid); remove or replace the NaN or infinite values before scoring
         """
         with static_shapes_while_tracing():
             distances = self._mahalanobis(embedding)
@@ -637,11 +904,13 @@ class MultiVariateGaussian(DynamicBufferModule):
         x = as_float_tensor(embedding, "embedding")
         self._require_fitted()
         channels, patches = self.mean.shape
-        spatial = tuple(int(size) for size in x.shape[2:])
         check_patch_score_shape(tuple(x.shape), channels, patches)
+        spatial = tuple(int(size) for size in x.shape[2:])
+        tracing = is_tracing()
+        if not tracing:  # eager: NaN/inf queries are refused (the core's message); a graph cannot branch on them
+            _check_queries(x, spatial)
         dtype = working_dtype(self.mean.dtype, x.dtype)
         vectors = _as_patches(x).to(device=self.mean.device)
-        tracing = is_tracing()
         rows = TRACE_PLANNING_ROWS if tracing else max(1, x.shape[0])  # batch is symbolic when tracing
         per_patch = rows * channels * 3 * torch.empty((), dtype=dtype).element_size()
         block = rows_per_chunk(per_patch + channels * channels * 4, self.chunk_bytes, patches)
@@ -653,12 +922,13 @@ class MultiVariateGaussian(DynamicBufferModule):
                 delta = (vectors[:, :, p0:p1].to(dtype) - self.mean[:, p0:p1].to(dtype)).permute(2, 0, 1)
             else:
                 delta = _centred_patches(vectors[:, :, p0:p1], self.mean[:, p0:p1].to(dtype), dtype)
-            weighted = torch.matmul(delta, precision(p0, p1))
-            pieces.append((weighted * delta).sum(dim=-1))  # (p, B)
-        squared = torch.cat(pieces, dim=0)  # (P, B)
+            chunk = precision(p0, p1)
+            bound = chunk.diagonal(dim1=-2, dim2=-1).amax(dim=-1)  # |P_ij| <= max_k P_kk for a definite P
+            pieces.append(_distances(delta, lambda d: (torch.matmul(d, chunk) * d).sum(dim=-1), bound))  # (p, B)
+        distances = torch.cat(pieces, dim=0)  # (P, B)
         if tracing:  # not a reshape of the transposed (B, P): its contiguity test would fix a batch of 1
-            return squared.clamp(min=0).sqrt().reshape(spatial + (-1,)).movedim(-1, 0)
-        return squared.mT.clamp(min=0).sqrt().reshape((-1,) + spatial)
+            return distances.reshape(spatial + (-1,)).movedim(-1, 0)
+        return distances.mT.reshape((-1,) + spatial)
 
     def extra_repr(self) -> str:
         if self.mean.ndim == 2:
@@ -792,6 +1062,14 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
             )
         return None
 
+    _stream_kind = "low_rank"
+
+    def _check_state_consistency(self, incoming: dict[str, Tensor]) -> None:
+        """``mean`` (C, H·W), ``basis`` (H·W, C, r), ``eigenvalues`` (H·W, r), ``ridge`` (0-d), and a stream's entries."""
+        current = {name: self._buffers[name] for name in ("mean", "basis", "eigenvalues", "ridge")}
+        _checkpoints.check_low_rank(type(self).__name__, incoming, current)
+        _checkpoints.check_stream(type(self).__name__, incoming, self._stream_kind, _checkpoints.LOW_RANK_LAYOUT)
+
     def dense_state_dict(self) -> dict[str, Tensor]:
         """anomalib's checkpoint of this fit: ``{"mean": (C, H·W), "inv_covariance": (H·W, C, C)}``.
 
@@ -897,16 +1175,30 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
 
     # ------------------------------------------------------------------ streaming fit
     def reset(self) -> None:
-        """Forget the streamed state accumulated by :meth:`update`."""
-        self._moments: _low_rank.FactorMoments | None = None
-        self._input_dtype = torch.float32
-        self._spatial: tuple[int, ...] = ()
+        """Forget the streamed state accumulated by :meth:`update` (it leaves the state dict too)."""
+        _streaming.close(self)
+
+    @property
+    def _moments(self) -> _low_rank.FactorMoments | None:
+        """The streamed state as the kernels' ``FactorMoments`` (its mean is about ``stream_shift``), or None."""
+        stream = _streaming.read(self, self._stream_kind)
+        return None if stream is None else self._factor_moments(stream)
+
+    def _factor_moments(self, stream: _streaming.Stream) -> _low_rank.FactorMoments:
+        """The kernels' view of a stream: the same tensors (updated in place, or replaced, by its ``update``)."""
+        moments = _low_rank.FactorMoments.__new__(_low_rank.FactorMoments)
+        moments.n_features, moments.n_patches, moments.chunk_bytes = stream.n_features, stream.n_patches, self.chunk_bytes
+        moments.count, moments.mean, moments.factor = stream.count, stream.mean, stream.spread
+        return moments
 
     def update(self, embedding: Tensor) -> None:
         """Fold a batch (B, C, H, W) into the streamed scatter factors; call :meth:`compute` to set the buffers.
 
-        The state (count, means (C, P), factors (P, C, k)) is kept in ``accumulate_dtype`` (float64 for float64
-        input) on the device of the first batch. The input is not modified.
+        The state (count, a fixed shift: the first batch's mean, the mean about it (C, P) and the factors
+        (P, C, k)) is kept in ``accumulate_dtype`` (float64 for float64 input) as buffers on the device of the
+        first batch (``stream_*``: in ``state_dict()`` until :meth:`compute`, moved by ``.to(device)``, never
+        cast, cleared by :meth:`reset`, as the dense form's). Every batch enters as ``x − shift``. The input is
+        not modified; a refused batch leaves the state as it was.
 
         Raises
         ------
@@ -915,31 +1207,27 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
         """
         _refuse_distributed()
         x = as_float_tensor(embedding, "embedding").detach()
-        batch, _, spatial = check_fit_shape(x.shape, min_observations=1, name="embedding")
+        if x.dtype == torch.bool:  # 0/1, as fit and the core take them (exact in float32)
+            x = x.to(torch.float32)
+        _, _, spatial = check_fit_shape(x.shape, min_observations=1, name="embedding")
         vectors = _as_patches(x)
-        _, channels, patches = vectors.shape
-        if self._moments is None:
-            dtype = torch.float64 if x.dtype == torch.float64 else self.accumulate_dtype
-            self._moments = _low_rank.FactorMoments(channels, patches, dtype, x.device, self.chunk_bytes)
-        elif (self._moments.n_features, self._moments.n_patches) != (channels, patches):
-            raise ValueError(
-                f"embedding has C={channels}, H*W={patches} but earlier updates had "
-                f"C={self._moments.n_features}, H*W={self._moments.n_patches}; call reset() first"
-            )
-        if not torch.is_inference_mode_enabled() and self._moments.factor.is_inference():
-            # A state begun under torch.inference_mode cannot be updated in place outside it: copy it.
-            self._moments = self._moments.clone()
-        vectors = vectors.to(device=self._moments.mean.device)
-        batch_mean = vectors.mean(dim=0, dtype=self._moments.mean.dtype)
+        stream = self._stream_for(vectors, x.dtype)
+        moments = self._factor_moments(stream)
+        dtype = stream.shift.dtype
+        shifted = torch.sub(vectors.to(device=stream.shift.device), stream.shift).to(dtype)  # x − shift, rounded once
+        batch_mean = shifted.mean(dim=0)
         _check_mean_finite(batch_mean)  # before the state changes
-        self._input_dtype = working_dtype(self._input_dtype, x.dtype)
-        self._spatial = spatial
-        self._moments.update(vectors, batch_mean)
+        moments.update(shifted, batch_mean)
+        stream.count, stream.mean, stream.spread = moments.count, moments.mean, moments.factor
+        stream.wide = stream.wide or x.dtype == torch.float64
+        stream.spatial = spatial
+        _streaming.write(self, self._stream_kind, stream)
 
     def compute(self) -> list[Tensor]:
         """Set the buffers from the streamed factors; returns ``[mean, basis, eigenvalues, ridge]``.
 
-        The bases are computed in float64; the streamed state is left as it was, so more updates can follow.
+        The bases are computed in float64; the streamed state is left as it was, so more updates can follow
+        (until then it is not in ``state_dict()``: a checkpoint taken now holds the fit).
 
         Raises
         ------
@@ -947,17 +1235,20 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
             With torch.distributed initialised (see the class notes).
         """
         _refuse_distributed()
-        moments = self._moments
-        if moments is None:
+        stream = _streaming.read(self, self._stream_kind)
+        if stream is None:
             raise NotFittedError("no data: call update(embedding) before compute()")
         require_observations(
-            moments.count, name="compute: the stream", streamed=True, where="; call update() with more data"
+            stream.count, name="compute: the stream", streamed=True, where="; call update() with more data"
         )
-        dtype = storage_dtype(self.mean.dtype, torch.float64 if self._input_dtype == torch.float64 else torch.float32)
-        patches = moments.n_patches
-        spatial = self._spatial if len(self._spatial) and _prod(self._spatial) == patches else (patches,)
-        factor = moments.factor
-        return self._finish(lambda p0, p1: factor[p0:p1], moments.count, moments.mean, factor.shape[2], spatial, dtype)
+        dtype = storage_dtype(self.mean.dtype, torch.float64 if stream.wide else torch.float32)
+        patches = stream.n_patches
+        spatial = stream.spatial if len(stream.spatial) and _prod(stream.spatial) == patches else (patches,)
+        factor = stream.spread
+        mean = stream.shift + stream.mean  # one rounding relative to |mean|, as the one-shot fit's
+        fitted = self._finish(lambda p0, p1: factor[p0:p1], stream.count, mean, factor.shape[2], spatial, dtype)
+        _streaming.set_persistent(self, False)  # a finished fit's checkpoint: the buffers only
+        return fitted
 
     # ------------------------------------------------------------------ scoring
     def _mahalanobis(self, embedding: Tensor) -> Tensor:
@@ -965,16 +1256,21 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
         self._require_fitted()
         channels, patches = self.mean.shape
         width = self.basis.shape[2]
-        spatial = tuple(int(size) for size in x.shape[2:])
         check_patch_score_shape(tuple(x.shape), channels, patches)
+        spatial = tuple(int(size) for size in x.shape[2:])
+        tracing = is_tracing()
+        if not tracing:  # eager: NaN/inf queries are refused (the core's message); a graph cannot branch on them
+            _check_queries(x, spatial)
         dtype = working_dtype(self.mean.dtype, x.dtype)
         vectors = _as_patches(x).to(device=self.mean.device)
-        tracing = is_tracing()
         rows = TRACE_PLANNING_ROWS if tracing else max(1, x.shape[0])  # batch is symbolic when tracing
         itemsize = torch.finfo(dtype).bits // 8
         per_patch = (rows * (3 * channels + 2 * width) + 2 * channels * width) * itemsize
         block = rows_per_chunk(per_patch, self.chunk_bytes, patches)
         ridge = self.ridge.to(dtype)
+        # The effective precision's largest eigenvalue, 1/min(λ, ρ) (ρ only where it is positive): its entries'
+        # bound for the overflow-safe distances.
+        ridge_floor = torch.where(ridge > 0, ridge, torch.full_like(ridge, float("inf")))
         pieces = []
         for p0 in range(0, patches, block):
             p1 = min(p0 + block, patches)
@@ -984,11 +1280,14 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
             else:
                 delta = _centred_patches(vectors[:, :, p0:p1], mean, dtype)
             basis, eigenvalues = self.basis[p0:p1].to(dtype), self.eigenvalues[p0:p1].to(dtype)
-            pieces.append(_low_rank.squared_distances(delta, basis, eigenvalues, ridge))  # (p, B)
-        squared = torch.cat(pieces, dim=0)  # (P, B)
+            bound = torch.minimum(eigenvalues.amin(dim=-1), ridge_floor).reciprocal()  # (p,)
+            pieces.append(  # (p, B)
+                _distances(delta, lambda d: _low_rank.squared_distances(d, basis, eigenvalues, ridge), bound)
+            )
+        distances = torch.cat(pieces, dim=0)  # (P, B)
         if tracing:  # not a reshape of the transposed (B, P): its contiguity test would fix a batch of 1
-            return squared.clamp(min=0).sqrt().reshape(spatial + (-1,)).movedim(-1, 0)
-        return squared.mT.clamp(min=0).sqrt().reshape((-1,) + spatial)
+            return distances.reshape(spatial + (-1,)).movedim(-1, 0)
+        return distances.mT.reshape((-1,) + spatial)
 
     def extra_repr(self) -> str:
         if self.basis.ndim == 3:
@@ -1074,8 +1373,20 @@ class PackedMultiVariateGaussian(MultiVariateGaussian):
         # the chunk's dense precision, then its two gathered triangles (float32-wide at least)
         return channels * channels * (torch.finfo(work).bits // 8) + channels * (channels + 1) * 8
 
-    def _put_precision(self, store: Tensor, p0: int, p1: int, covariance: Tensor, spatial: tuple[int, ...]) -> None:
-        dense = _precision_into(covariance, torch.empty_like(covariance), p0, spatial)
+    def _put_precision(
+        self,
+        store: Tensor,
+        p0: int,
+        p1: int,
+        covariance: Tensor,
+        spatial: tuple[int, ...],
+        data_dtype: torch.dtype | None = None,
+    ) -> None:
+        data = data_dtype if data_dtype is not None else _data_dtype_of_store(store.dtype)
+        dense = _precision_into(
+            covariance, torch.empty_like(covariance), p0, spatial, ridge=self.ridge, store_dtype=store.dtype,
+            data_dtype=data,
+        )
         store[p0:p1] = _compact.pack(dense, store.dtype)  # exactly symmetric: its upper triangle, rounded once
 
     def _set_fit(self, mean: Tensor, store: Tensor) -> list[Tensor]:

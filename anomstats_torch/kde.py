@@ -23,7 +23,6 @@ from scipy.linalg import LinAlgError
 
 from anomstats._rules import (
     DIRECT_MAX_D,
-    covariance_normalisation,
     exp_floor,
     gaussian_log_normaliser,
     trusted_sum_floor,
@@ -34,11 +33,14 @@ from anomstats._validation import (
     SINGULAR_DATA,
     NotFittedError,
     check_memory_budget,
+    inconsistent_state_error,
+    require_finite_points,
 )
 from anomstats.bandwidth import (
     BW_METHOD_AND_KERNEL_COVARIANCE,
     BwMethod,
     bandwidth_factor,
+    check_data_covariance,
     check_factor,
     check_kernel_covariance,
     cv_ml_factor,
@@ -55,6 +57,7 @@ from ._policy import (
     static_shapes_while_tracing,
     working_dtype,
 )
+from ._covariance import numpy_cov
 from .dynamic_buffer import DynamicBufferModule
 
 __all__ = ["GaussianKDE"]
@@ -166,7 +169,10 @@ class GaussianKDE(DynamicBufferModule):
       matrix ``H = factor**2 * cov(dataset)`` (Scott's ``factor = N ** (-1 / (D + 4))`` by default), or
       of the explicit ``kernel_covariance``;
     - ``dataset`` (N, D): the training points in whitened coordinates, ``dataset @ L``;
-    - ``norm`` (0-d): ``prod(diag(L)) * (2*pi) ** (-D / 2)``, i.e. ``1 / sqrt(det(2*pi*H))``.
+    - ``norm`` (0-d): ``prod(diag(L)) * (2*pi) ** (-D / 2)``, i.e. ``1 / sqrt(det(2*pi*H))``. Stored as
+      anomalib stores it, so it is ``inf`` (or 0) where the normaliser is beyond the buffer dtype's range
+      (tightly clustered data in float32: std 1e-3 in D = 16 gives ~1e41); the densities never use it there
+      (see the notes on normalisation).
 
     The density of a query ``x`` is ``norm * mean_i exp(-||x @ L - dataset_i||**2 / 2)``, exactly
     anomalib's formula, and the same as :class:`scipy.stats.gaussian_kde` with the same bandwidth.
@@ -230,12 +236,37 @@ class GaussianKDE(DynamicBufferModule):
       float32); the result has that dtype, except that a float16/bfloat16 input gets its own dtype back (one
       rounding), so the layers after the module get what they expect under ``model.half()``. ``fit`` stores
       its buffers in the same promoted dtype on the dataset's device (as anomalib assigns them).
-    - Clear errors for N <= D, non-finite and singular data (anomalib: a bare Cholesky error).
+    - Clear errors for N <= D, non-finite and singular data (anomalib: a bare Cholesky error, or, for a
+      feature that is a linear combination of others, often none: densities of 1e5-1e6). Singular data are
+      found by the core's rank test (:func:`anomstats.bandwidth.check_data_covariance`, with the eps of the
+      data's dtype), so exactly collinear, duplicated or constant features are refused in every draw, float32
+      and float64 alike, with the core KDE's ``numpy.linalg.LinAlgError`` and message (naming the feature).
+    - **Normalisation in the log domain.** Densities use the log-normaliser, ``log norm`` from the buffer
+      where it is a normal finite number and otherwise ``-(D log 2π)/2 + Σ log diag(L)`` from
+      ``bw_transform`` (:meth:`_log_norm`), never the product of the diagonal: ``log_prob`` is finite
+      wherever the exact log-density is (94.7 for std-1e-3 data in D = 16, float32, where anomalib's and
+      the former ``norm``-based path gave ``inf``), and ``forward`` overflows only where the true density
+      exceeds the dtype's range.
+    - **Bad and far queries.** In eager mode NaN or infinite features raise the core KDE's ``ValueError``
+      (``features must contain only finite values ...``; anomalib returns NaN). Finite features at any
+      distance score 0 / ``-inf`` where their whitened squared distance overflows the dtype (beyond about
+      1.8e19 bandwidths in float32, where the exact log-density is below ``-max/2``), never NaN (anomalib,
+      and this module before, gave NaN at ``|x|`` ≈ 1e19 in float32); gradients stay finite there (0) and
+      at the training points. Traced and exported graphs (``torch.jit.trace``, ``torch.export``, ONNX)
+      cannot raise on values: they skip the check, a query holding NaN or infinity scores NaN there (never
+      a plausible number), and far finite queries score 0 / ``-inf`` as in eager mode.
+    - **Checkpoints are checked before they load**: ``bw_transform`` (D, D) finite with a positive diagonal,
+      ``dataset`` (N, D) finite, ``norm`` 0-d (:meth:`_check_state_consistency`); a mismatch raises
+      ``RuntimeError`` and leaves the module unchanged (anomalib accepts them and fails later with raw
+      torch errors).
     - ``fit`` detaches its input: the buffers are fitted statistics, never part of an autograd graph
       (anomalib's would hold the graph, which makes ``copy.deepcopy`` of the module fail). ``forward``
       and ``log_prob`` are differentiable with respect to the queries.
     - Device: ``fit`` computes on the dataset's device and stores the buffers there; ``forward`` and
       ``log_prob`` compute on the buffers' device (queries are moved there) and return results there.
+    - ``cov`` takes numpy.cov's ``rowvar``, ``bias``, ``ddof`` and ``aweights`` (keyword-only) with numpy's
+      values and exceptions; it always returns (D, D), also for one variable (numpy: 0-d).
+    - Boolean datasets and features are taken as 0 and 1, as the core KDE takes boolean data and points.
 
     Accuracy at the training points (float32): the expanded square ``y·t − |y|²/2 − |t|²/2`` is off by
     about ``eps·(|y|² + |t|²)``, which does not average out where one pair carries the sum (a query at a
@@ -340,9 +371,14 @@ class GaussianKDE(DynamicBufferModule):
         Raises
         ------
         ValueError
-            If ``dataset`` is not 2-D, has no more rows than columns, holds NaN/inf, or its covariance is
-            singular; if ``kernel_covariance`` does not fit it (the core's messages); for ``"cv_ml"``, the
-            selection's faults (e.g. duplicated points, which make the likelihood unbounded).
+            If ``dataset`` is not 2-D, has no more rows than columns or holds NaN/inf; if
+            ``kernel_covariance`` does not fit it (the core's messages); for ``"cv_ml"``, the selection's faults
+            (e.g. duplicated points, which make the likelihood unbounded).
+        numpy.linalg.LinAlgError
+            (a ``ValueError``) If the data lie in a subspace to rounding: a feature that is constant, or a linear
+            combination of the others (collinear, duplicated), in the data's own dtype. The core KDE's rank test
+            and message (:func:`anomstats.bandwidth.check_data_covariance`), naming the feature; the buffers
+            are left as they were.
         """
         x = as_float_tensor(dataset, "dataset").detach()  # fitted statistics, not a graph: see Notes
         if x.ndim != 2:
@@ -359,6 +395,7 @@ class GaussianKDE(DynamicBufferModule):
             raise ValueError(NON_FINITE_DATA)  # the core KDE's message
         store_dtype = working_dtype(self.bw_transform.dtype, x.dtype)
         x64 = x.to(torch.float64)
+        centre = x64.mean(dim=0)
         factor: float | None
         if explicit:
             kernel = check_kernel_covariance(self.kernel_covariance, d)  # the core's check, now with D
@@ -367,11 +404,21 @@ class GaussianKDE(DynamicBufferModule):
             # np.array: a writable copy (the core's array is read-only, which torch.from_numpy warns about).
             whitening = _whitening_factor(torch.from_numpy(np.array(kernel)).to(x64.device))
         else:
+            covariance = self.cov(x64.mT)
+            # The core KDE's rank test (on the D x D covariance and the D means, as float64 NumPy) with the eps
+            # of the data's own dtype, before the bandwidth rule: data in a subspace (a feature that is a
+            # combination of others, duplicated or constant) is refused for every rounding, with the core's
+            # exception and message.
+            check_data_covariance(
+                covariance.cpu().numpy(),
+                centre.cpu().numpy(),
+                n,
+                torch.finfo(x.dtype).eps if x.is_floating_point() else None,
+            )
             factor = self._factor(x64)
-            whitening = _whitening_factor(self.cov(x64.mT), factor)
+            whitening = _whitening_factor(covariance, factor)
         # L Lᵀ = H⁻¹, so log det H = −2 Σ log diag(L) (never the log of a product, which overflows).
         log_norm = gaussian_log_normaliser(d, -2.0 * torch.log(whitening.diagonal()).sum())
-        centre = x64.mean(dim=0)
         self.bw_transform = whitening.to(store_dtype)
         self.dataset = (x64 @ whitening).to(store_dtype)
         self.norm = torch.exp(log_norm).to(store_dtype)
@@ -379,30 +426,101 @@ class GaussianKDE(DynamicBufferModule):
         self._centred = ((x64 - centre) @ whitening).to(store_dtype)
         self.factor = factor
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):  # type: ignore[no-untyped-def]
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
-        if not any(prefix + name in state_dict for name in ("bw_transform", "dataset", "norm")):
+    #: What a consistent fitted state holds, for the message of :meth:`_check_state_consistency`.
+    _STATE_LAYOUT = "bw_transform (D, D) with a positive diagonal, dataset (N, D) with N >= 1, and a 0-d norm"
+
+    def _check_state_consistency(self, incoming: dict[str, Tensor]) -> None:
+        """Refuse a checkpoint whose buffers do not fit together, before anything is loaded.
+
+        Called by :class:`DynamicBufferModule`'s ``_load_from_state_dict`` with this module's incoming
+        tensors (keys without the prefix; keys missing from the checkpoint are absent), before any buffer is
+        resized. The state after the load (incoming tensors, and the module's own buffers for keys the
+        checkpoint lacks, e.g. with ``strict=False``) must be either unfitted (all three empty) or a fit:
+        ``bw_transform`` (D, D), finite, with a positive diagonal (a Cholesky factor: its log-diagonal is the
+        log-normaliser); ``dataset`` (N, D), N >= 1, finite; ``norm`` 0-d (any value: an overflowed float32
+        ``norm`` is ``inf``, and the module then derives the normaliser from ``bw_transform``).
+
+        Raises
+        ------
+        RuntimeError
+            :func:`anomstats._validation.inconsistent_state_error`: ``Error(s) in loading state_dict for
+            GaussianKDE: inconsistent buffers: <what>; a fitted GaussianKDE holds <layout>. ...``, as torch's
+            own ``load_state_dict`` raises ``RuntimeError`` for a size mismatch.
+        """
+        names = ("bw_transform", "dataset", "norm")
+        if not any(name in incoming for name in names):
+            return
+        state = {name: incoming.get(name, getattr(self, name)) for name in names}
+        bw, data, norm = state["bw_transform"], state["dataset"], state["norm"]
+
+        def refuse(detail: str) -> None:
+            raise inconsistent_state_error(type(self).__name__, detail, self._STATE_LAYOUT)
+
+        for name, tensor in state.items():
+            if not isinstance(tensor, Tensor):
+                refuse(f"{name} is a {type(tensor).__name__}, not a tensor")
+        if all(t.numel() == 0 and t.ndim == 1 for t in (bw, data, norm)):
+            return  # an unfitted state (anomalib's empty buffers)
+        shapes = ", ".join(f"{name} {tuple(state[name].shape)}" for name in names)
+        if bw.ndim != 2 or bw.shape[0] != bw.shape[1] or bw.shape[0] == 0:
+            refuse(f"bw_transform must be a non-empty square (D, D) matrix; got {shapes}")
+        if data.ndim != 2 or data.shape[1] != bw.shape[0] or data.shape[0] == 0:
+            refuse(f"dataset must be (N, {bw.shape[0]}) with N >= 1 to match bw_transform; got {shapes}")
+        if norm.ndim != 0:
+            refuse(f"norm must be 0-d (a scalar); got {shapes}")
+        if "meta" in (bw.device.type, data.device.type):
+            return  # shapes only: meta tensors hold no values
+        if not bool(torch.isfinite(bw).all()) or not bool((bw.diagonal() > 0).all()):
+            refuse("bw_transform must be finite with a positive diagonal (a Cholesky factor)")
+        if not bool(torch.isfinite(data).all()):
+            refuse("dataset must be finite")
+
+    def _finish_state_load(self, incoming: dict[str, Tensor]) -> None:
+        """After a successful load (:class:`DynamicBufferModule`'s hook): the loaded buffers define the model."""
+        if not any(name in incoming for name in ("bw_transform", "dataset", "norm")):
             return  # nothing of this module was loaded (e.g. a partial parent checkpoint): keep the fit
-        # The loaded buffers define the model now; forget the centred copy and the factor of an earlier fit.
+        # Forget the centred copy and the factor of an earlier fit (they belong to other buffers now).
         self._centre = torch.empty(0, dtype=self.dataset.dtype, device=self.dataset.device)
         self._centred = torch.empty(0, dtype=self.dataset.dtype, device=self.dataset.device)
         self.factor = None
 
     @staticmethod
-    def cov(tensor: Tensor) -> Tensor:
-        """Unbiased covariance of the rows of ``tensor`` (D variables, N observations), as anomalib's.
+    def cov(
+        tensor: Tensor,
+        *,
+        rowvar: bool = True,
+        bias: bool = False,
+        ddof: int | None = None,
+        aweights: Tensor | None = None,
+    ) -> Tensor:
+        """Covariance with :func:`numpy.cov` semantics: by default the unbiased covariance of the rows, as anomalib's.
 
-        Unlike anomalib's, the input is not centred in place.
+        ``GaussianKDE.cov(x)`` is anomalib's call (``x`` (D, N): D variables, N observations); the
+        keyword-only arguments are numpy's and mean what they mean there. The one kernel is the adapter's
+        ``anomstats_torch._covariance.numpy_cov``, as for ``MultiVariateGaussian._cov`` (numpy's checks,
+        exception types and messages for ``ddof`` and ``aweights``, from :mod:`anomstats._validation` and
+        :mod:`anomstats._weights`): a non-integer ``ddof`` is a ``ValueError`` ("ddof must be integer"), a
+        wrong number of weights a ``RuntimeError``, negative weights a ``ValueError``, weights summing to
+        zero a ``ZeroDivisionError``, no degrees of freedom a ``RuntimeWarning`` and inf/NaN entries. Unlike
+        anomalib's, the input is not centred in place.
 
         Parameters
         ----------
         tensor : torch.Tensor
-            (D, N) observations in columns. Integer input is computed in float32.
+            1-D (one variable) or 2-D observations; integer and bool input is computed in the default float
+            dtype (float32).
+        rowvar : bool, keyword-only, default True
+            Each row is a variable (numpy's default and anomalib's layout); False: each column.
+        bias, ddof : keyword-only
+            Normalisation by N (``bias=True``) or ``N - ddof`` (default ``ddof = 1``), as numpy.
+        aweights : torch.Tensor, keyword-only, optional
+            Analytic weights, one per observation.
 
         Returns
         -------
         torch.Tensor
-            (D, D) covariance, in the input's floating dtype.
+            (D, D) covariance, in the input's floating dtype. Always 2-D (anomalib's shape, which ``fit``
+            relies on): numpy returns a 0-d array for a single variable, the same value.
 
         Examples
         --------
@@ -412,16 +530,13 @@ class GaussianKDE(DynamicBufferModule):
         >>> GaussianKDE.cov(x)
         tensor([[ 1., -1.],
                 [-1.,  1.]])
+        >>> GaussianKDE.cov(x, aweights=torch.tensor([1.0, 1.0, 2.0]), bias=True)
+        tensor([[ 0.6875, -0.6875],
+                [-0.6875,  0.6875]])
         """
-        x = as_float_tensor(tensor, "tensor")
-        if x.ndim != 2:
-            raise ValueError(f"tensor must be 2-D (D variables, N observations), got shape {tuple(x.shape)}")
-        if x.shape[1] < 2:
-            raise ValueError(f"the covariance needs at least 2 observations (columns), got {x.shape[1]}")
-        if not x.is_floating_point():
-            x = x.to(torch.float32)
-        centred = x - x.mean(dim=1, keepdim=True)
-        return centred @ centred.mT / covariance_normalisation(x.shape[1], None, 1)
+        result = numpy_cov(tensor, rowvar=rowvar, bias=bias, ddof=ddof, aweights=aweights)
+        d = math.isqrt(result.numel())
+        return result.reshape(d, d)
 
     # ------------------------------------------------------------------ evaluation
     def forward(self, features: Tensor) -> Tensor:
@@ -466,20 +581,24 @@ class GaussianKDE(DynamicBufferModule):
         return log_densities.to(result_dtype(features.dtype, log_densities.dtype))
 
     def _log_norm(self) -> Tensor:
-        """log of the kernel normaliser ``norm`` (float64, 0-d).
+        """log of the kernel normaliser ``norm`` (float64, 0-d): finite wherever ``bw_transform`` is.
 
-        From the ``norm`` buffer, except where a module cast to float16 could not hold it (DFKDE's
-        normalisers are ~1e9; float16 ends at 65504, so the cast gives inf): there it is derived from
-        ``bw_transform`` as anomalib defines ``norm``, ``prod(diag(L)) (2π)^(-D/2)``, in the log domain
-        (:func:`anomstats._rules.gaussian_log_normaliser`).
+        From the ``norm`` buffer where it holds a normal, finite number (one rounding of the fit's float64
+        value); where it does not, because the normaliser is beyond the buffer dtype's range (``inf`` for
+        tightly clustered data in float32, e.g. std 1e-3 in D = 16, or for DFKDE's ~1e9 in float16; 0 or
+        subnormal for widely spread data in many dimensions), it is derived from ``bw_transform`` as
+        anomalib defines ``norm``, ``prod(diag(L)) (2π)^(-D/2)``, in the log domain
+        (:func:`anomstats._rules.gaussian_log_normaliser` of ``-2 Σ log diag(L)``, never the log of the
+        product, which overflows). The two agree to rounding for every consistent checkpoint (anomalib's
+        included): the derived value carries the rounding of D stored diagonal entries, the stored one a
+        single rounding, hence the preference.
         """
         stored = torch.log(self.norm.to(torch.float64))
-        if self.norm.dtype != torch.float16:
-            return stored
         diagonal = self.bw_transform.to(torch.float64).diagonal()
         derived = gaussian_log_normaliser(diagonal.shape[0], -2.0 * torch.log(diagonal).sum())
+        usable = torch.isfinite(stored) & (self.norm.abs() >= torch.finfo(self.norm.dtype).tiny)
         # A tensor select, not a Python branch on the value: traced graphs keep both and choose at run time.
-        return torch.where(torch.isfinite(stored), stored, derived)
+        return torch.where(usable, stored, derived)
 
     def _check_query(self, features: Tensor) -> Tensor:
         if self.dataset.ndim != 2 or self.dataset.shape[0] == 0:
@@ -488,6 +607,10 @@ class GaussianKDE(DynamicBufferModule):
         d = self.dataset.shape[1]
         if f.ndim != 2 or f.shape[1] != d:
             raise ValueError(f"features must have shape (M, {d}) to match the fitted dataset, got {tuple(f.shape)}")
+        # Eager only: a traced/exported graph cannot raise on values (and the meta device holds none), so
+        # there NaN or infinite features give NaN (see the class notes).
+        if not is_tracing() and f.device.type != "meta":
+            require_finite_points(bool(torch.isfinite(f).all()), "features")  # the core KDE's message
         return f
 
     def _evaluate(self, features: Tensor, *, log: bool) -> Tensor:
@@ -508,6 +631,17 @@ class GaussianKDE(DynamicBufferModule):
             shift = train.mean(dim=0)
             queries = f @ whitening - shift
             train = train - shift
+        # A query whose whitened squared norm overflows (or whose whitening overflowed to inf or NaN: a finite
+        # query of |x| ~ 1e19 in float32) is beyond every kernel's reach: its log-density is below -max/2, so
+        # it is -inf and the density 0. Such rows are scored as the origin and then overwritten, by tensor
+        # selects (no Python branch, so traced graphs do the same), which also keeps their gradient 0.
+        # The masks are formed without autograd: a gradient through inf * 0 would be NaN even where unselected.
+        with torch.no_grad():
+            lost = ~torch.isfinite((queries * queries).sum(1, keepdim=True))
+            # All true in eager mode (checked); in traced graphs a NaN or infinite query scores NaN.
+            given = torch.isfinite(f).all(dim=1)
+        queries = torch.where(lost, torch.zeros_like(queries), queries)
+        squared = (queries * queries).sum(1, keepdim=True)
         # float64 at small D: direct differences, as the NumPy core (see _direct_exponent).
         direct = train.shape[1] <= DIRECT_MAX_D and dtype == torch.float64
         if direct:
@@ -516,17 +650,23 @@ class GaussianKDE(DynamicBufferModule):
             # Augmented operands: one product gives the kernel exponent -||y - t||² / 2 directly.
             ones_q = torch.ones_like(queries[:, :1])
             ones_t = torch.ones_like(train[:, :1])
-            lhs = torch.cat([queries, -0.5 * (queries * queries).sum(1, keepdim=True), ones_q], dim=1)
+            lhs = torch.cat([queries, -0.5 * squared, ones_q], dim=1)
             rhs = torch.cat([train, ones_t, -0.5 * (train * train).sum(1, keepdim=True)], dim=1)
-        log_scale = (self._log_norm() - math.log(n_train)).to(dtype)
+        # The log-normaliser, never the norm itself: finite wherever bw_transform is (see _log_norm).
+        log_scale64 = self._log_norm() - math.log(n_train)
+        log_scale = log_scale64.to(dtype)
         # The fast path writes into a reused tile (out=...), which autograd refuses: when a gradient is
         # needed (queries or buffers that require grad) use the out-of-place streaming log-sum-exp.
         needs_grad = torch.is_grad_enabled() and (lhs.requires_grad or rhs.requires_grad)
         # The meta device (shape propagation) cannot run the fast path's data-dependent row selection.
         if is_tracing() or needs_grad or lhs.device.type == "meta":
             lse = self._logsumexp_rows(lhs, rhs, direct=direct)
-            return lse + log_scale if log else torch.exp(lse + log_scale)
-        return self._evaluate_chunked(lhs, rhs, log_scale, log=log, direct=direct)
+            result = lse + log_scale if log else torch.exp(lse + log_scale)
+        else:
+            result = self._evaluate_chunked(lhs, rhs, log_scale, log_scale64, log=log, direct=direct)
+        beyond = torch.full_like(result, -math.inf if log else 0.0)
+        result = torch.where(lost[:, 0], beyond, result)
+        return torch.where(given, result, torch.full_like(result, math.nan))
 
     def _train_chunk(self, rows: int, itemsize: int) -> int:
         """Training points per block, so that a (rows x block) kernel matrix fits the budget."""
@@ -544,19 +684,29 @@ class GaussianKDE(DynamicBufferModule):
         itemsize = lhs.element_size() * (2 if direct else 1)  # direct: a difference besides each block
         block = self._train_chunk(1 if is_tracing() else lhs.shape[0], itemsize)
         floor = exp_floor(_numpy_dtype(lhs.dtype))
-        running_max = torch.full_like(lhs[:, 0], -math.inf)
+        best = torch.full_like(lhs[:, 0], -math.inf)  # the largest exponent so far (-inf: none finite yet)
         running_sum = torch.zeros_like(lhs[:, 0])
+        zero = torch.zeros_like(running_sum)
         for start in range(0, rhs.shape[0], block):
             chunk = rhs[start : start + block]
             exponent = _direct_exponent(lhs, chunk) if direct else lhs @ chunk.mT
-            new_max = torch.maximum(running_max, exponent.amax(dim=1))
-            exponent = torch.exp((exponent - new_max[:, None]).clamp_(min=floor))
-            running_sum = running_sum * torch.exp(running_max - new_max) + exponent.sum(dim=1)
-            running_max = new_max
-        return running_max + torch.log(running_sum)
+            new_best = torch.maximum(best, exponent.amax(dim=1))
+            found = torch.isfinite(new_best)
+            # Rows whose exponents are all -inf so far (squared distances that overflowed) shift by 0 and
+            # add nothing: -inf minus -inf would be NaN, and their clamped terms are no kernel's value.
+            shift = torch.where(found, new_best, zero)
+            terms = torch.exp((exponent - shift[:, None]).clamp_(min=floor)).sum(dim=1)
+            rescale = torch.where(torch.isfinite(best), torch.exp(best - shift), zero)
+            running_sum = running_sum * rescale + torch.where(found, terms, zero)
+            best = new_best
+        found = torch.isfinite(best)
+        # The largest term is exp(0) = 1 where any exponent was finite; elsewhere every kernel underflows:
+        # -inf (through a select, and a log of 1 in the unselected branch, so that gradients stay finite).
+        lse = torch.where(found, best, zero) + torch.log(torch.where(found, running_sum, torch.ones_like(running_sum)))
+        return torch.where(found, lse, torch.full_like(lse, -math.inf))
 
     def _evaluate_chunked(
-        self, lhs: Tensor, rhs: Tensor, log_scale: Tensor, *, log: bool, direct: bool = False
+        self, lhs: Tensor, rhs: Tensor, log_scale: Tensor, log_scale64: Tensor, *, log: bool, direct: bool = False
     ) -> Tensor:
         n_queries, n_train = lhs.shape[0], rhs.shape[0]
         itemsize = lhs.element_size()
@@ -568,7 +718,11 @@ class GaussianKDE(DynamicBufferModule):
         trusted = float(trusted_sum_floor(_numpy_dtype(lhs.dtype), n_train))  # n_train unit weights
         # The density's scale norm / n, formed in float64 and rounded once: exp(log_scale) would carry the
         # rounding of log_scale, eps·|log norm| relative (1.4e-6 in float32 when the normaliser is 1e10).
-        scale = torch.exp(self._log_norm() - math.log(n_train)).to(lhs.dtype)
+        scale = torch.exp(log_scale64).to(lhs.dtype)
+        # Where norm / n is beyond the dtype's range (inf, or 0 / subnormal), the plain sums are scaled in the
+        # log domain, in float64, and rounded once: the density overflows only where it exceeds the range.
+        info = torch.finfo(lhs.dtype)
+        scale_in_logs = not (info.tiny <= float(scale) < math.inf)
         floor = exp_floor(_numpy_dtype(lhs.dtype))
         if lhs.device.type == "cpu":
             # Cache-sized tiles, reused: ~3x faster than budget-sized blocks that spill out of cache.
@@ -597,12 +751,14 @@ class GaussianKDE(DynamicBufferModule):
                 sums += block.clamp_(min=floor).exp_().sum(dim=1)
             if log:
                 block_out = torch.log(sums) + log_scale
+            elif scale_in_logs:
+                block_out = torch.exp(torch.log(sums).double() + log_scale64).to(lhs.dtype)
             else:
                 block_out = sums * scale
             redo = torch.nonzero(~(sums > trusted)).flatten()
             if redo.numel():
-                lse = self._logsumexp_rows(q_lhs[redo], rhs, direct=direct) + log_scale
-                block_out[redo] = lse if log else torch.exp(lse)
+                lse = self._logsumexp_rows(q_lhs[redo], rhs, direct=direct)
+                block_out[redo] = lse + log_scale if log else torch.exp(lse.double() + log_scale64).to(lhs.dtype)
             out[q0 : q0 + query_block] = block_out
         return out
 

@@ -651,8 +651,10 @@ def streaming_covariance_atol(x, weights=None, dtype=np.float64, ddof=1, *, stre
     carry the mean's rounding ``delta = (sqrt(n) + 1) eps max|x|`` (:func:`mean_atol`, one side), which does
     NOT cancel in the difference of means (of size ``s``, the data's RMS deviation): it leaves
     ``sum(w) (delta_i s_j + s_i delta_j + delta_i delta_j) / norm``. Relative to the covariance that is
-    ``~ sqrt(n) eps |offset| / s``: data far from the origin lose accuracy in streaming (the current
-    algorithm's known limitation; the term states it rather than hiding it). ``norm`` is
+    ``~ sqrt(n) eps |offset| / s`` for a stream that sums raw values. The library's streams accumulate
+    around a shift taken from the data (issue 11, point 5), so for them the bound is evaluated on
+    ``x - x[0]`` (exact far from the origin) and the offset term vanishes; the generic form is kept for
+    peers and for comparisons with unshifted sums. ``norm`` is
     ``sum(w) - ddof sum(w^2) / sum(w)``; it is itself computed with cancellation, a relative error
     ``(sqrt(n) + 2) eps (sum(w) + |ddof| sum(w^2) / sum(w)) / norm`` of every entry (large near ``ddof``'s
     degenerate normalisation, n = 3 with ddof = 2). ``streamed=False``: both computations centre at a

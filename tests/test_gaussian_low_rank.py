@@ -56,7 +56,7 @@ def _assert_equal_to_dense(low, dense, x, n, c):
 def test_fit_equals_the_dense_fit(n, c):
     x = _embedding(n, c, seed=n)
     low = MultiVariateGaussian(form="low_rank").fit(x)
-    dense = MultiVariateGaussian().fit(x)
+    dense = MultiVariateGaussian(store_covariance=True).fit(x)
     assert isinstance(low, MultiVariateGaussian) and type(low) is LowRankMultiVariateGaussian
     assert low.basis.shape == (6, c, n - 1) and low.eigenvalues.shape == (6, n - 1)
     _assert_equal_to_dense(low, dense, x, n, c)
@@ -85,7 +85,7 @@ def test_streaming_and_merging_equal_the_dense_fit(seed, n, c, splits, offset):
         other.partial_fit(part)
     streamed.merge(other)
     assert streamed.n_samples_seen_ == n
-    dense = MultiVariateGaussian().fit(x)
+    dense = MultiVariateGaussian(store_covariance=True).fit(x)
     # The offset is removed by each batch's own mean (float64): the centred columns carry the rounding
     # of x, eps·|offset|, which is ~eps·offset/sigma relative to the spread (2e-13 at 1e3) on both routes.
     _assert_equal_to_dense(streamed, dense, x, n, c)
@@ -100,7 +100,7 @@ def test_streaming_past_c_columns_reduces_the_factor():
         for part in np.split(x, 3):
             streamed.partial_fit(part)
         assert streamed._moments.n_columns <= 12 + 10 + 1
-        dense = MultiVariateGaussian().fit(x)
+        dense = MultiVariateGaussian(store_covariance=True).fit(x)
         _assert_equal_to_dense(streamed, dense, x, 30, 12)
 
 
@@ -145,7 +145,7 @@ def test_ridge_zero_needs_more_observations_than_features():
     many = _embedding(30, 5, seed=8)
     with pytest.warns(UserWarning, match="no advantage"):
         low = MultiVariateGaussian(form="low_rank", ridge=0.0).fit(many)
-    dense = MultiVariateGaussian(ridge=0.0).fit(many)
+    dense = MultiVariateGaussian(store_covariance=True, ridge=0.0).fit(many)
     _assert_equal_to_dense(low, dense, many, 30, 5)
     singular = many.copy()
     singular[:, 4] = singular[:, 3]  # a duplicated feature: singular without a ridge
@@ -192,7 +192,7 @@ def test_ill_conditioned_observations_equal_the_dense_fit(spread):
     n, c = 40, 90
     x = rng.normal(size=(n, c, 4)) * np.logspace(0, -spread, c)[None, :, None] * 10
     low = MultiVariateGaussian(form="low_rank", ridge=1e-3).fit(x)
-    dense = MultiVariateGaussian(ridge=1e-3).fit(x)
+    dense = MultiVariateGaussian(store_covariance=True, ridge=1e-3).fit(x)
     gram = np.einsum("pcr,pcs->prs", low.basis, low.basis)
     kept = low.eigenvalues > low.ridge
     # Orthonormal to rounding wherever a direction carries variance (a dropped one is a zero column).

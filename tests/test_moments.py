@@ -171,7 +171,7 @@ def test_state_round_trip_and_views_are_read_only():
     x = np.random.default_rng(5).normal(size=(6, 2, 3))
     m = RunningMoments().update(x)
     state = m.state()
-    assert set(state) == {"count", "sum_weights", "sum_squared_weights", "mean", "centred_sums"}
+    assert set(state) == {"count", "sum_weights", "sum_squared_weights", "mean", "centred_sums", "mean_residual", "sum_squared_weights_exponent"}
     assert state["mean"].shape == (3, 2) and state["centred_sums"].shape == (3, 2, 2)
     rebuilt = RunningMoments.from_state(state)
     np.testing.assert_array_equal(rebuilt.covariance(), m.covariance())

@@ -366,7 +366,7 @@ def _mvg_check(sizes: _Sizes, seed: int, case: str) -> Callable[[], list[Compari
         n = max(sizes.batch, 2 * c)
         emb = _embedding(case, n, c, sizes.spatial, rng)
         test = _embedding(case, 5, c, sizes.spatial, np.random.default_rng(seed + 1))
-        model = anomstats.MultiVariateGaussian().fit(emb)
+        model = anomstats.MultiVariateGaussian(store_covariance=True).fit(emb)
         p_count = int(np.prod(sizes.spatial))
         patches = emb.astype(np.float64).reshape(n, c, p_count)
         tpatches = test.astype(np.float64).reshape(5, c, p_count)
@@ -407,7 +407,7 @@ def _shrinkage_check(sizes: _Sizes, seed: int, case: str, method: str) -> Callab
         n = sizes.batch
         emb = _embedding(case, n, c, sizes.spatial, rng)
         # ridge=0: exactly the shrinkage estimator, as scikit-learn computes it.
-        model = anomstats.MultiVariateGaussian(ridge=0.0, shrinkage=method).fit(emb)
+        model = anomstats.MultiVariateGaussian(ridge=0.0, shrinkage=method, store_covariance=True).fit(emb)
         patches = emb.reshape(n, c, -1)
         estimator = LedoitWolf if method == "ledoit-wolf" else OAS
         ref = np.stack([estimator().fit(patches[:, :, p]).covariance_ for p in range(patches.shape[2])])
@@ -522,7 +522,7 @@ def _torch_mvg_check(sizes: _Sizes, seed: int, device: str, case: str) -> Callab
         with torch.no_grad():
             mean, inv_cov = module.fit(torch.as_tensor(emb, dtype=dtype, device=device))
             dist = module.mahalanobis(torch.as_tensor(test, dtype=dtype, device=device))
-        core = anomstats.MultiVariateGaussian().fit(emb.astype(np.float32) if case == "float32" else emb)
+        core = anomstats.MultiVariateGaussian(store_covariance=True).fit(emb.astype(np.float32) if case == "float32" else emb)
         core_test = test.astype(np.float32).astype(np.float64) if case == "float32" else test
         tol_mean, tol_inv, tol_dist = _torch_mvg_tolerances(case, core.covariance)
         return [
