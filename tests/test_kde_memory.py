@@ -93,6 +93,7 @@ def test_kernel_sums_direct_and_product_routes_agree(monkeypatch, d):
     z = rng.standard_normal((500, d))
     q = np.vstack([rng.standard_normal((40, d)) * 2, rng.standard_normal((3, d)) + 60.0])
     w = rng.random(500)
+    monkeypatch.setattr(_kernel_sums, "DIRECT_MAX_D", 2)  # both routes exist for d <= 2; compare them
     centres = _kernel_sums.WhitenedCentres(z, w)
     assert not centres.use_products
     direct = _kernel_sums.kernel_sums(centres, q)
