@@ -53,6 +53,7 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_SPLIT_EVERY",
+    "compute_or_name_non_finite",
     "dispatch",
     "first_non_finite",
     "first_non_finite_patch",
@@ -63,6 +64,8 @@ __all__ = [
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+L = TypeVar("L")
 
 #: How many partial states one merge task combines (the fan-in of the reduction tree).
 DEFAULT_SPLIT_EVERY: int = 8
@@ -292,6 +295,42 @@ def map_queries(model: Any, method: str, x: Any, query_axis: int, probe: np.ndar
 
 # ---------------------------------------------------------------------------------------------
 # Locating bad values in a whole dask array (only on failure paths: the chunks found them first)
+
+
+def compute_or_name_non_finite(
+    compute: Callable[[], T], locate: Callable[[], L | None], refuse: Callable[[L], Any]
+) -> T:
+    """``compute()``; if a chunk refused NaN or infinity (a ``ValueError``), the in-memory error instead.
+
+    The failure path of every dask twin that reduces data: a chunk knows only its own piece, so on a
+    ``ValueError`` ``locate()`` finds the first non-finite value of the whole array (:func:`first_non_finite`,
+    :func:`first_non_finite_patch`) and ``refuse(found)`` raises the error the in-memory method raises for it
+    (outside the ``except`` block: no chained chunk error). When ``locate()`` finds none, the chunk's error
+    was another fault and is re-raised as it is.
+
+    Examples
+    --------
+    >>> import numpy as np, dask.array as da
+    >>> x = da.from_array(np.array([0.0, np.nan, 1.0]), chunks=1)
+    >>> def compute():
+    ...     raise ValueError("a chunk's own message")
+    >>> def refuse(found):
+    ...     raise ValueError(f"x is not finite at {found}")
+    >>> compute_or_name_non_finite(compute, lambda: first_non_finite(x), refuse)
+    Traceback (most recent call last):
+    ...
+    ValueError: x is not finite at (1,)
+    >>> compute_or_name_non_finite(lambda: 42, lambda: first_non_finite(x), refuse)
+    42
+    """
+    try:
+        return compute()
+    except ValueError:
+        found = locate()
+        if found is None:
+            raise
+    refuse(found)
+    raise AssertionError("refuse() must raise")  # pragma: no cover
 
 
 def first_non_finite(x: Any) -> tuple[int, ...] | None:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from ._patch_kernels import ThreadScratch
+from ._patch_kernels import ThreadScratch, _limits, fault_scale, precision_fault, unrepresentable_error
 from ._rules import chan_merge_weights, covariance_normalisation
 from ._validation import describe_patch
 
@@ -52,6 +52,9 @@ __all__ = [
     "eigenvalues_of",
     "factor_chunk",
     "check_definite",
+    "precision_diagonal",
+    "outside_floor",
+    "check_representable",
     "OUTSIDE_FRACTION",
     "squared_distances",
     "dense_from_low_rank",
@@ -256,6 +259,83 @@ def check_definite(eigenvalues: NDArray, n_features: int, ridge: float, first_pa
             f"the covariance at {describe_patch(patch, spatial)} is singular (ridge=0): its smallest "
             "eigenvalue is below C·eps times its largest. Use a positive ridge."
         )
+
+
+def precision_diagonal(basis: NDArray, eigenvalues: NDArray, ridge: float) -> NDArray:
+    """Diagonal (p, C) of the precisions ``Σ⁻¹ = V diag(1/λ) Vᵀ + (I − V Vᵀ)/ρ`` of patches, no ``C×C`` matrix formed.
+
+    ``Σ⁻¹_kk = Σ_i V_ki²/λ_i + (1 − Σ_i V_ki²)/ρ`` from bases (p, C, r) and eigenvalues (p, r) (float64; the
+    second term only with a positive ridge, and only where ``1 − |V_k|²`` exceeds its rounding,
+    :func:`outside_floor`). Zero columns of the basis (directions left at the ridge) count in the second term.
+    The diagonal of the precision the dense form would store, for :func:`check_representable`.
+
+    Examples
+    --------
+    >>> v = np.array([[[1.0], [0.0]]])                     # C = 2, r = 1: feature 0 spans the basis
+    >>> precision_diagonal(v, np.array([[4.0]]), 0.5).tolist()
+    [[0.25, 2.0]]
+    """
+    with np.errstate(divide="ignore"):  # λ = 0 only for ridge=0 patches that check_definite refuses first
+        inside = np.einsum("pcr,pcr,pr->pc", basis, basis, 1.0 / eigenvalues)
+    if ridge == 0:
+        return inside
+    outside = 1.0 - np.einsum("pcr,pcr->pc", basis, basis)
+    outside[outside <= outside_floor(basis.shape[2])] = 0.0  # rounding of |V_k|² (at full rank, all of it)
+    return inside + outside / ridge
+
+
+def outside_floor(width: int) -> float:
+    """A feature's share outside a basis of ``width`` columns, ``1 − |V_k|²``, at or below this is rounding.
+
+    The columns are orthonormal to :data:`ORTHONORMAL_ENOUGH`, so a row's squared norm is 1 to within about
+    ``width`` times that: at full rank every row is, and ``1 − |V_k|²`` holds nothing but rounding, which
+    divided by the ridge would swamp a precision of ``1/λ`` for features of large scale.
+
+    Examples
+    --------
+    >>> print(f"{outside_floor(100):.2e}")
+    5.68e-12
+    """
+    return max(int(width), 1) * float(ORTHONORMAL_ENOUGH)
+
+
+def check_representable(eigenvalues: NDArray, stored_precision_diagonal: NDArray, ridge: float, n_features: int,
+                        dtype: Any, first_patch: int, spatial: tuple[int, ...], remedy: str) -> None:
+    """Refuse a low-rank fit whose state ``dtype`` cannot represent, naming the first bad patch and the scale.
+
+    The dense form's representability rule (:func:`anomstats._patch_kernels.precision_fault`,
+    :func:`anomstats._patch_kernels.unrepresentable_error`), for the low-rank state that is stored in ``dtype``
+    (a NumPy dtype, or an ``finfo`` object for dtypes NumPy lacks): its eigenvalues ``λ`` (p, r), computed in
+    float64, must not overflow ``dtype`` (a covariance that overflows: ``features of scale sqrt(λ_max)``), and
+    the precision it stands for must fit ``dtype`` as the dense form's must: ``stored_precision_diagonal``
+    (p, C) is :func:`precision_diagonal` rounded to ``dtype`` (a zero or subnormal entry: the precision
+    underflows; an infinite one: it overflows; the scale named is :func:`anomstats._patch_kernels.fault_scale`'s
+    of the eigenvalues, with the ridge for the directions outside the basis). ``remedy`` is each package's.
+    Both packages call it, the torch adapter on the error path of its own tensor check.
+
+    Examples
+    --------
+    >>> check_representable(np.array([[1e39]]), np.array([[1e-39, 100.0]]), 0.01, 2, np.float32, 0, (1,), "rescale")
+    Traceback (most recent call last):
+    ...
+    ValueError: features of scale 3.2e+19 overflow float32: the covariance of patch 0 overflowed (its sums of squares, about (3.2e+19)² per observation, exceed float32's largest number 3.4e+38); rescale
+    """
+    _, largest, tiny = _limits(dtype)
+    values = np.asarray(eigenvalues, dtype=np.float64)
+    diagonal = np.asarray(stored_precision_diagonal)
+    over = ~(values <= largest).all(axis=1) if values.shape[1] else np.zeros(values.shape[0], dtype=bool)
+    # precision_fault's verdict for every patch at once (NaN fails both comparisons)
+    bad = over | ~((diagonal >= tiny) & np.isfinite(diagonal)).all(axis=1)
+    if not bad.any():
+        return
+    k = int(np.argmax(bad))
+    where = describe_patch(first_patch + k, spatial)
+    if over[k]:
+        scale = math.sqrt(float(np.nan_to_num(values[k], nan=np.inf).max()))
+        raise unrepresentable_error(where, dtype, "covariance", scale, remedy)
+    fault = precision_fault(diagonal[k], dtype)
+    variances = values[k] if values.shape[1] >= n_features or ridge <= 0 else np.append(values[k], ridge)
+    raise unrepresentable_error(where, dtype, fault, fault_scale(fault, variances), remedy)
 
 
 class LowRankMoments:

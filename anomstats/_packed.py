@@ -1,17 +1,35 @@
-"""A memory-lean streaming fit of PaDiM's per-patch Gaussians: :class:`PackedGaussianAccumulator`.
+"""The packed streaming accumulator of PaDiM's per-patch Gaussians: :class:`PackedGaussianAccumulator`.
 
 PaDiM at its largest (wide_resnet50_2 at 256 px: C = 550 channels, 64×64 = 4096 patches) needs one
 C×C covariance per patch. anomalib keeps every training embedding and about three ``(P, C, C)``
-float32 stacks alive at once (35–50 GB reported). This accumulator keeps only what the estimator
-needs, and nothing twice:
+float32 stacks alive at once (35–50 GB reported). This accumulator, the streaming state of
+:class:`anomstats.MultiVariateGaussian` for ``shrinkage=None`` and ``"oas"``, keeps only what the
+estimator needs, and nothing twice:
 
-* the running mean, ``(P, C)``;
-* the *upper triangle* of each patch's centred second moments ``Σ (x − μ)(x − μ)ᵀ``, packed row by
-  row into ``C·(C+1)/2`` numbers per patch, ``(P, C·(C+1)/2)``.
+* the running mean, ``(P, C)``, as a fixed shift per patch plus the mean's offset from it;
+* one *triangle* of each patch's centred second moments ``Σ (x − μ)(x − μ)ᵀ``, in ``C·(C+1)/2``
+  numbers per patch, ``(P, C·(C+1)/2)``: half of a full ``(P, C, C)`` stack (4.98 GB at C = 550,
+  P = 4096, against 9.9 GB).
 
 Batches are merged in with Chan et al.'s pairwise update (mean difference times the count
-product over the total), chunk by chunk over patches under a memory budget, so data far from the
-origin keeps its digits and the work buffers stay bounded.
+product over the total), so data far from the origin keeps its digits.
+
+Storage: LAPACK's rectangular full packed format
+------------------------------------------------
+Each patch's triangle is kept in LAPACK's *rectangular full packed* (RFP) format (``TRANSR='N'``,
+``UPLO='U'``): the triangle cut in two blocks laid side by side as one ``C·(C+1)/2``-number rectangle,
+on which the level-3 routines work directly. A fold is one ``xSFRK`` (symmetric rank-K update in RFP,
+two ``syrk`` and one ``gemm`` inside) per patch, straight into the stored moments: no C×C scratch, no
+packing pass. Finalisation unpacks a patch with ``xTFTTR`` (a copy) into the C×C matrix of
+:class:`anomstats._patch_kernels.PatchFinisher`. The routines are called through the C pointers scipy
+exports, which releases the GIL (:class:`RfpKernels`). This private storage is unrelated to the packed
+layout of the torch adapter's precision (:func:`packed_length`: the upper triangle row by row).
+
+Batches are buffered (as private copies) until ``fold_every`` observations wait, then folded in
+together: the rank-K updates then have K ≈ 64 rather than ≈ 20, so fewer passes over the stored
+moments and fewer BLAS calls, each less dominated by its fixed cost. Folds, merges and finalisation run
+over chunks of patches on the library's thread pool (:func:`anomstats._parallel.run_chunks`, BLAS held
+to one thread per call, every LAPACK call without the GIL), with work buffers under ``memory_budget``.
 
 Why float64 accumulation (the default), deliberately
 ----------------------------------------------------
@@ -20,20 +38,12 @@ a packed float64 triangle takes ``C·(C+1)/2·8 = C·(C+1)·4`` bytes per patch,
 the ``C·C·4`` bytes of that patch's full float32 precision. So ``finalise(in_place=True)`` writes the
 float32 precision over the packed moments, patch chunk by patch chunk (each chunk is copied out,
 unpacked, regularised, factored with LAPACK ``dpotrf``, inverted from its factor with ``dpotri``,
-symmetrised and written back as float32 into memory whose moments were already consumed). The
-peak of the whole fit is then one packed float64 stack plus buffers: 4.98 GB at
-C = 550, P = 4096 (anomalib: ≈ 2.7 GB of embeddings plus ≈ 3 × 4.96 GB stacks). float32
-accumulation would need 2.5 GB of moments *plus* a separate 4.96 GB output, and is over a
-thousand times less accurate (below).
-
-Batches are buffered (as private copies) until ``fold_every`` observations wait, then folded in
-together: the per-patch symmetric rank-K updates (BLAS ``syrk``, one triangle only) then have
-K ≈ 64 rather than ≈ 20, so far fewer BLAS calls, each less dominated by its fixed cost.
-
-Memory, float64 accumulation, C = 550 (measured peak RSS with ``benchmarks.bench_padim_memory``,
-300 images in batches of 20): 32×32 patches, 1.67 GB (anomalib's algorithm: 4.51 GB). At 64×64 the
-stored state is 4.98 GB (packed moments and mean) plus at most ~0.7 GB of buffered batches, about
-6 GB in all, against 16 GB allowed.
+symmetrised and written back as float32 into memory whose moments were already consumed; a chunk
+waits until the chunks before it have copied their moments out). The peak of the whole fit is then one
+packed float64 stack plus buffers: 4.98 GB at C = 550, P = 4096 (anomalib: ≈ 2.7 GB of embeddings plus
+≈ 3 × 4.96 GB stacks). float32 accumulation would need 2.5 GB of moments *plus* a separate 4.96 GB
+output, and is over a thousand times less accurate (below). Without ``in_place`` the moments are only
+read, so streaming can go on after the result has been looked at.
 
 Accuracy (measured, C = 550, 2×2 patches, 300 images, against a float64 one-shot ``numpy.cov`` +
 ridge + ``numpy.linalg.inv`` per patch; relative max error of the float32 precision): float64
@@ -44,27 +54,57 @@ exactly symmetric).
 
 from __future__ import annotations
 
+import bisect
+import ctypes
 import math
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
+from scipy.linalg import get_lapack_funcs
 
-from ._budget import DEFAULT_MEMORY_BUDGET, items_per_chunk
-from ._lapack import ScratchKernels
+from ._budget import DEFAULT_MEMORY_BUDGET
+from ._lapack import _capsule_function
 from ._moment_kernels import gather
-from ._patch_kernels import PatchFinisher, PatchFitSettings, PatchOutputs
+from ._parallel import resolve_workers, run_chunks
+from ._patch_kernels import (
+    FIT_CHUNK_PATCHES,
+    PatchFinisher,
+    PatchFitSettings,
+    PatchOutputs,
+    plan_patch_chunks,
+    scale_remedy,
+    unrepresentable_error,
+)
 from ._rules import DEFAULT_RIDGE, chan_merge_weights, covariance_normalisation
-from ._validation import check_dtype, check_memory_budget, check_positive_int, check_ridge, require_finite, require_observations
+from ._validation import (
+    check_dtype,
+    check_memory_budget,
+    check_positive_int,
+    check_ridge,
+    describe_patch,
+    require_finite,
+    require_observations,
+)
 
-__all__ = ["PackedGaussianAccumulator", "packed_state_bytes", "packed_length", "features_of_packed_length"]
+__all__ = [
+    "PackedGaussianAccumulator",
+    "RfpKernels",
+    "in_place_dependencies",
+    "packed_state_bytes",
+    "packed_length",
+    "features_of_packed_length",
+]
 
 
 def packed_length(n_features: int) -> int:
-    """Numbers in one packed upper triangle of a ``C×C`` symmetric matrix: ``C·(C+1)/2``.
+    """Numbers in one packed triangle of a ``C×C`` symmetric matrix: ``C·(C+1)/2``.
 
-    The packed layout (here and in the torch adapter's packed precision) is the upper triangle row by row,
-    the order of ``numpy.triu_indices(C)``.
+    The packed layout of the torch adapter's precision and compact checkpoints is the upper triangle row
+    by row, the order of ``numpy.triu_indices(C)``. (:class:`PackedGaussianAccumulator` keeps the same
+    number of values per patch, in LAPACK's RFP order.)
 
     Examples
     --------
@@ -106,6 +146,144 @@ def packed_state_bytes(n_features: int, n_patches: int, dtype: DTypeLike = np.fl
     return n_patches * (n_tri + n_features) * itemsize
 
 
+# ---------------------------------------------------------------------------- RFP kernels
+_INT_P = ctypes.POINTER(ctypes.c_int)
+
+
+def _load_rfp_routines() -> dict[str, Callable[..., None] | None]:
+    """``xSFRK`` and ``xTFTTR`` (x = d, s) as C functions called without the GIL, where scipy exports them."""
+    try:
+        from scipy.linalg import cython_lapack
+    except ImportError:  # pragma: no cover - every supported scipy ships it
+        return {}
+    text, address = ctypes.c_char_p, ctypes.c_void_p
+    found: dict[str, Callable[..., None] | None] = {}
+    for prefix in ("d", "s"):
+        # xSFRK(transr, uplo, trans, n, k, alpha, a, lda, beta, c)
+        found[prefix + "sfrk"] = _capsule_function(
+            cython_lapack, prefix + "sfrk",
+            [text, text, text, _INT_P, _INT_P, address, address, _INT_P, address, address],
+        )
+        # xTFTTR(transr, uplo, n, arf, a, lda, info)
+        found[prefix + "tfttr"] = _capsule_function(
+            cython_lapack, prefix + "tfttr", [text, text, _INT_P, address, address, _INT_P, _INT_P]
+        )
+    return found
+
+
+_RFP_ROUTINES = _load_rfp_routines()
+
+
+class RfpKernels:
+    """LAPACK's two RFP routines on one accumulator's ``C×C`` triangles, called without the GIL.
+
+    The format is ``TRANSR='N'``, ``UPLO='U'`` as LAPACK reads memory (column-major); unpacked into a
+    C-ordered matrix the triangle is its *lower* one, the triangle of :mod:`anomstats._lapack` and of
+    :class:`anomstats._patch_kernels.PatchFinisher`. One instance per thread (it holds its ctypes
+    arguments). Where scipy's C pointers are not available, scipy's wrappers do the same (holding the GIL).
+
+    Examples
+    --------
+    >>> rows = np.array([[1.0, 2.0], [3.0, 4.0]])
+    >>> kernels, packed, t = RfpKernels(2, np.float64), np.zeros(3), np.zeros((2, 2))
+    >>> kernels.rank_update(rows, packed, 1.0, 0.0)       # rowsᵀ rows, packed
+    >>> kernels.unpack(packed, t)
+    >>> t.tolist()                                        # its lower triangle
+    [[10.0, 0.0], [14.0, 20.0]]
+    """
+
+    def __init__(self, n_features: int, dtype: DTypeLike) -> None:
+        self.dtype = np.dtype(dtype)
+        prefix = "d" if self.dtype == np.float64 else "s"
+        self._sfrk = _RFP_ROUTINES.get(prefix + "sfrk")
+        self._tfttr = _RFP_ROUTINES.get(prefix + "tfttr")
+        scalar = np.ctypeslib.as_ctypes_type(self.dtype)
+        self.n_features = int(n_features)
+        self._n, self._k, self._info = ctypes.c_int(self.n_features), ctypes.c_int(0), ctypes.c_int(0)
+        self._alpha, self._beta = scalar(0.0), scalar(0.0)
+
+    def rank_update(self, rows: NDArray[Any], packed: NDArray[Any], alpha: float, beta: float) -> None:
+        """``packed ← alpha·rowsᵀ·rows + beta·packed`` for C-contiguous ``rows`` (K, C) and one packed triangle.
+
+        ``beta = 0`` overwrites ``packed`` without reading it.
+        """
+        if self._sfrk is None:
+            sfrk = get_lapack_funcs("sfrk", dtype=self.dtype)
+            packed[...] = sfrk(self.n_features, rows.shape[0], alpha, rows.T, beta, packed,
+                               transr="N", uplo="U", trans="N")
+            return
+        self._k.value, self._alpha.value, self._beta.value = rows.shape[0], alpha, beta
+        n = ctypes.byref(self._n)
+        # Read column-major, rows (K, C) is the (C, K) matrix Xᵀ with leading dimension C: 'N' gives Xᵀ X.
+        self._sfrk(b"N", b"U", b"N", n, ctypes.byref(self._k), ctypes.byref(self._alpha), rows.ctypes.data, n,
+                   ctypes.byref(self._beta), packed.ctypes.data)
+
+    def unpack(self, packed: NDArray[Any], t: NDArray[Any]) -> None:
+        """Copy one packed triangle into the lower triangle of the C-ordered ``(C, C)`` matrix ``t``.
+
+        The strict upper triangle of ``t`` is not touched.
+        """
+        if self._tfttr is None:
+            tfttr = get_lapack_funcs("tfttr", dtype=self.dtype)
+            full, _ = tfttr(self.n_features, packed, transr="N", uplo="U")
+            lower = np.tril_indices(self.n_features)
+            t[lower] = full.T[lower]  # LAPACK's upper triangle is the C-ordered lower one
+            return
+        n = ctypes.byref(self._n)
+        self._tfttr(b"N", b"U", n, packed.ctypes.data, t.ctypes.data, n, ctypes.byref(self._info))
+
+
+class _WideFinisher(PatchFinisher):
+    """A :class:`PatchFinisher` working in the accumulation dtype (float64) for outputs of a narrower dtype.
+
+    It names the outputs' dtype in its remedies, and refuses a kept covariance that dtype cannot hold
+    (the float64 work would round it to infinity silently).
+    """
+
+    def __init__(self, outputs: PatchOutputs, settings: PatchFitSettings, n_features: int, work: np.dtype) -> None:
+        super().__init__(outputs, settings, n_features, work)
+        narrower = outputs.covariance is not None and outputs.covariance.dtype.itemsize < np.dtype(work).itemsize
+        self._covariance_limit = float(np.finfo(outputs.covariance.dtype).max) if narrower else None
+
+    def _remedy(self) -> str:
+        return scale_remedy(self.outputs.precision.dtype)  # the result's dtype, not the work's
+
+    def finish(self, patch: int, sum_fourth_powers: float | None = None, **kwargs: Any) -> None:
+        """:meth:`PatchFinisher.finish`, after checking that a kept covariance fits its dtype.
+
+        A covariance's entries are at most its largest diagonal entry (it is positive semi-definite), and
+        shrinkage and the ridge cannot raise that beyond the largest variance plus the ridge.
+        """
+        if self._covariance_limit is not None:
+            largest = float(np.diagonal(self.t).max()) + self.settings.ridge
+            if math.isfinite(largest) and largest > self._covariance_limit:
+                where = describe_patch(patch, self.settings.spatial)
+                assert self.outputs.covariance is not None
+                raise unrepresentable_error(where, self.outputs.covariance.dtype, "covariance", math.sqrt(largest),
+                                            self._remedy())
+        super().finish(patch, sum_fourth_powers, **kwargs)
+
+
+def in_place_dependencies(chunks: list[tuple[int, int]], n_features: int, itemsize: int = 8) -> list[int]:
+    """For each chunk of patches, the first chunk whose packed moments its in-place float32 precision overwrites.
+
+    Patch ``i``'s packed moments take bytes ``[i·T·s, (i+1)·T·s)`` (``T = C·(C+1)/2`` numbers of ``itemsize``
+    ``s``), its float32 precision ``[i·C²·4, (i+1)·C²·4)``, which starts no later: the precision of a chunk
+    overwrites moments of its own patches and of patches before it, from the one holding its first byte on.
+    Those chunks must have copied their moments out before it writes. ``chunks`` are ``(start, stop)`` ranges
+    in order.
+
+    Examples
+    --------
+    >>> in_place_dependencies([(0, 2), (2, 4), (4, 6)], n_features=3)   # 36 bytes out, 48 in, per patch
+    [0, 0, 1]
+    """
+    starts = [start for start, _ in chunks]
+    n_tri = packed_length(n_features)
+    first_patch = [start * n_features**2 * 4 // (n_tri * itemsize) for start in starts]
+    return [bisect.bisect_right(starts, patch) - 1 for patch in first_patch]
+
+
 class PackedGaussianAccumulator:
     """Stream batches of embeddings into per-patch Gaussians, storing one packed triangle per patch.
 
@@ -120,35 +298,26 @@ class PackedGaussianAccumulator:
         accurate and, with ``finalise(in_place=True)``, leaner for a float32 result).
     fold_every : int, default 64
         Batches are buffered (copied) until this many observations are waiting, then folded in
-        together: one matrix product per patch per fold instead of per batch, which matters
-        because a (C×B)·(B×C) product with B ≈ 20 is dominated by per-call BLAS overhead. The
-        buffer holds at most ``fold_every + B − 1`` embeddings (0.75 GB at C = 550, 64×64, B = 20
-        in float32); ``fold_every=1`` folds every batch at once.
+        together: one rank-K update per patch per fold instead of per batch, which matters because a
+        (C×B)·(B×C) product with B ≈ 20 is dominated by per-call BLAS overhead, and every fold reads
+        and writes all the stored moments. The buffer holds at most ``fold_every + B − 1`` embeddings
+        (0.75 GB at C = 550, 64×64, B = 20 in float32); ``fold_every=1`` folds every batch at once.
     memory_budget : int, default 64 MiB
-        Bound, in bytes, on the work buffers of one fold, ``merge`` or ``finalise`` chunk.
-
-    Notes
-    -----
-    The estimator is anomalib 2.x's: the unbiased covariance (ddof = 1) plus ``ridge·I``
-    (``DEFAULT_RIDGE`` = 0.01 + 1e-5), inverted per patch. Deliberate differences from anomalib:
-    the precision comes from a Cholesky factor (``potrf`` + ``potri``) in the accumulation dtype
-    and is exactly symmetric; fewer than two observations, non-finite values and covariances
-    that cannot be factored raise errors instead of giving NaN.
+        Bound on the work buffers of a fold, merge or finalisation, all threads together (at least
+        one patch's worth).
+    workers : int or None, default None
+        Worker threads (None: the usable cores, at most 8), as :class:`anomstats.MultiVariateGaussian`.
 
     Examples
     --------
-    >>> import numpy as np
     >>> rng = np.random.default_rng(0)
-    >>> emb = rng.normal(size=(30, 4, 3, 3)).astype(np.float32)  # (B, C, H, W)
-    >>> acc = PackedGaussianAccumulator(n_features=4, n_patches=9)
-    >>> for batch in np.split(emb, 3):
-    ...     _ = acc.update(batch)
+    >>> acc = PackedGaussianAccumulator(n_features=3, n_patches=4)
+    >>> for _ in range(5):
+    ...     _ = acc.update(rng.normal(size=(8, 3, 2, 2)).astype(np.float32))
     >>> mean, precision = acc.finalise()
     >>> mean.shape, precision.shape, precision.dtype
-    ((4, 9), (9, 4, 4), dtype('float32'))
-    >>> x = emb[:, :, 0, 0].astype(np.float64)
-    >>> reference = np.linalg.inv(np.cov(x, rowvar=False) + 0.01001 * np.eye(4))
-    >>> bool(np.allclose(precision[0], reference, rtol=1e-6, atol=1e-6))
+    ((3, 4), (4, 3, 3), dtype('float32'))
+    >>> bool(np.array_equal(precision, precision.transpose(0, 2, 1)))
     True
     """
 
@@ -160,6 +329,7 @@ class PackedGaussianAccumulator:
         *,
         fold_every: int = 64,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        workers: int | None = None,
     ) -> None:
         self.n_features = check_positive_int(n_features, "n_features")
         self.n_patches = check_positive_int(n_patches, "n_patches")
@@ -167,6 +337,7 @@ class PackedGaussianAccumulator:
         self.dtype = acc
         self.memory_budget = check_memory_budget(memory_budget)
         self.fold_every = check_positive_int(fold_every, "fold_every")
+        self.workers = resolve_workers(workers)
         self._pending: list[NDArray[Any]] = []
         self._pending_n = 0
         self._count = 0
@@ -175,12 +346,8 @@ class PackedGaussianAccumulator:
         # data's spread, not to their distance from the origin (see anomstats._moment_kernels).
         self._shift: NDArray[Any] = np.zeros((self.n_patches, self.n_features), dtype=acc)
         self._mean: NDArray[Any] = np.zeros((self.n_patches, self.n_features), dtype=acc)  # mean − shift
-        self._m2: NDArray[Any] | None = np.zeros((self.n_patches, self.n_tri), dtype=acc)
-        # Row and column of every packed entry: the upper triangle, row by row.
-        self._upper_rows, self._upper_cols = np.triu_indices(self.n_features)
-        # Flat positions, in a C-ordered (C, C) block, of the mirror image of each packed entry in the
-        # lower triangle (the triangle LAPACK and BLAS work on, see anomstats._lapack).
-        self._lower_flat = self._upper_cols * self.n_features + self._upper_rows
+        # Zeros from the allocator are mapped lazily: the memory becomes resident as the first fold writes it.
+        self._m2: NDArray[Any] | None = np.zeros((self.n_patches, self.n_tri), dtype=acc)  # RFP triangles
 
     # ------------------------------------------------------------------ state
     @property
@@ -193,8 +360,10 @@ class PackedGaussianAccumulator:
         """Observations accumulated so far (folded or still buffered)."""
         return self._count + self._pending_n
 
-    #: Finalisation (in place for a float32 result) consumes the moments: see :meth:`finalise`.
-    spent_by_finalise = True
+    @property
+    def spent(self) -> bool:
+        """True once a finalisation spent the moments (``in_place=True``, or ``spend=True``)."""
+        return self._m2 is None
 
     @property
     def mean(self) -> NDArray[Any]:
@@ -215,8 +384,12 @@ class PackedGaussianAccumulator:
                 "precision; create a new PackedGaussianAccumulator to fit again"
             )
 
-    def _patch_chunk(self, bytes_per_patch: int) -> int:
-        return items_per_chunk(bytes_per_patch, self.memory_budget)
+    def _chunks(
+        self, bytes_per_patch: int, memory_budget: int | None = None, workers: int | None = None
+    ) -> list[tuple[int, int]]:
+        """Chunks of patches for the work of one fold, merge or finalisation (:func:`plan_patch_chunks`)."""
+        budget = self.memory_budget if memory_budget is None else memory_budget
+        return plan_patch_chunks(self.n_patches, bytes_per_patch, budget, workers or self.workers, FIT_CHUNK_PATCHES)
 
     # ------------------------------------------------------------------ accumulation
     def update(self, batch: ArrayLike) -> PackedGaussianAccumulator:
@@ -252,56 +425,62 @@ class PackedGaussianAccumulator:
         return self
 
     def _fold(self) -> None:
-        """Fold the buffered batches into the moments as one block of observations."""
+        """Fold the buffered batches into the moments as one block of observations, chunks of patches in parallel."""
         n_b = self._pending_n
         if n_b == 0:
             return
-        c, p = self.n_features, self.n_patches
         n_a = self._count
         if not n_a:
             self._shift[...] = self._pending[0][0].T  # the first observation of every patch
-        chan = chan_merge_weights(n_a, n_b)
-        # The δδᵀ·cross term of Chan's update rides along as one extra row of the centred block, so a
-        # single symmetric product gives M2_b plus the correction, and a single gather packs it.
-        extra = 1 if n_a else 0
-        step = self._patch_chunk(self.dtype.itemsize * ((n_b + 1) * c + self.n_tri + 2 * c))  # rows, packed, means
-        rows_buffer = np.empty((min(step, p), n_b + extra, c), dtype=self.dtype)  # reused chunk to chunk
-        scratch = np.zeros((c, c), dtype=self.dtype)
-        kernels = ScratchKernels(scratch)  # BLAS syrk through C pointers: the GIL is released
-        for start in range(0, p, step):
-            stop = min(start + step, p)
-            rows = rows_buffer[: stop - start]
-            offset = 0
-            shift = self._shift[start:stop]
-            for piece in self._pending:  # (B_i, C, P) → (patches, B_i, C), shifted: the library's patch-major gather
-                gather(piece.transpose(2, 0, 1)[start:stop], rows[:, offset : offset + len(piece)], shift)
-                offset += len(piece)
-            mean_b = rows[:, :n_b].mean(axis=1)
-            rows[:, :n_b] -= mean_b[:, None, :]
-            if n_a:
-                delta = mean_b - self._mean[start:stop]
-                rows[:, n_b] = math.sqrt(chan.cross) * delta
-            packed = np.empty((stop - start, self.n_tri), dtype=self.dtype)
-            for k in range(stop - start):
-                kernels.syrk(1.0, rows[k])  # lower triangle of the C-ordered scratch: rowsᵀ·rows
-                packed[k] = scratch.reshape(-1)[self._lower_flat]
-            if n_a:
-                self._m2[start:stop] += packed
-                self._mean[start:stop] += delta * chan.mean_step
-            else:
-                self._m2[start:stop] = packed
-                self._mean[start:stop] = mean_b
+        rows = n_b + (1 if n_a else 0)
+        local = threading.local()
+        run_chunks(
+            lambda chunk: self._fold_chunk(*chunk, n_a, n_b, local),
+            self._chunks(self.dtype.itemsize * rows * self.n_features),
+            self.workers,
+        )
         self._count = n_a + n_b
         self._pending, self._pending_n = [], 0
 
+    def _fold_chunk(self, start: int, stop: int, n_a: int, n_b: int, local: threading.local) -> None:
+        """Fold the buffered observations of patches ``start:stop`` (one worker's share of :meth:`_fold`)."""
+        c = self.n_features
+        extra = 1 if n_a else 0
+        size = (stop - start) * (n_b + extra) * c
+        buffer = getattr(local, "rows", None)
+        if buffer is None or buffer.size < size:  # one buffer per thread, reused chunk to chunk
+            buffer = local.rows = np.empty(size, dtype=self.dtype)
+        rows = buffer[:size].reshape(stop - start, n_b + extra, c)
+        shift = self._shift[start:stop]
+        offset = 0
+        for piece in self._pending:  # (B_i, C, P) → (patches, B_i, C), shifted: the library's patch-major gather
+            gather(piece.transpose(2, 0, 1)[start:stop], rows[:, offset : offset + len(piece)], shift)
+            offset += len(piece)
+        mean_b = rows[:, :n_b].mean(axis=1)
+        rows[:, :n_b] -= mean_b[:, None, :]
+        if n_a:
+            # The δδᵀ·cross term of Chan's update rides along as one extra row of the centred block, so a
+            # single rank-K update per patch adds M2_b plus the correction.
+            chan = chan_merge_weights(n_a, n_b)
+            delta = mean_b - self._mean[start:stop]
+            rows[:, n_b] = math.sqrt(chan.cross) * delta
+            self._mean[start:stop] += delta * chan.mean_step
+        else:
+            self._mean[start:stop] = mean_b
+        kernels = RfpKernels(c, self.dtype)
+        beta = 1.0 if n_a else 0.0
+        for k in range(stop - start):
+            kernels.rank_update(rows[k], self._m2[start + k], 1.0, beta)  # the GIL is released inside
+
     def merge(self, other: PackedGaussianAccumulator) -> PackedGaussianAccumulator:
-        """Fold another accumulator (same sizes and dtype) into this one; ``other`` is unchanged."""
+        """Fold another accumulator (same sizes and dtype) into this one; ``other`` is unchanged.
+
+        Merging an accumulator into itself counts its observations twice.
+        """
         self._check_alive()
         if not isinstance(other, PackedGaussianAccumulator):
             raise TypeError(f"other must be a PackedGaussianAccumulator, got {type(other).__name__}")
         other._check_alive()
-        if other is self:
-            raise ValueError("cannot merge an accumulator into itself")
         if (other.n_features, other.n_patches, other.dtype) != (self.n_features, self.n_patches, self.dtype):
             raise ValueError(
                 "other must have the same n_features, n_patches and dtype: "
@@ -319,19 +498,20 @@ class PackedGaussianAccumulator:
             self._mean[...] = other._mean
             self._count = n_b
             return self
-        upper_rows, upper_cols = self._upper_rows, self._upper_cols
         chan = chan_merge_weights(n_a, n_b)
-        step = self._patch_chunk(self.dtype.itemsize * (3 * self.n_tri + 2 * self.n_features))
-        for start in range(0, self.n_patches, step):
-            stop = min(start + step, self.n_patches)
+
+        def run(chunk: tuple[int, int]) -> None:
+            start, stop = chunk
             # Exact when the shifts are close (Sterbenz); the offsets are numbers of the data's spread.
             delta = (other._shift[start:stop] - self._shift[start:stop]) + other._mean[start:stop]
             delta -= self._mean[start:stop]
-            outer = np.multiply(delta[:, upper_rows], delta[:, upper_cols])
-            outer *= chan.cross
-            outer += other._m2[start:stop]
-            self._m2[start:stop] += outer
+            np.add(self._m2[start:stop], other._m2[start:stop], out=self._m2[start:stop])
+            kernels = RfpKernels(self.n_features, self.dtype)
+            for k in range(stop - start):
+                kernels.rank_update(delta[k : k + 1], self._m2[start + k], chan.cross, 1.0)
             self._mean[start:stop] += delta * chan.mean_step
+
+        run_chunks(run, self._chunks(self.dtype.itemsize * 2 * self.n_features), self.workers)
         self._count = n_a + n_b
         return self
 
@@ -350,7 +530,8 @@ class PackedGaussianAccumulator:
         The covariance of each patch is ``M2 / (n − 1) + ridge·I``; its precision comes from the
         Cholesky factor (LAPACK ``potrf`` then ``potri`` in the accumulation dtype, through the library's
         one factor/log-det/invert routine, :class:`anomstats._patch_kernels.PatchFinisher`), symmetrised,
-        and is cast to ``out_dtype`` (float32 by default, as anomalib stores it).
+        and is cast to ``out_dtype`` (float32 by default, as anomalib stores it). The moments are only
+        read (the accumulator can go on streaming), unless ``in_place``.
 
         Parameters
         ----------
@@ -378,67 +559,116 @@ class PackedGaussianAccumulator:
         self._check_alive()
         out = check_dtype(out_dtype, "out_dtype")
         ridge = check_ridge(ridge)
-        self._fold()
-        require_observations(
-            self._count, name="this accumulator", where="; update with more embeddings before finalise"
-        )
-        c, p = self.n_features, self.n_patches
         if in_place and not (self.dtype == np.float64 and out == np.float32):
             raise ValueError(
                 "in_place=True needs float64 accumulation and out_dtype=float32 (only then does the "
                 f"precision fit in the moments' memory); got dtype={self.dtype}, out_dtype={out}"
             )
-        mean = (self._shift + self._mean).T.astype(out)
+        self._fold()
+        require_observations(
+            self._count, name="this accumulator", where="; update with more embeddings before finalise"
+        )
+        settings = PatchFitSettings(ridge, None, self._count, spatial if spatial is not None else (self.n_patches,))
+        mean, outputs = self.finalise_patches(settings, out, self.memory_budget, self.workers, spend=in_place)
+        if return_log_det:
+            return mean, outputs.precision, outputs.log_det
+        return mean, outputs.precision
+
+    def finalise_patches(
+        self, settings: PatchFitSettings, dtype: np.dtype, memory_budget: int, workers: int, *, spend: bool = False
+    ) -> tuple[NDArray[Any], PatchOutputs]:
+        """The fitted ``(mean (C, P), outputs)`` in ``dtype`` (the streaming interface of the model).
+
+        ``settings`` carry the ridge, the estimator (``None`` or ``"oas"``: the packed moments hold no
+        fourth moments), whether to keep the covariance and its factor, and the names of the patches.
+        ``spend=True`` ends the stream: a float32 precision from float64 moments is written over them in
+        place (the leanest peak), and the moments are freed either way, also when a patch fails after
+        part of them was overwritten (``in_place``); otherwise they are only read.
+        """
+        self._check_alive()
+        if settings.shrinkage not in (None, "oas"):
+            raise ValueError(f"the packed moments hold no fourth moments: shrinkage={settings.shrinkage!r} needs "
+                             "the dense accumulator")
+        self._fold()
+        require_observations(self._count, name="this accumulator", where="; update with more embeddings first")
+        c, p = self.n_features, self.n_patches
+        in_place = spend and self.dtype == np.float64 and np.dtype(dtype) == np.float32
+        mean = (self._shift + self._mean).T.astype(dtype)
         if in_place:
             # The float32 (C, C) block of patch i ends at byte (i+1)·C²·4 ≤ (i+1)·C(C+1)/2·8, where
-            # patch i's packed moments end: writing a chunk only overwrites moments already read.
+            # patch i's packed moments end: writing a patch only overwrites moments already copied out.
             precision = self._m2.reshape(-1).view(np.float32)[: p * c * c].reshape(p, c, c)
+            keep = settings.keep_covariance
+            outputs = PatchOutputs(
+                precision=precision, log_det=np.empty(p, dtype=np.float64), shrinkage=np.zeros(p, dtype=np.float64),
+                covariance=np.empty((p, c, c), dtype=dtype) if keep else None,
+                cholesky=np.empty((p, c, c), dtype=dtype) if keep else None,
+            )
         else:
-            precision = np.empty((p, c, c), dtype=out)
-        outputs = PatchOutputs(
-            precision=precision, log_det=np.empty(p, dtype=np.float64), shrinkage=np.zeros(p, dtype=np.float64)
-        )
-        settings = PatchFitSettings(ridge, None, self._count, spatial if spatial is not None else (p,))
+            outputs = PatchOutputs.allocate(p, c, np.dtype(dtype), keep_covariance=settings.keep_covariance)
         try:
-            self._finalise_patches(outputs, settings, 1.0 / covariance_normalisation(self._count, None, 1))
+            self._finish_all(outputs, settings, memory_budget, workers, in_place)
         except (ValueError, np.linalg.LinAlgError) as error:
             if not in_place:
                 raise
-            self._m2 = None  # part of the moments is already overwritten: refuse further use
+            self._release()  # part of the moments is already overwritten: refuse further use
             raise type(error)(f"{error} (in_place=True: this accumulator's moments are partly overwritten)") from error
-        if in_place:
-            self._m2 = None
-            self._mean = self._shift = np.empty((0, 0), dtype=self.dtype)
-        if return_log_det:
-            return mean, precision, outputs.log_det
-        return mean, precision
+        if spend:
+            self._release()
+        return mean, outputs
 
-    def finalise_patches(
-        self, settings: PatchFitSettings, dtype: np.dtype, memory_budget: int, workers: int
-    ) -> tuple[NDArray[Any], PatchOutputs]:
-        """:meth:`finalise` for :class:`anomstats.MultiVariateGaussian` (the streaming interface).
+    def _release(self) -> None:
+        """Forget the moments (spent): the accumulator refuses further use."""
+        self._m2 = None
+        self._mean = self._shift = np.empty((0, 0), dtype=self.dtype)
 
-        A float32 result is written in place over the moments (the leanest peak), which spends them;
-        a float64 result is a new stack. ``memory_budget`` and ``workers`` are the accumulator's own
-        (finalisation runs in one thread). Returns ``(mean (C, P), outputs)``.
+    def _finish_all(
+        self, outputs: PatchOutputs, settings: PatchFitSettings, memory_budget: int, workers: int, in_place: bool
+    ) -> None:
+        """Scale, regularise, factor and invert every patch's moments into ``outputs``, chunks of patches in parallel.
+
+        In place, each chunk first copies its moments out (under ``memory_budget``); a chunk's precision
+        overwrites only moments of patches up to its own (the last ``start/(C+1)`` patches before it), so it
+        waits until the chunks holding those have copied their moments out (chunks start in order, and a
+        copy waits for nothing: no deadlock).
         """
-        mean, precision, log_det = self.finalise(
-            settings.ridge, out_dtype=dtype, in_place=dtype == np.float32, return_log_det=True,
-            spatial=settings.spatial,
-        )
-        p = self.n_patches
-        return mean, PatchOutputs(precision=precision, log_det=log_det, shrinkage=np.zeros(p, dtype=np.float64))
+        scale = 1.0 / covariance_normalisation(self._count, None, settings.ddof)
+        chunks = self._chunks(self.dtype.itemsize * self.n_tri, memory_budget, workers)
+        order = {chunk: i for i, chunk in enumerate(chunks)}
+        first_overwritten = in_place_dependencies(chunks, self.n_features, self.dtype.itemsize) if in_place else []
+        copied, progress = [False] * len(chunks), threading.Condition()
+        local = threading.local()
 
-    def _finalise_patches(self, outputs: PatchOutputs, settings: PatchFitSettings, scale: float) -> None:
-        """Scale, regularise, factor and invert every patch's moments into ``outputs``, chunk by chunk."""
-        c, p = self.n_features, self.n_patches
-        finisher = PatchFinisher(outputs, settings, c, self.dtype)
-        lower = finisher.t.reshape(-1)
-        step = self._patch_chunk(self.dtype.itemsize * self.n_tri)
-        for start in range(0, p, step):
-            stop = min(start + step, p)
-            packed = np.array(self._m2[start:stop])  # private copy: the output may overwrite it
-            packed *= scale
+        def copy_out(chunk: tuple[int, int]) -> NDArray[Any]:
+            """In place: copy this chunk's moments out, then wait for the earlier chunks whose moments its
+            precision overwrites (those holding the patches from the one at its first output byte on)."""
+            start, stop = chunk
+            try:
+                size = (stop - start) * self.n_tri
+                buffer = getattr(local, "moments", None)
+                if buffer is None or buffer.size < size:
+                    buffer = local.moments = np.empty(size, dtype=self.dtype)
+                source = buffer[:size].reshape(stop - start, self.n_tri)
+                np.copyto(source, self._m2[start:stop])
+            finally:
+                with progress:
+                    copied[order[chunk]] = True
+                    progress.notify_all()
+            first = first_overwritten[order[chunk]]
+            with progress:
+                progress.wait_for(lambda: all(copied[first : order[chunk]]))
+            return source
+
+        def run(chunk: tuple[int, int]) -> None:
+            start, stop = chunk
+            source = copy_out(chunk) if in_place else self._m2[start:stop]
+            finisher = getattr(local, "finisher", None)
+            if finisher is None:
+                finisher = local.finisher = _WideFinisher(outputs, settings, self.n_features, self.dtype)
+                local.kernels = RfpKernels(self.n_features, self.dtype)
             for k in range(stop - start):
-                lower[self._lower_flat] = packed[k]  # the lower triangle; the strict upper one stays zero
+                local.kernels.unpack(source[k], finisher.t)  # the lower triangle; the strict upper one stays zero
+                finisher.t *= scale
                 finisher.finish(start + k)
+
+        run_chunks(run, chunks, workers)

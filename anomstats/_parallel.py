@@ -209,30 +209,36 @@ def _run_on_pool(task: Callable[[T], None], chunks: list[T], workers: int) -> No
 
     The pool may have more threads (another caller asked for more); the memory budgets of the callers
     are divided by *their* ``workers``, so each call runs ``workers`` runner tasks that take the chunks
-    one by one. After a failure the runners stop taking chunks; the first exception is re-raised.
+    one by one. After a failure the runners stop taking chunks; the exception of the earliest failed chunk
+    is re-raised. Chunks are taken in order, so every chunk before a failed one was already taken and runs
+    to its end: the error raised does not depend on the threads' timing (the same patch is named as by a
+    serial run).
     """
-    pending = iter(chunks)
+    pending = enumerate(chunks)
     lock = threading.Lock()
     failed = threading.Event()
+    errors: list[tuple[int, BaseException]] = []
 
     def runner() -> None:
         while not failed.is_set():
             with lock:
-                chunk = next(pending, _NO_CHUNK)
+                index, chunk = next(pending, (-1, _NO_CHUNK))
             if chunk is _NO_CHUNK:
                 return
             try:
                 task(chunk)  # type: ignore[arg-type]
-            except BaseException:
+            except BaseException as error:  # noqa: BLE001 - re-raised below, the earliest chunk's first
+                with lock:
+                    errors.append((index, error))
                 failed.set()
-                raise
+                return
 
     pool = shared_executor(workers)
     futures = [pool.submit(runner) for _ in range(workers)]
-    errors = [f.exception() for f in futures]  # waits for every runner
-    for error in errors:
-        if error is not None:
-            raise error
+    for future in futures:
+        future.result()  # waits for every runner (they never raise: errors are collected)
+    if errors:
+        raise min(errors, key=lambda item: item[0])[1]
 
 
 _NO_CHUNK = object()

@@ -38,7 +38,7 @@ from ._budget import plan_chunks
 from ._rules import RANK_TEST_MIN_ULPS, covariance_normalisation, numerically_singular_pivot, rank_test_eps
 from ._validation import describe_patch, require_finite
 from ._lapack import ScratchKernels
-from ._moment_kernels import gather
+from ._moment_kernels import first_observations, gather
 from ._shrinkage import ledoit_wolf_coefficient, oas_coefficient, shrink_in_place
 
 
@@ -126,20 +126,64 @@ def singular_patch_error(where: str, n_features: int, eps: float, hint: str = SI
     )
 
 
-def not_definite_error(where: str, order: int, ridge: float, shrinkage: str | None = None, hint: str | None = None) -> np.linalg.LinAlgError:
+def ridge_rounding(n_features: int, dtype: Any, largest_variance: float) -> float:
+    """How large a ridge a covariance's scale needs: ``C·eps·max variance``, the rounding of its Cholesky pivots.
+
+    A ridge below this (in ``dtype``, a NumPy dtype or an ``finfo`` object) is lost in the rounding of the
+    covariance it is added to, so it cannot make a rank-deficient patch definite. The one rule behind both
+    packages' not-definite messages (:func:`not_definite_error`).
+
+    Examples
+    --------
+    >>> print(f"{ridge_rounding(10, np.float32, 1e8):.2e}")   # 10 features of scale 1e4, in float32
+    1.19e+02
+    """
+    return int(n_features) * float(_finfo(dtype).eps) * float(largest_variance)
+
+
+def not_definite_error(
+    where: str,
+    order: int,
+    ridge: float,
+    shrinkage: str | None = None,
+    hint: str | None = None,
+    *,
+    n_features: int | None = None,
+    largest_variance: float | None = None,
+    dtype: Any = None,
+    alternatives: str | None = None,
+) -> np.linalg.LinAlgError:
     """The ``LinAlgError`` of a regularised patch covariance whose Cholesky factorisation failed (both packages).
+
+    The remedy is to increase the ridge; given the patch's ``n_features``, its largest regularised variance
+    (``largest_variance``, its covariance's largest diagonal entry) and the ``dtype`` it was factored in, the
+    message also says how large a ridge that scale needs (:func:`ridge_rounding`). ``alternatives`` ends the
+    remedy with each package's other options (the core's shrinkage, the adapter's float64; ``""``: none);
+    ``None``: the core's ``shrinkage='ledoit-wolf' or 'oas'`` when no shrinkage is used. ``hint`` replaces
+    the whole remedy.
 
     Examples
     --------
     >>> print(not_definite_error("patch 0", 2, 1e-6))  # doctest: +ELLIPSIS
     the regularised covariance of patch 0 is not positive definite (leading minor of order 2 is not positive) with ridge=1e-06; increase ridge ...
+    >>> print(not_definite_error("patch 0", 2, 1e-6, n_features=2, largest_variance=1e8, dtype=np.float32,
+    ...                          alternatives="or rescale"))
+    the regularised covariance of patch 0 is not positive definite (leading minor of order 2 is not positive) with ridge=1e-06; increase ridge (a larger ridge makes every patch definite; with variances up to 1.0e+08 it must be well above 2.4e+01, the float32 rounding of the covariance), or rescale
     """
     if hint is None:
-        hint = (
-            "increase ridge (a larger ridge makes every patch definite), or use shrinkage='ledoit-wolf' or 'oas'"
-            if shrinkage is None
-            else "increase ridge (e.g. ridge=1e-3 times the typical feature variance)"
-        )
+        clause = "a larger ridge makes every patch definite"
+        if n_features is not None and largest_variance is not None and dtype is not None:
+            largest = float(largest_variance)
+            rounding = ridge_rounding(n_features, dtype, largest)
+            clause += (
+                f"; with variances up to {largest:.1e} it must be well above {rounding:.1e}, the "
+                f"{_limits(dtype)[0]} rounding of the covariance"
+            )
+        elif shrinkage is not None:
+            clause = "e.g. ridge=1e-3 times the typical feature variance"
+        if alternatives is None and shrinkage is None:
+            alternatives = "or use shrinkage='ledoit-wolf' or 'oas'"
+        hint = f"increase ridge ({clause})" + (f", {alternatives}" if alternatives else "")
     return np.linalg.LinAlgError(
         f"the regularised covariance of {where} is not positive definite (leading minor of order {int(order)} is "
         f"not positive) with ridge={ridge!r}{'' if shrinkage is None else f' and shrinkage={shrinkage!r}'}; {hint}"
@@ -165,10 +209,15 @@ def feature_scale(centred: Any) -> float:
     return float(std.max()) if std.size else 0.0
 
 
+def _finfo(dtype: Any) -> Any:
+    """``finfo`` of a NumPy dtype, or an ``finfo`` object itself (NumPy's or torch's, for dtypes NumPy lacks,
+    such as bfloat16)."""
+    return dtype if hasattr(dtype, "tiny") and hasattr(dtype, "max") else np.finfo(dtype)
+
+
 def _limits(dtype: Any) -> tuple[str, float, float]:
-    """``(name, largest, smallest normal)`` of a NumPy dtype, or of an ``finfo`` object (NumPy's or torch's,
-    for dtypes NumPy lacks, such as bfloat16)."""
-    info = dtype if hasattr(dtype, "tiny") and hasattr(dtype, "max") else np.finfo(dtype)
+    """``(name, largest, smallest normal)`` of a NumPy dtype, or of an ``finfo`` object (see :func:`_finfo`)."""
+    info = _finfo(dtype)
     name = info.dtype if isinstance(info.dtype, str) else np.dtype(info.dtype).name
     return name, float(info.max), float(info.tiny)
 
@@ -219,6 +268,18 @@ def unrepresentable_error(where: str, dtype: Any, kind: str, scale: float | None
     return ValueError(f"{text}; {remedy}")
 
 
+def scale_remedy(dtype: Any) -> str:
+    """What the core tells a fit in ``dtype`` whose features' scale the dtype cannot represent.
+
+    Examples
+    --------
+    >>> scale_remedy(np.float32)
+    'rescale the embedding (e.g. divide it by its typical scale), or fit with dtype=np.float64'
+    """
+    wider = "" if np.dtype(dtype) == np.float64 else ", or fit with dtype=np.float64"
+    return f"rescale the embedding (e.g. divide it by its typical scale){wider}"
+
+
 def precision_fault(precision_diagonal: Any, dtype: Any) -> str | None:
     """``"precision_underflow"``/``"precision_overflow"`` when a precision's diagonal does not fit ``dtype``.
 
@@ -231,6 +292,49 @@ def precision_fault(precision_diagonal: Any, dtype: Any) -> str | None:
     if d.size and float(d.min()) < _limits(dtype)[2]:
         return "precision_underflow"
     return None
+
+
+def fault_scale(fault: str, variances: Any) -> float:
+    """The features' scale that the message of a precision ``fault`` (:func:`precision_fault`) names.
+
+    An underflowing precision comes from features too large for the dtype: the square root of the largest of
+    ``variances`` (a patch's regularised variances: its covariance's diagonal, or its eigenvalues); an
+    overflowing one from features too small: that of the smallest. Both packages' messages use it.
+
+    Examples
+    --------
+    >>> fault_scale("precision_underflow", [4.0, 1e40]), fault_scale("precision_overflow", [0.25, 4.0])
+    (1e+20, 0.5)
+    """
+    values = np.asarray(variances, dtype=np.float64)
+    variance = float(values.max() if fault == "precision_underflow" else values.min()) if values.size else 0.0
+    return math.sqrt(max(variance, 0.0))
+
+
+def non_finite_fit_error(where: str, first: tuple[int, int] | None, name: str = "embedding") -> ValueError:
+    """The ``ValueError`` of a fit whose patch's mean came out non-finite (both packages' one-shot dense fits).
+
+    ``first`` is ``(observation, feature)`` of the patch's first NaN or infinity (in C order of its ``(N, C)``
+    data), or ``None`` when its data are finite but overflowed the working dtype (their mean, their differences,
+    or float64 values beyond a float32 fit's range).
+
+    Examples
+    --------
+    >>> print(non_finite_fit_error("patch 2", (4, 1)))
+    embedding contains non-finite values (NaN or infinity) in patch 2, first at observation 4, feature 1; remove or replace the NaN or infinite values before fitting
+    >>> print(non_finite_fit_error("patch 2", None))
+    the values of patch 2 overflowed the fit's dtype (their mean or differences, or the values themselves, exceed its largest number); rescale the embedding before fitting
+    """
+    if first is None:
+        return ValueError(
+            f"the values of {where} overflowed the fit's dtype (their mean or differences, or the values themselves, "
+            "exceed its largest number); rescale the embedding before fitting"
+        )
+    try:
+        require_finite(False, name, where=f" in {where}, first at observation {int(first[0])}, feature {int(first[1])}")
+    except ValueError as error:
+        return error
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 #: What a query holding NaN or infinity is told (both packages' scoring).
@@ -434,7 +538,7 @@ class PatchFinisher:
         scales = (float(diagonal.min()), float(diagonal.max()))  # before potrf overwrites the diagonal
         info = self.kernels.potrf()
         if info != 0:
-            self._raise_not_positive_definite(patch, info, numerically=unregularised, rank_eps=rank_eps)
+            self._raise_not_positive_definite(patch, info, numerically=unregularised, rank_eps=rank_eps, largest=scales[1])
         if out.cholesky is not None:
             np.copyto(out.cholesky[patch], t)
         out.log_det[patch] = 2.0 * float(np.log(diagonal.astype(np.float64)).sum())
@@ -447,23 +551,28 @@ class PatchFinisher:
         precision.reshape(-1)[:: c + 1] *= 0.5
         fault = precision_fault(np.diagonal(precision), precision.dtype)
         if fault is not None:  # e.g. float32 features of scale 1e19: a precision of ~1e-38 reads as zeros
-            variance = scales[1] if fault == "precision_underflow" else scales[0]
-            raise unrepresentable_error(describe_patch(patch, est.spatial), precision.dtype, fault, math.sqrt(max(variance, 0.0)), self._remedy())
+            raise unrepresentable_error(describe_patch(patch, est.spatial), precision.dtype, fault, fault_scale(fault, scales), self._remedy())
         if variances is not None and singular_feature(np.diagonal(precision), variances, rank_eps or self.rank_eps):
             self._raise_not_positive_definite(patch, 0, numerically=True, rank_eps=rank_eps)
 
     def _remedy(self) -> str:
-        wider = "" if self.t.dtype == np.float64 else ", or fit with dtype=np.float64"
-        return f"rescale the embedding (e.g. divide it by its typical scale){wider}"
+        return scale_remedy(self.t.dtype)
 
     def _raise_not_positive_definite(
-        self, patch: int, info: int, numerically: bool = False, rank_eps: float | None = None
+        self, patch: int, info: int, numerically: bool = False, rank_eps: float | None = None,
+        largest: float | None = None,
     ) -> NoReturn:
         est = self.settings
         where = describe_patch(patch, est.spatial)
         if numerically:
             raise singular_patch_error(where, self.c, rank_eps or self.rank_eps)
-        raise not_definite_error(where, info, est.ridge, est.shrinkage)
+        options = [] if est.shrinkage is not None else ["or use shrinkage='ledoit-wolf' or 'oas'"]
+        if self.t.dtype != np.float64:
+            options.append("or fit with dtype=np.float64")
+        raise not_definite_error(
+            where, info, est.ridge, est.shrinkage, n_features=self.c, largest_variance=largest, dtype=self.t.dtype,
+            alternatives=", ".join(options) if options else None,
+        )
 
 
 #: A fit's chunks hold at most this many patches, so that a patch gathered is still in cache when it is used.
@@ -486,21 +595,36 @@ def fit_chunk(
     dtype: np.dtype,
     scratch: ThreadScratch,
 ) -> None:
-    """One-shot fit of patches ``start:stop`` of an ``(N, C, P)`` embedding into the output stacks."""
+    """One-shot fit of patches ``start:stop`` of an ``(N, C, P)`` embedding into the output stacks.
+
+    Location-free: each patch is gathered shifted by its first observation (:func:`anomstats._moment_kernels.gather`
+    with ``shift=``, in the same pass as the cast and the transposition), so that its mean, centred values and
+    fourth moments (Ledoit-Wolf's) round relative to the data's spread, not to their distance from the origin;
+    the stored mean is the shifted mean plus the shift (one rounding relative to ``|mean|``).
+    """
     n, c = flat_embedding.shape[0], flat_embedding.shape[1]
+    block = flat_embedding.transpose(2, 0, 1)[start:stop]  # (patches, N, C), a view
     # The one work buffer: this chunk's patches as (patch, observation, feature) in the working dtype.
     work = scratch.array((stop - start, n, c), dtype)
-    gather(flat_embedding.transpose(2, 0, 1)[start:stop], work)  # (patches, N, C): the library's one gather
+    # x − shift, computed in result_type(data, dtype) and rounded once: the library's one gather. Finite data may
+    # overflow the working dtype here (float64 values beyond a float32 fit, or their differences): refused below.
+    with np.errstate(over="ignore", invalid="ignore"):
+        shift = first_observations(block, dtype)  # (patches, C): each patch's first observation
+        gather(block, work, shift=shift)
     chunk_mean = work.mean(axis=1)
     # Any NaN or infinity in a patch's data makes that patch's mean non-finite: a cheap full check.
     if not np.isfinite(chunk_mean).all():
         k = _first_bad_patch(chunk_mean)
-        where = describe_patch(start + k, settings.spatial)
-        if not np.isfinite(work[k]).all():
-            obs, feature = (int(i) for i in np.argwhere(~np.isfinite(work[k]))[0])
-            require_finite(False, "embedding", where=f" in {where}, first at observation {obs}, feature {feature}")
-        raise ValueError(f"the mean of {where} overflowed; rescale the embedding before fitting")
-    mean_out[:, start:stop] = chunk_mean.T
+        # On the error path only: the first non-finite value of the patch's own data; none: finite data whose
+        # values, differences or mean overflowed the working dtype.
+        bad = np.argwhere(~np.isfinite(block[k]))
+        first = (int(bad[0][0]), int(bad[0][1])) if bad.size else None
+        raise non_finite_fit_error(describe_patch(start + k, settings.spatial), first)
+    with np.errstate(over="ignore"):  # a mean beyond the working dtype's range is refused below
+        np.add(chunk_mean, shift, out=mean_out[:, start:stop].T)
+    if not np.isfinite(mean_out[:, start:stop]).all():  # pragma: no cover - needs data at the edge of the range
+        k = _first_bad_patch(mean_out[:, start:stop].T)
+        raise non_finite_fit_error(describe_patch(start + k, settings.spatial), None)
     work -= chunk_mean[:, None, :]
     sum_fourth_powers = None
     if settings.shrinkage == "ledoit-wolf":

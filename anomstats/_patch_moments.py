@@ -1,13 +1,16 @@
 """The streaming accumulators of :class:`anomstats.MultiVariateGaussian`, behind one interface.
 
-Two accumulators keep a per-patch Gaussian's sufficient statistics over a stream of batches:
+Two accumulators keep a per-patch Gaussian's sufficient statistics over a stream of batches, always in
+float64:
 
-* :class:`DensePatchMoments` (the default): a :class:`~anomstats.RunningMoments` of full ``(P, C, C)``
-  float64 centred sums, any estimator (with Ledoit-Wolf, of the augmented vector ``(‖x‖², x)``);
-* :class:`anomstats._packed.PackedGaussianAccumulator` (``low_memory=True``): one packed upper triangle
-  per patch, default estimator only, whose finalisation may spend the moments.
+* :class:`anomstats._packed.PackedGaussianAccumulator` (``shrinkage=None`` and ``"oas"``, whatever
+  ``low_memory``): one packed triangle per patch, ``P·C·(C+1)/2`` numbers, half of a full stack;
+* :class:`DensePatchMoments` (``shrinkage="ledoit-wolf"``, whose coefficient needs fourth moments): a
+  :class:`~anomstats.RunningMoments` of full ``(P, C+1, C+1)`` centred sums of the augmented vector
+  ``(‖x − K‖², x − K)``.
 
-Both implement :class:`PatchMoments`: the model streams into either without knowing which.
+Both implement :class:`PatchMoments`: the model streams into either without knowing which. Finalising
+reads the moments (streaming may go on) unless the model ends its stream (``spend=True``).
 """
 
 from __future__ import annotations
@@ -28,12 +31,13 @@ __all__ = ["PatchMoments", "DensePatchMoments"]
 class PatchMoments(Protocol):
     """What :class:`anomstats.MultiVariateGaussian` needs of a streaming accumulator."""
 
-    #: True when :meth:`finalise_patches` consumes the moments (no streaming after it).
-    spent_by_finalise: bool
-
     @property
     def count(self) -> int:
         """Observations accumulated so far."""
+
+    @property
+    def spent(self) -> bool:
+        """True once a finalisation with ``spend=True`` used the moments up (no streaming after it)."""
 
     @property
     def mean(self) -> NDArray[np.float64]:
@@ -46,9 +50,13 @@ class PatchMoments(Protocol):
         """Fold another accumulator of the same kind and shape in."""
 
     def finalise_patches(
-        self, settings: PatchFitSettings, dtype: np.dtype, memory_budget: int, workers: int
+        self, settings: PatchFitSettings, dtype: np.dtype, memory_budget: int, workers: int, *, spend: bool = False
     ) -> tuple[NDArray, PatchOutputs]:
-        """The fitted ``(mean (C, P), outputs)`` in ``dtype``."""
+        """The fitted ``(mean (C, P), outputs)`` in ``dtype``.
+
+        ``spend=True``: the stream ends here, so the accumulator may use its moments up (the packed one
+        writes a float32 precision over them); the caller drops it afterwards.
+        """
 
 
 class DensePatchMoments:
@@ -70,7 +78,8 @@ class DensePatchMoments:
     (4, (2, 3))
     """
 
-    spent_by_finalise = False
+    #: Finalisation only reads the moments (the model drops them when its stream ends).
+    spent = False
 
     def __init__(self, *, augmented: bool, memory_budget: int, workers: int) -> None:
         self.augmented = augmented
@@ -159,11 +168,12 @@ class DensePatchMoments:
         return n * (var_q + trace**2)
 
     def finalise_patches(
-        self, settings: PatchFitSettings, dtype: np.dtype, memory_budget: int, workers: int
+        self, settings: PatchFitSettings, dtype: np.dtype, memory_budget: int, workers: int, *, spend: bool = False
     ) -> tuple[NDArray, PatchOutputs]:
         """Regularise, factor and invert every patch from the accumulator's own centred sums.
 
-        The sums are read patch by patch, chunked like a fit: no full-size covariance copy.
+        The sums are read patch by patch, chunked like a fit: no full-size covariance copy. ``spend`` makes
+        no difference here (nothing is done in place); the model drops the accumulator when its stream ends.
         """
         offset = 1 if self.augmented else 0
         sums = self.moments.centred_sums

@@ -33,6 +33,7 @@ __all__ = [
     "NotFittedError",
     "SINGULAR_DATA",
     "SHRINKAGE_METHODS",
+    "TOO_FEW_ELEMENTS",
     "MIN_FIT_OBSERVATIONS",
     "accumulation_dtype",
     "check_bool",
@@ -40,6 +41,8 @@ __all__ = [
     "check_ddof",
     "check_memory_budget",
     "check_patch_score_shape",
+    "check_integer",
+    "check_kde_data_shape",
     "check_positive_int",
     "check_workers",
     "require_finite",
@@ -60,6 +63,8 @@ D_GREATER_THAN_N = (
     "Note that `gaussian_kde` interprets each *column* of `dataset` to be a point; consider "
     "transposing the input to `dataset`. A Gaussian KDE needs more points than dimensions."
 )
+#: ``ValueError`` when the data hold fewer than two numbers (a single point of one dimension, or none).
+TOO_FEW_ELEMENTS = "`dataset` input should have multiple elements."
 #: ``ValueError`` when the data hold NaN or infinity.
 NON_FINITE_DATA = (
     "`dataset` must contain only finite values (array must not contain infs or NaNs); remove or replace "
@@ -372,19 +377,50 @@ def check_bool(value: Any, name: str) -> bool:
     raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
-def _positive_integer(value: Any, name: str, expected: str, expected_type: str | None = None) -> int:
-    """``value`` as a positive ``int`` (any integer type, not bool): ``TypeError`` for another type,
-    ``ValueError`` below 1, both saying ``name must be <expected>``."""
+def check_integer(
+    value: Any,
+    name: str,
+    expected: str,
+    *,
+    minimum: int,
+    expected_type: str | None = None,
+    type_error: type[Exception] = TypeError,
+) -> int:
+    """Return ``value`` as an ``int`` of at least ``minimum`` (any integer type, not bool), or raise naming it.
+
+    The one integer check of the library: counts, sizes, budgets and the ``count`` of a saved state.
+    Another type (bool included, and floats even when integral) raises ``type_error`` and a value below
+    ``minimum`` raises ``ValueError``, both saying ``<name> must be <expected>, got <value>``
+    (``expected_type``, when given, replaces ``expected`` in the type error's message).
+
+    Examples
+    --------
+    >>> check_integer(np.int64(0), "state['count']", "a non-negative integer", minimum=0)
+    0
+    >>> check_integer(True, "fold_every", "a positive integer", minimum=1)
+    Traceback (most recent call last):
+    ...
+    TypeError: fold_every must be a positive integer, got True
+    >>> check_integer(-1, "state['count']", "a non-negative integer", minimum=0, type_error=ValueError)
+    Traceback (most recent call last):
+    ...
+    ValueError: state['count'] must be a non-negative integer, got -1
+    """
     type_text = expected_type or expected
     if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be {type_text}, got {value!r}")
+        raise type_error(f"{name} must be {type_text}, got {value!r}")
     try:
         count = operator.index(value)
     except TypeError:
-        raise TypeError(f"{name} must be {type_text}, got {value!r}") from None
-    if count < 1:
+        raise type_error(f"{name} must be {type_text}, got {value!r}") from None
+    if count < minimum:
         raise ValueError(f"{name} must be {expected}, got {count}")
     return count
+
+
+def _positive_integer(value: Any, name: str, expected: str, expected_type: str | None = None) -> int:
+    """:func:`check_integer` with ``minimum=1``."""
+    return check_integer(value, name, expected, minimum=1, expected_type=expected_type)
 
 
 def check_positive_int(value: Any, name: str) -> int:
@@ -528,6 +564,29 @@ def warn_at_caller(message: str, category: type[Warning]) -> None:
         frame = frame.f_back
         level += 1
     warnings.warn(message, category, stacklevel=level)
+
+
+def check_kde_data_shape(d: int, n: int, explicit_kernel_covariance: bool) -> None:
+    """Refuse KDE data with more dimensions than points (scipy's ``ValueError`` and words), in both packages.
+
+    The one home of the "d > n" rule of :class:`anomstats.GaussianKDE` (construction and a reassigned
+    ``dataset``), :func:`anomstats.bandwidth.cv_ml_factor` and the torch adapter's ``GaussianKDE.fit``.
+    scipy's condition: ``d > n`` raises :data:`D_GREATER_THAN_N`; ``d == n`` points span at most ``d - 1``
+    dimensions around their mean, so they pass here and are refused by the rank test of the data covariance
+    (:func:`anomstats.bandwidth.check_data_covariance`, a ``numpy.linalg.LinAlgError``), as scipy's Cholesky
+    refuses them. With an explicit kernel covariance the data covariance is never formed: any ``n`` will do.
+
+    Examples
+    --------
+    >>> check_kde_data_shape(3, 3, False)  # equal: left to the rank test
+    >>> check_kde_data_shape(4, 3, True)  # an explicit kernel covariance needs no data covariance
+    >>> check_kde_data_shape(4, 3, False)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: Number of dimensions is greater than number of samples. ...
+    """
+    if d > n and not explicit_kernel_covariance:
+        raise ValueError(D_GREATER_THAN_N)
 
 
 def singular_data_message(feature: int, d: int, *, constant: bool = False) -> str:

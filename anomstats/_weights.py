@@ -22,7 +22,18 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["as_frequency_weights", "as_analytic_weights", "check_weights", "kde_weights", "scaled_weights"]
+__all__ = [
+    "WEIGHTS_SUM_TO_ZERO",
+    "as_frequency_weights",
+    "as_analytic_weights",
+    "check_weights",
+    "kde_weights",
+    "require_nonzero_weight_sum",
+    "scaled_weights",
+]
+
+#: numpy's message (``numpy.average``, hence ``numpy.cov``) for weights that sum to zero.
+WEIGHTS_SUM_TO_ZERO = "Weights sum to zero, can't be normalized"
 
 
 def _as_weight_vector(weights: Any, kind: str, n_obs: int, *, detailed: bool = False) -> NDArray[np.float64]:
@@ -115,6 +126,24 @@ def check_weights(weights: Any, n_obs: int, name: str = "aweights") -> NDArray[n
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{name} must be an array of real numbers ({exc})") from None
     return _as_weight_vector(w, name, n_obs, detailed=True)
+
+
+def require_nonzero_weight_sum(total: Any) -> None:
+    """Raise numpy's ``ZeroDivisionError`` when the weights' sum ``total`` is zero (any entry, for an array).
+
+    The one check of a zero weight sum, in numpy's type and words, for :func:`anomstats.cov`,
+    :func:`anomstats.batched_cov` and the torch adapter's ``numpy.cov`` kernel.
+
+    Examples
+    --------
+    >>> require_nonzero_weight_sum(2.5)
+    >>> require_nonzero_weight_sum(np.float64(0.0))
+    Traceback (most recent call last):
+    ...
+    ZeroDivisionError: Weights sum to zero, can't be normalized
+    """
+    if np.any(total == 0.0):
+        raise ZeroDivisionError(WEIGHTS_SUM_TO_ZERO)
 
 
 def scaled_weights(weights: NDArray[np.float64]) -> tuple[NDArray[np.float64], int]:

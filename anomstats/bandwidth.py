@@ -39,8 +39,8 @@ from ._budget import DEFAULT_MEMORY_BUDGET
 from ._kernel_sums import WhitenedCentres, leave_one_out_sums, whiten
 from ._rules import covariance_noise_variance, gaussian_log_normaliser
 from ._validation import (
-    D_GREATER_THAN_N,
     NON_FINITE_DATA,
+    check_kde_data_shape,
     check_memory_budget,
     check_workers,
     singular_data_message,
@@ -429,6 +429,13 @@ def check_data_covariance(covariance: Any, means: Any, n_observations: int, eps:
       bounded: without it, a combination with coefficients 1e-3..1e3 left up to 1e11·eps of a dependent
       feature's variance in measurements, so no tolerance on unpivoted factors decides reliably.
 
+    The feature named is the first, in index order, that is a combination of the features before it: the
+    smallest ``k`` whose features ``0..k`` fail the test while ``0..k-1`` pass (found by bisection, at most
+    ``log2(D)`` more factorisations, on the error path only). The pivot order cannot decide this: features of
+    equal noise-scaled variance (a duplicate, or any features of negligible mean, whose scaled variances are
+    all about ``1/acc``) are taken in an order that rounding decides, so two covariances of the same data
+    rounded differently (NumPy's and torch's) would name different features of the same dependency.
+
     Data exactly in a subspace left pivots of at most 0.12·D noise units (float32, float16 data) and
     0.3·D (float64, NumPy n <= 3000; 0.06·D with torch at n = 1e6) in measured draws, so the verdict does
     not depend on rounding; data that are full rank beyond ``D`` noise units, however ill-conditioned,
@@ -448,7 +455,8 @@ def check_data_covariance(covariance: Any, means: Any, n_observations: int, eps:
     Raises
     ------
     numpy.linalg.LinAlgError
-        With :func:`anomstats._validation.singular_data_message`, naming the dependent or constant feature.
+        With :func:`anomstats._validation.singular_data_message`, naming the first constant feature, or the
+        first feature that is a combination of features of smaller index.
 
     Examples
     --------
@@ -473,10 +481,37 @@ def check_data_covariance(covariance: Any, means: Any, n_observations: int, eps:
         return
     scale = 1.0 / noise
     scaled = a * scale[:, None] * scale[None, :]
-    # dpstrf stops at the first pivot <= tol; the features it did not take are the dependent ones.
-    _, pivots, rank, _ = lapack.dpstrf(scaled, tol=float(d), lower=1)
-    if rank < d:
-        raise linalg.LinAlgError(singular_data_message(int(pivots[rank]) - 1, d))
+    # dpstrf stops at the first pivot <= tol: rank < d when some feature is, to rounding, a combination of
+    # the others. Which one its pivot order leaves out can hinge on rounding (features of equal noise-scaled
+    # variance, e.g. a duplicate), so the feature named is chosen by index instead (_first_dependent_feature).
+    if _passes_rank_test(scaled, d):
+        return
+    raise linalg.LinAlgError(singular_data_message(_first_dependent_feature(scaled, d), d))
+
+
+def _passes_rank_test(scaled: np.ndarray, tol: float) -> bool:
+    """Whether the noise-scaled covariance ``scaled`` is full rank: every pivot of its pivoted Cholesky > ``tol``."""
+    rank = lapack.dpstrf(scaled, tol=float(tol), lower=1)[2]
+    return bool(rank == scaled.shape[0])
+
+
+def _first_dependent_feature(scaled: np.ndarray, tol: float) -> int:
+    """The feature that :func:`check_data_covariance` names: the smallest ``k`` whose features ``0..k`` fail the
+    rank test while ``0..k-1`` pass (a bisection; the first feature passes, the whole set fails).
+
+    Feature ``k`` is then, to rounding, a combination of features of smaller index: one of the dependency, and
+    the same in both packages whatever the rounding of their covariances, unless a prefix's smallest pivot
+    lies within rounding of the tolerance itself (data near the threshold, not in a subspace). A pivot order
+    would instead name whichever feature of equal noise-scaled variance rounding puts last.
+    """
+    passing, failing = 0, scaled.shape[0] - 1  # the first feature passes: it is not constant
+    while failing - passing > 1:
+        middle = (passing + failing) // 2
+        if _passes_rank_test(scaled[: middle + 1, : middle + 1], tol):
+            passing = middle
+        else:
+            failing = middle
+    return failing
 
 
 # ---------------------------------------------------------------------------- leave-one-out likelihood
@@ -691,8 +726,7 @@ def cv_ml_factor(
     """
     data, w = _selection_data(dataset, weights)
     d, n = data.shape
-    if d > n:
-        raise ValueError(D_GREATER_THAN_N)
+    check_kde_data_shape(d, n, False)
     memory_budget, workers = _budget_and_workers(memory_budget, workers)
     data_cov = np.atleast_2d(cov(data, rowvar=1, bias=False, aweights=w))
     # The KDE's rank test (with the eps of the data as given: float32 data are held to float32's), so that

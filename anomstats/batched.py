@@ -27,7 +27,7 @@ from ._moment_kernels import centred_moments, plan_moment_chunks
 from ._parallel import resolve_workers, run_chunks
 from ._rules import degrees_of_freedom
 from ._validation import accumulation_dtype, check_ddof, check_memory_budget
-from ._weights import check_weights, scaled_weights
+from ._weights import check_weights, require_nonzero_weight_sum, scaled_weights
 from .moments import RunningMoments
 
 __all__ = ["batched_cov"]
@@ -46,8 +46,7 @@ def _checked_weights(
     weights = check_weights(np.asarray(aweights), n_obs, "aweights")  # dask weights are small: computed
     weights = scaled_weights(weights)[0]
     w_sum, w2_sum = float(weights.sum()), float(np.dot(weights, weights))
-    if w_sum == 0.0:
-        raise ZeroDivisionError("Weights sum to zero, can't be normalized")
+    require_nonzero_weight_sum(w_sum)
     return weights, w_sum, w2_sum
 
 

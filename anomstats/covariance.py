@@ -21,7 +21,7 @@ from numpy.typing import DTypeLike, NDArray
 
 from ._rules import degrees_of_freedom
 from ._validation import check_ddof
-from ._weights import as_analytic_weights, as_frequency_weights
+from ._weights import as_analytic_weights, as_frequency_weights, require_nonzero_weight_sum
 
 __all__ = ["cov", "corrcoef"]
 
@@ -98,8 +98,7 @@ def _row_means(variables: NDArray[Any], weights: NDArray[np.float64] | None) -> 
     # integer data is implied); longdouble, complex and object data keep their own type.
     accumulate = np.result_type(variables.dtype, weights.dtype)
     total = weights.sum(dtype=accumulate)
-    if np.any(total == 0.0):
-        raise ZeroDivisionError("Weights sum to zero, can't be normalized")
+    require_nonzero_weight_sum(total)
     means = np.multiply(variables, weights, dtype=accumulate).sum(axis=1) / total
     return means, total
 

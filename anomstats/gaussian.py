@@ -26,7 +26,9 @@ from ._patch_kernels import (
     ThreadScratch,
     check_query_results,
     fit_chunk,
+    non_finite_fit_error,
     plan_patch_chunks,
+    scale_remedy,
     score_chunk,
 )
 from ._rules import DEFAULT_RIDGE, gaussian_log_normaliser
@@ -53,12 +55,14 @@ from ._low_rank import (
     basis_of_factor,
     check_definite,
     check_form,
+    check_representable,
     dense_from_low_rank,
     eigenvalues_of,
     factor_chunk,
     low_rank_width,
     needs_ridge_message,
     no_advantage_message,
+    precision_diagonal,
     squared_distances,
 )
 
@@ -111,12 +115,13 @@ class MultiVariateGaussian:
         ``(P, r)``, ``r = min(N - 1, C)``, instead of ``(P, C, C)`` stacks; see
         :class:`LowRankMultiVariateGaussian`. The constructor then returns that subclass.
     low_memory : bool, default False
-        Stream with the memory-lean accumulator (see *Low-memory streaming* below): only the packed
-        upper triangle of each patch's second moments is kept, in float64, and the fit keeps only the
-        mean, precision and log-determinants (``store_covariance`` is ignored: :attr:`covariance` and
-        :attr:`cholesky` are not available). Supports the default estimator only (``shrinkage=None``).
-        The first use of a fitted quantity *consumes* the streamed moments: no :meth:`partial_fit` or
-        :meth:`merge` after it.
+        End the stream when the fit is first used (or :meth:`finalise` is called): as
+        ``finalise(end_stream=True)``, that spends the streamed moments (no :meth:`partial_fit` or
+        :meth:`merge` after it), and with ``dtype=float32`` writes the precision over them in place, the
+        leanest streamed fit (see *Streaming* below). The fit keeps only the mean, precision and
+        log-determinants (``store_covariance`` is ignored: :attr:`covariance` and :attr:`cholesky` are not
+        available). Not with ``shrinkage="ledoit-wolf"``, whose moments are not packed. The default
+        streams into the same packed moments: ``low_memory`` only decides when they are spent.
 
     Attributes
     ----------
@@ -164,25 +169,34 @@ class MultiVariateGaussian:
     ``C×C`` scratch matrices per thread. anomalib's float32 fit holds about three float32 stacks.
     (Until version 0.3 the default kept all three stacks; the covariance and its factor are now opt-in,
     since scoring never reads them and their fresh memory made the first fit in a process slow.)
-    Streaming (:meth:`partial_fit`) additionally keeps the running moments (one more float64 stack);
-    finalising reads them patch by patch, without another full-size copy.
 
-    **Low-memory streaming** (``low_memory=True``), for PaDiM's largest fits (C = 550, 64×64 patches:
-    the default streaming state alone is a 9.2 GiB float64 stack, plus three output stacks).
-    :meth:`partial_fit` buffers batches (private copies, at most ``64 + B - 1`` observations) and folds
-    them into one packed float64 upper triangle per patch, ``P·C·(C+1)/2·8`` bytes (4.98 GB at that size),
-    with Chan et al.'s pairwise update, chunk by chunk under ``memory_budget``. The first use of a fitted
-    quantity (:attr:`mean`, :attr:`precision`, :attr:`log_det`, :meth:`mahalanobis`, :meth:`logpdf`)
-    finalises the fit patch chunk by patch chunk (unpack, add the ridge, ``dpotrf``, log-determinant from
-    the factor's diagonal, ``dpotri``, symmetrise) and frees the moments. With ``dtype=float32`` the
-    float32 precision is written *in place* over the packed float64 moments it has already read (it fits
-    in the same bytes), so the whole fit peaks at one packed stack plus buffers: 6.2 GB measured at
-    C = 550, 64×64, 300 images (anomalib: 35-50 GB reported). With ``dtype=float64`` the precision is a
-    new stack (the moments are freed once it is written). Either way the streamed moments are spent: a
-    later :meth:`partial_fit` or :meth:`merge` raises; to keep streaming after looking at the result, use
-    the default ``low_memory=False``. Results equal the default path's to rounding (float64 accumulation
-    in both; with ``dtype=float32`` the factorisation is done in float64 and only the result is rounded,
-    so it is *more* accurate than the default float32 path). The work runs in one thread.
+    **Streaming** (:meth:`partial_fit`, :meth:`merge`). The running moments are kept in float64 whatever
+    ``dtype``: for ``shrinkage=None`` and ``"oas"`` one packed triangle per patch, ``P·C·(C+1)/2·8`` bytes,
+    half a float64 stack (:class:`anomstats._packed.PackedGaussianAccumulator`); for Ledoit-Wolf the full
+    ``(P, C+1, C+1)`` sums (its coefficient needs fourth moments). Batches are buffered (private copies, at
+    most ``64 + B - 1`` observations) and folded in with Chan et al.'s pairwise update, chunks of patches
+    on the worker threads. The fit is computed at the first use of a fitted quantity after an update (or
+    by :meth:`finalise`), chunk by chunk in float64 (unpack, shrink, add the ridge, ``dpotrf``,
+    log-determinant, ``dpotri``, symmetrise), and a float32 result is rounded once, so a float32 stream is
+    *more* accurate than a one-shot float32 fit. Reading keeps the moments: streaming may go on, and the
+    next read refits (the previous fit's stacks are dropped first, so they are not held twice). Ending the
+    stream frees them: ``finalise(end_stream=True)`` when done, or ``low_memory=True`` to end it at the
+    first read. Ending it with ``dtype=float32`` writes the precision *in place* over the packed float64
+    moments already read (it fits in the same bytes). Held at PaDiM's largest fit, C = 550, 64×64 patches
+    (any number of images; plus at most 0.75 GB of buffered batches of 20 while streaming):
+
+    ===============================  ======================  ==================  ==============
+    mode                             dtype=float64           dtype=float32       stream goes on
+    ===============================  ======================  ==================  ==============
+    default (moments + fit)          4.98 + 9.9 GB           4.98 + 4.96 GB      yes
+    ``store_covariance=True``        4.98 + 29.7 GB          4.98 + 14.9 GB      yes
+    ended (``end_stream=True``)      4.98 + 9.9, then 9.9    4.98 GB, in place   no
+    ``shrinkage="ledoit-wolf"``      9.95 + 9.9 GB           9.95 + 4.96 GB      yes
+    ===============================  ======================  ==================  ==============
+
+    ("ended" is ``finalise(end_stream=True)`` or ``low_memory=True``; anomalib: 35-50 GB reported.) The
+    dense streaming state of versions up to 0.3 was a full float64 stack, 9.9 GB at that size, plus the
+    output stacks.
 
     **Streaming Ledoit-Wolf.** Its coefficient needs ``sum ||x - mean||⁴``; streaming gets it from the
     moments of the augmented vector ``(||x||², x)``, which loses relative accuracy in the coefficient of
@@ -265,10 +279,10 @@ class MultiVariateGaussian:
         self.dtype = check_dtype(dtype)
         self.store_covariance = check_bool(store_covariance, "store_covariance")
         self.low_memory = check_bool(low_memory, "low_memory")
-        if self.low_memory and self.shrinkage is not None:
+        if self.low_memory and self.shrinkage == "ledoit-wolf":
             raise ValueError(
-                f"low_memory=True supports only the default estimator (shrinkage=None), got "
-                f"shrinkage={self.shrinkage!r}; use low_memory=False for shrinkage"
+                "low_memory=True supports shrinkage=None and 'oas' (its packed moments hold no fourth moments), "
+                f"got shrinkage={self.shrinkage!r}; use low_memory=False for Ledoit-Wolf"
             )
         self.memory_budget = check_memory_budget(memory_budget)
         self.workers = resolve_workers(workers)
@@ -285,7 +299,7 @@ class MultiVariateGaussian:
         self.n_features: int | None = None
         self.spatial_shape: tuple[int, ...] | None = None
         self._moments: PatchMoments | None = None
-        self._consumed = False  # low_memory: the streamed moments were spent by finalisation
+        self._consumed = ""  # how the stream ended, spending its moments ("" while it has not)
         self._stale = False  # True when partial_fit/merge brought data not yet folded into the outputs
         self._mean: NDArray | None = None
         self._outputs: PatchOutputs | None = None
@@ -417,20 +431,19 @@ class MultiVariateGaussian:
         """
         _check_real_dtype(embedding.dtype, "embedding")
         n, c, spatial = check_fit_shape(embedding.shape)
-        try:
-            total = self._streamed_dask(embedding)
-        except ValueError:
-            found = _dask.first_non_finite_patch(embedding)
-            if found is None:
-                raise
-        else:
-            return self._adopt_dask_fit(total, embedding)
-        patch, obs, feature = found
-        where = f" in {describe_patch(patch, spatial)}"
-        if not (self.low_memory or self.form == "low_rank"):
-            where += f", first at observation {obs}, feature {feature}"  # the dense fit's message (fit_chunk)
-        require_finite(False, "embedding", where=where)
-        raise AssertionError("unreachable")  # pragma: no cover
+
+        def refuse(found: tuple[int, int, int]) -> None:
+            patch, obs, feature = found
+            where = f" in {describe_patch(patch, spatial)}"
+            if not (self.low_memory or self.form == "low_rank"):
+                where += f", first at observation {obs}, feature {feature}"  # the dense fit's message (fit_chunk)
+            require_finite(False, "embedding", where=where)
+
+        # A chunk that finds NaN or infinity: name the first of the whole embedding, as the in-memory fit does.
+        total = _dask.compute_or_name_non_finite(
+            lambda: self._streamed_dask(embedding), lambda: _dask.first_non_finite_patch(embedding), refuse
+        )
+        return self._adopt_dask_fit(total, embedding)
 
     def _adopt_dask_fit(self, total: MultiVariateGaussian, embedding: Any) -> MultiVariateGaussian:
         """Finalise a dask fit's merged partial fits now and take them over."""
@@ -446,16 +459,12 @@ class MultiVariateGaussian:
         """:meth:`partial_fit` of a dask batch: the in-memory checks first, then the chunks streamed and merged."""
         _check_real_dtype(batch.dtype, "batch")
         self._check_stream(tuple(int(s) for s in batch.shape))
-        try:
-            streamed = self._streamed_dask(batch)
-        except ValueError:
-            found = _dask.first_non_finite_patch(batch)
-            if found is None:
-                raise
-        else:
-            return self.merge(streamed)
-        require_finite(False, "batch", where=f" in {describe_patch(found[0], tuple(batch.shape[2:]))}")
-        raise AssertionError("unreachable")  # pragma: no cover
+        streamed = _dask.compute_or_name_non_finite(
+            lambda: self._streamed_dask(batch),
+            lambda: _dask.first_non_finite_patch(batch),
+            lambda found: require_finite(False, "batch", where=f" in {describe_patch(found[0], tuple(batch.shape[2:]))}"),
+        )
+        return self.merge(streamed)
 
     def _dask_block_error(self, error: ValueError, block: np.ndarray, offset: int) -> ValueError | None:
         """The dask protocol's hook for a scoring error in a block of queries starting at ``offset``: the error
@@ -527,13 +536,13 @@ class MultiVariateGaussian:
     def partial_fit(self, batch: ArrayLike) -> MultiVariateGaussian:
         """Accumulate a batch ``(n, C, *spatial)`` (n >= 1); returns ``self``.
 
-        Moments are accumulated in float64 with :class:`anomstats.RunningMoments` (pairwise-stable);
-        the Gaussians are finalised lazily, on the first use after an update. Any split of the data into
-        batches gives the one-shot :meth:`fit` to rounding. The batch is validated (shape, finiteness)
-        before anything is accumulated, so a rejected batch leaves the object unchanged.
-
-        With ``low_memory=True`` the batch goes into the packed float64 accumulator instead (see the class
-        notes), and it raises a ``ValueError`` once a fitted quantity has been used (the moments are spent).
+        Moments are accumulated in float64 around a shift, with Chan et al.'s pairwise update (packed
+        triangles; Ledoit-Wolf: full sums, see the class notes, *Streaming*); the Gaussians are fitted
+        lazily, at the first use after an update, or by :meth:`finalise`. Reading keeps the moments, so
+        streaming may go on. Any split of the data into batches gives the one-shot :meth:`fit` to rounding.
+        The batch is validated (shape, finiteness) before anything is accumulated, so a rejected batch
+        leaves the object unchanged. Raises a ``ValueError`` once the stream has ended
+        (``low_memory=True`` after the first use, or ``finalise(end_stream=True)``).
         """
         x = _as_real_array(batch, "batch")
         n, c, spatial = self._check_stream(x.shape)
@@ -563,11 +572,15 @@ class MultiVariateGaussian:
     def merge(self, other: MultiVariateGaussian) -> MultiVariateGaussian:
         """Fold the data streamed into ``other`` into ``self`` (both built with :meth:`partial_fit`).
 
-        ``other`` is not modified. Returns ``self``; the Gaussians are refitted lazily.
+        ``other`` is not modified (merging a model into itself counts its data twice). Returns ``self``;
+        the Gaussians are refitted lazily. The models must agree on ``form``, ``ridge``, ``shrinkage`` and
+        ``dtype``; ``low_memory`` and ``store_covariance`` may differ (they decide what ``self`` keeps).
+        Neither stream may have ended.
         """
         if not isinstance(other, MultiVariateGaussian):
             raise TypeError(f"other must be a MultiVariateGaussian, got {type(other).__name__}")
-        settings = ("form", "ridge", "shrinkage", "dtype", "low_memory")
+        # The moments do not depend on low_memory or store_covariance (they say what to keep): those may differ.
+        settings = ("form", "ridge", "shrinkage", "dtype")
         for name in settings:
             if getattr(self, name) != getattr(other, name):
                 raise ValueError(
@@ -579,8 +592,6 @@ class MultiVariateGaussian:
             raise ValueError(f"other {other._why_no_moments()}; only partial_fit models merge")
         if self.spatial_shape is not None and self._moments is None:
             raise ValueError(f"self {self._why_no_moments()}; only partial_fit models merge")
-        if self.low_memory and other is self:
-            raise ValueError("cannot merge a low_memory=True MultiVariateGaussian into itself")
         if self._moments is None:
             self.n_features, self.spatial_shape = other.n_features, other.spatial_shape
             self._moments = self._new_moments(other.n_features, math.prod(other.spatial_shape))
@@ -598,17 +609,14 @@ class MultiVariateGaussian:
 
     def _why_no_moments(self) -> str:
         if self._consumed:
-            return (
-                "was finalised with low_memory=True, which spends its streamed moments on the first use of "
-                "a fitted quantity (mean, precision, log_det, scoring)"
-            )
+            return f"was finalised with {self._consumed}"
         return "was fitted with fit(), which keeps no running moments"
 
     def _new_moments(self, n_features: int, n_patches: int) -> PatchMoments:
-        if self.low_memory:
-            return PackedGaussianAccumulator(n_features, n_patches, np.float64, memory_budget=self.memory_budget)
-        return DensePatchMoments(
-            augmented=self.shrinkage == "ledoit-wolf", memory_budget=self.memory_budget, workers=self.workers
+        if self.shrinkage == "ledoit-wolf":  # its coefficient needs fourth moments: the augmented dense sums
+            return DensePatchMoments(augmented=True, memory_budget=self.memory_budget, workers=self.workers)
+        return PackedGaussianAccumulator(
+            n_features, n_patches, np.float64, memory_budget=self.memory_budget, workers=self.workers
         )
 
     def _settings(self, n_samples: int, spatial: tuple[int, ...]) -> PatchFitSettings:
@@ -625,33 +633,91 @@ class MultiVariateGaussian:
         flat_embedding = _finite_patches(flat_embedding, n, c, spatial, "embedding")
         moments = self._new_moments(c, math.prod(spatial)).update(flat_embedding)
         settings = self._settings(n, spatial)
-        mean, outputs = moments.finalise_patches(settings, self.dtype, self.memory_budget, self.workers)
+        mean, outputs = moments.finalise_patches(settings, self.dtype, self.memory_budget, self.workers, spend=True)
         self._reset()
         self.n_features, self.spatial_shape = c, spatial
         self._mean, self._outputs, self._n_seen = mean, outputs, n
         return self
 
-    def _finalise(self) -> None:
-        """Turn the running moments into the fitted Gaussians (chunked like :meth:`fit`)."""
+    def finalise(self, *, end_stream: bool = False) -> MultiVariateGaussian:
+        """Fit the Gaussians of the data streamed so far now, rather than at their first use; returns ``self``.
+
+        Streamed data (:meth:`partial_fit`, :meth:`merge`) is fitted lazily, at the first use of a fitted
+        quantity; reading one keeps the running moments, so streaming may go on and a later read refits.
+        This method fits now, and can end the stream to free the moments. It does nothing for a model
+        fitted with :meth:`fit` or whose stream has ended.
+
+        Parameters
+        ----------
+        end_stream : bool, default False
+            Also end the stream: the running moments are spent and freed (a later :meth:`partial_fit` or
+            :meth:`merge` raises). With ``dtype=float32`` the precision is written over the packed float64
+            moments in place, so fitting takes no memory beyond them (see the class notes, *Memory*).
+            A ``low_memory=True`` model always ends its stream when it is fitted.
+
+        Raises
+        ------
+        NotFittedError
+            Nothing was fitted or streamed.
+        ValueError, numpy.linalg.LinAlgError
+            As for a first use: fewer than 2 observations (the stream is not spent), a patch that cannot be
+            factored (naming it). When the precision was being written in place, the model is reset to
+            unfitted (the moments are partly overwritten), and the message says so.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> x = np.random.default_rng(0).normal(size=(30, 3, 2, 2))
+        >>> model = MultiVariateGaussian(dtype=np.float32).partial_fit(x[:20])
+        >>> model.precision.shape                      # fitted on first use; the stream goes on
+        (4, 3, 3)
+        >>> _ = model.partial_fit(x[20:]).finalise(end_stream=True)
+        >>> model.n_samples_seen_
+        30
+        """
+        end_stream = check_bool(end_stream, "end_stream") or self.low_memory
+        self._require_shape()
+        if self._moments is None:
+            return self
+        if self._stale:
+            self._finalise(end_stream=end_stream)
+        if end_stream and self._moments is not None:  # already fitted: only the moments are left to drop
+            self._moments, self._n_seen, self._consumed = None, self._moments.count, self._ending()
+        return self
+
+    def _ending(self) -> str:
+        """How this model's stream ended, for the message of a later partial_fit or merge."""
+        if self.low_memory:
+            return ("low_memory=True, which spends its streamed moments at the first use of a fitted quantity "
+                    "(mean, precision, log_det, scoring) or at finalise()")
+        return "finalise(end_stream=True), which spent its streamed moments"
+
+    def _finalise(self, end_stream: bool | None = None) -> None:
+        """Turn the running moments into the fitted Gaussians (chunked like :meth:`fit`).
+
+        ``end_stream`` (default: ``low_memory``) spends the moments; otherwise they are only read, and the
+        previous fit is dropped first, so that its stacks are freed before the new ones are allocated.
+        """
+        end_stream = self.low_memory if end_stream is None else end_stream
         moments = self._moments
         n = int(moments.count)
         require_observations(n, name="partial_fit", streamed=True)  # nothing spent yet: streaming may go on
         settings = self._settings(n, self.spatial_shape)
-        if not moments.spent_by_finalise:
-            self._mean, self._outputs = moments.finalise_patches(settings, self.dtype, self.memory_budget, self.workers)
-            self._stale = False
-            return
-        # Spent from here on, whether finalisation succeeds or not (in place, the moments are partly
-        # overwritten when a patch fails); the model keeps only the fitted outputs.
-        self._moments, self._n_seen, self._consumed = None, n, True
+        self._mean = self._outputs = None
         try:
-            self._mean, self._outputs = moments.finalise_patches(settings, self.dtype, self.memory_budget, self.workers)
+            self._mean, self._outputs = moments.finalise_patches(
+                settings, self.dtype, self.memory_budget, self.workers, spend=end_stream
+            )
         except (ValueError, np.linalg.LinAlgError) as error:
+            if not moments.spent:
+                raise  # the moments are intact: the model still streams
             self._reset()
             raise type(error)(
-                f"{error}. low_memory=True: this failed finalisation spent the streamed moments and the "
-                "model is reset to unfitted; stream the data again"
+                f"{error}. The stream was ending and the precision was being written over the streamed moments: "
+                "they are spent and the model is reset to unfitted; stream the data again"
             ) from error
+        if end_stream:
+            self._moments, self._n_seen, self._consumed = None, n, self._ending()
         self._stale = False
 
     # ------------------------------------------------------------------ scoring
@@ -885,7 +951,10 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
         Raises
         ------
         ValueError
-            Fewer than 2 observations, a bad shape, or non-finite values (naming the first bad patch).
+            Fewer than 2 observations, a bad shape, or non-finite values (naming the first bad patch); a state
+            :attr:`dtype` cannot represent, naming the patch and the features' scale (the dense form's messages):
+            eigenvalues beyond its largest number (float32 features of scale 1e19: ``s²/(N − 1)`` beyond 3.4e38)
+            or a precision whose diagonal underflows or overflows it. Fit with ``dtype=np.float64`` instead.
         numpy.linalg.LinAlgError
             ``ridge=0`` with ``N <= C`` (singular by construction), or a numerically singular patch.
         """
@@ -905,7 +974,8 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
     def _new_moments(self, n_features: int, n_patches: int) -> LowRankMoments:  # type: ignore[override]
         return LowRankMoments(n_features, n_patches, self.memory_budget)
 
-    def _finalise(self) -> None:
+    def _finalise(self, end_stream: bool | None = None) -> None:
+        # The scatter factor is only read; finalise(end_stream=True) drops it afterwards.
         moments = self._moments
         n = int(moments.count)
         require_observations(n, name="partial_fit", streamed=True)
@@ -932,7 +1002,16 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
             basis, singular = basis_of_factor(factor, width, scratch)
             eigenvalues = eigenvalues_of(singular, n, self.ridge)
             check_definite(eigenvalues, c, self.ridge, start, spatial)
-            fit.mean[:, start:stop] = mean.T
+            # The state is stored in self.dtype: refused, naming the scale, where it cannot hold it (float32
+            # features of scale 1e19: eigenvalues beyond 3.4e38), as the dense form refuses its precision.
+            with np.errstate(over="ignore"):
+                stored_mean = mean.astype(self.dtype)
+                diagonal = precision_diagonal(basis, eigenvalues, self.ridge).astype(self.dtype)
+            if not np.isfinite(stored_mean).all():
+                bad = int(np.argmax(~np.isfinite(stored_mean).all(axis=1)))
+                raise non_finite_fit_error(describe_patch(start + bad, spatial), None)
+            check_representable(eigenvalues, diagonal, self.ridge, c, self.dtype, start, spatial, scale_remedy(self.dtype))
+            fit.mean[:, start:stop] = stored_mean.T
             fit.basis[start:stop] = basis
             fit.eigenvalues[start:stop] = eigenvalues
             # c > width only with a positive ridge (ridge 0 below full rank is refused above).

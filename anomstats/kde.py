@@ -22,9 +22,10 @@ from ._budget import DEFAULT_MEMORY_BUDGET
 from ._kernel_sums import WhitenedCentres, kernel_sums, whiten
 from .covariance import cov
 from ._validation import (
-    D_GREATER_THAN_N,
     NON_FINITE_DATA,
     SINGULAR_DATA,
+    TOO_FEW_ELEMENTS,
+    check_kde_data_shape,
     check_memory_budget,
     check_workers,
     reassigned_dataset_weights_message,
@@ -72,7 +73,7 @@ def _as_data(dataset) -> np.ndarray:
     """``dataset`` as a 2-D (d, n) array, with scipy's messages for too few elements and a bad rank."""
     data = np.atleast_2d(np.asarray(dataset))
     if not data.size > 1:
-        raise ValueError("`dataset` input should have multiple elements.")
+        raise ValueError(TOO_FEW_ELEMENTS)
     if data.ndim != 2:
         raise ValueError(
             f"`dataset` should be 1-D (n,) or 2-D (d, n) with points as columns; got shape {data.shape}."
@@ -250,8 +251,7 @@ class GaussianKDE:
             weights = kde_weights_of_valid_shape(weights, self.n)
         if kernel_covariance is not None and bw_method is not None:
             raise ValueError(_bw.BW_METHOD_AND_KERNEL_COVARIANCE)
-        if self.d > self.n and kernel_covariance is None:
-            raise ValueError(D_GREATER_THAN_N)
+        check_kde_data_shape(self.d, self.n, kernel_covariance is not None)
         _bw.resolve_bw_method(bw_method)
         if weights is not None:
             self._weights = normalised_kde_weights(weights)
@@ -299,10 +299,9 @@ class GaussianKDE:
         data = _as_data(value)
         d, n = data.shape
         explicit = self.__dict__.get("_kernel_covariance")
+        check_kde_data_shape(d, n, explicit is not None)
         if explicit is not None:
             _bw.check_kernel_covariance(explicit, d)
-        elif d > n:
-            raise ValueError(D_GREATER_THAN_N)
         _check_finite_data(data)
         weights = self.__dict__.get("_weights")
         reset_weights = weights is not None and len(weights) != n

@@ -51,6 +51,7 @@ from ._validation import (
     accumulation_dtype,
     check_accumulation_dtype,
     check_ddof,
+    check_integer,
     check_memory_budget,
     require_finite,
 )
@@ -109,18 +110,6 @@ def _scaled_chan(w_a: float, w_b: float) -> ChanWeights:
     k = int(np.frexp(largest)[1])
     chan = chan_merge_weights(math.ldexp(w_a, -k), math.ldexp(w_b, -k))
     return ChanWeights(_ldexp(chan.total, k), chan.mean_step, _ldexp(chan.cross, k))
-
-
-def _state_count(value: Any) -> int:
-    if isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"state['count'] must be a non-negative integer, got {value!r}")
-    try:
-        count = operator.index(value)
-    except TypeError:
-        raise ValueError(f"state['count'] must be a non-negative integer, got {value!r}") from None
-    if count < 0:
-        raise ValueError(f"state['count'] must be a non-negative integer, got {count}")
-    return count
 
 
 def _state_weight_sum(state: dict[str, Any], name: str) -> float:
@@ -476,7 +465,10 @@ class RunningMoments:
         missing = {"count", "sum_weights", "sum_squared_weights", "mean", "centred_sums"} - set(state)
         if missing:
             raise KeyError(f"state is missing {sorted(missing)}; expected the dict of RunningMoments.state()")
-        count = _state_count(state["count"])
+        # A bad count is a bad state: ValueError for the wrong type too (from_state's one exception type).
+        count = check_integer(
+            state["count"], "state['count']", "a non-negative integer", minimum=0, type_error=ValueError
+        )
         sum_w = _state_weight_sum(state, "sum_weights")
         sum_w2 = _state_weight_sum(state, "sum_squared_weights")
         w2_exp = _state_exponent(state.get("sum_squared_weights_exponent", 0))
@@ -609,17 +601,13 @@ class RunningMoments:
         self._check_batch(tuple(x.shape), np.dtype(x.dtype))
         obs = normalise_axis(self.obs_axis, "obs_axis", x.ndim)
         w = None if weights is None else check_weights(np.asarray(weights), x.shape[obs], "weights")
-        try:
-            total = _dask.reduce_observations(self.empty_like(), x, obs, w).compute()
-        except ValueError:
-            # A chunk found NaN or infinity: name the first one of the whole array, as update(x) does.
-            index = _dask.first_non_finite(x)
-            if index is None:
-                raise
-        else:
-            return self.merge(total)
-        refuse_non_finite(index)
-        raise AssertionError("unreachable")  # pragma: no cover
+        # A chunk that finds NaN or infinity: name the first one of the whole array, as update(x) does.
+        total = _dask.compute_or_name_non_finite(
+            lambda: _dask.reduce_observations(self.empty_like(), x, obs, w).compute(),
+            lambda: _dask.first_non_finite(x),
+            refuse_non_finite,
+        )
+        return self.merge(total)
 
     @_dask.dispatch(_update_dask, arg="x")
     def update(self, x: ArrayLike, weights: ArrayLike | None = None) -> RunningMoments:

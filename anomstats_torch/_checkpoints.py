@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from anomstats._packed import features_of_packed_length
+from anomstats._packed import features_of_packed_length, packed_length
 from anomstats._validation import inconsistent_state_error
 
 from . import _streaming
@@ -30,8 +30,9 @@ PACKED_LAYOUT = "mean (C, H*W) and inv_covariance_packed (H*W, C*(C+1)/2)"
 LOW_RANK_LAYOUT = "mean (C, H*W), basis (H*W, C, r), eigenvalues (H*W, r) (positive, r <= C) and a 0-d ridge >= 0"
 STREAM_LAYOUT = (
     "mid-stream, also stream_count (0-d int64 >= 1), stream_info (int64 [0 or 1, *spatial]), stream_shift and "
-    "stream_mean (C, P) and stream_m2 (P, C, C) (low-rank form: stream_factor (P, C, k)), all float32 or all "
-    "float64 and finite"
+    "stream_mean (C, P) and stream_m2 (P, C*(C+1)/2, the packed upper triangles of the centred sums; low-rank "
+    "form: stream_factor (P, C, k)), all float32 or all float64 and finite, and at times stream_pending (k, C, P), "
+    "k <= stream_count observations not yet folded in"
 )
 
 #: Bytes of one chunk of the finiteness checks of large entries.
@@ -155,15 +156,31 @@ def check_stream(module: str, incoming: dict[str, Tensor], kind: str, layout: st
         return
     layout = f"{layout}; {STREAM_LAYOUT}"
     keys = _streaming.KEYS[kind]
-    foreign = [name for name in present if name not in keys]
+    allowed = keys + _streaming.OPTIONAL_KEYS[kind]
+    foreign = [name for name in present if name not in allowed]
     if foreign:
-        _refuse(module, f"{', '.join(foreign)} belong(s) to the other form's stream (this module's: {', '.join(keys)})", layout)
+        _refuse(module, f"{', '.join(foreign)} belong(s) to the other form's stream (this module's: {', '.join(allowed)})", layout)
     missing = [name for name in keys if name not in incoming]
     if missing:
         _refuse(module, f"a stream's entries come together, but {', '.join(missing)} missing (found {', '.join(present)})", layout)
     count, info, shift, mean, spread = (incoming[name] for name in keys)
     _check_stream_counts(module, count, info, layout)
     _check_stream_moments(module, kind, info, shift, mean, spread, layout)
+    if _streaming.PENDING in incoming:
+        _check_pending(module, incoming[_streaming.PENDING], count, shift, layout)
+
+
+def _check_pending(module: str, pending: Tensor, count: Tensor, shift: Tensor, layout: str) -> None:
+    """The batch waiting to be folded in: (k, C, P) observations, 1 <= k <= stream_count, float32 or float64, finite."""
+    channels, patches = shift.shape
+    if pending.dtype not in _streaming.ACCUMULATE_DTYPES:
+        _refuse(module, f"stream_pending must be float32 or float64; got {pending.dtype}", layout)
+    if pending.ndim != 3 or _shape(pending)[1:] != (channels, patches) or pending.shape[0] < 1:
+        _refuse(module, f"stream_pending must be (k, C, P) = (k, {channels}, {patches}) with k >= 1; got {_shape(pending)}", layout)
+    if not count.is_meta and pending.shape[0] > int(count):
+        _refuse(module, f"stream_pending holds {pending.shape[0]} observations but stream_count is {int(count)}", layout)
+    if not _all_finite(pending):
+        _refuse(module, "stream_pending holds NaN or infinite values", layout)
 
 
 def _integer(tensor: Tensor) -> bool:
@@ -197,7 +214,7 @@ def _check_stream_moments(
         _refuse(module, f"stream_shift and stream_mean must both be (C, P); got {shapes}", layout)
     channels, patches = shift.shape
     if kind == "dense":
-        fits = _shape(spread) == (patches, channels, channels)
+        fits = _shape(spread) == (patches, packed_length(channels))
     else:
         fits = spread.ndim == 3 and _shape(spread)[:2] == (patches, channels)
     if not fits:
@@ -207,5 +224,7 @@ def _check_stream_moments(
     for name, tensor in (("stream_shift", shift), ("stream_mean", mean), (spread_name, spread)):
         if not _all_finite(tensor):
             _refuse(module, f"{name} holds NaN or infinite values", layout)
-    if kind == "dense" and not spread.is_meta and not bool((spread.diagonal(dim1=-2, dim2=-1) >= 0).all()):
-        _refuse(module, "stream_m2 has negative diagonal entries (sums of squares)", layout)
+    if kind == "dense" and not spread.is_meta:
+        diagonal = spread.index_select(1, _streaming.diagonal_positions(channels, spread.device))
+        if not bool((diagonal >= 0).all()):
+            _refuse(module, "stream_m2 has negative diagonal entries (sums of squares)", layout)

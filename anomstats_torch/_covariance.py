@@ -17,7 +17,7 @@ from torch import Tensor
 
 from anomstats._rules import degrees_of_freedom
 from anomstats._validation import check_ddof
-from anomstats._weights import as_analytic_weights
+from anomstats._weights import as_analytic_weights, require_nonzero_weight_sum
 
 from ._policy import as_float_tensor
 
@@ -90,8 +90,7 @@ def numpy_cov(
     else:
         weights = as_analytic_weights(_host_weights(aweights), n)  # numpy's checks, types and messages
         total = float(weights.sum())
-        if total == 0.0:
-            raise ZeroDivisionError("Weights sum to zero, can't be normalized")
+        require_nonzero_weight_sum(total)
         dof = degrees_of_freedom(total, float(np.dot(weights, weights)), ddof)
         # Σ w (x − μ)(x − μ)ᵀ / dof with w/Σw and dof/Σw: the same quotient, with weights of order 1.
         with np.errstate(invalid="ignore", over="ignore"):

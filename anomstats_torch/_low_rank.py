@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from anomstats._low_rank import ORTHONORMAL_ENOUGH, eigenvalues_of, low_rank_width, variance_floor
+from anomstats._low_rank import ORTHONORMAL_ENOUGH, eigenvalues_of, low_rank_width, outside_floor, variance_floor
 from anomstats._rules import chan_merge_weights
 
 from ._policy import rows_per_chunk
@@ -30,6 +30,7 @@ __all__ = [
     "log_det_of",
     "squared_distances",
     "precision_of",
+    "precision_diagonal",
     "FactorMoments",
 ]
 
@@ -137,6 +138,22 @@ def precision_of(basis: Tensor, eigenvalues: Tensor, ridge: float) -> Tensor:
     precision = half + half.mT
     precision.diagonal(dim1=-2, dim2=-1).add_(inverse_ridge)
     return precision
+
+
+def precision_diagonal(basis: Tensor, eigenvalues: Tensor, ridge: float) -> Tensor:
+    """Diagonal (p, C) of ``Σ⁻¹ = V diag(1/λ) Vᵀ + (I − V Vᵀ)/ρ`` from bases (p, C, r) and eigenvalues (p, r).
+
+    The core's :func:`anomstats._low_rank.precision_diagonal` on tensors (no ``C×C`` matrix formed): the diagonal
+    of the precision the dense form would store, for the representability check of a fit.
+    """
+    squares = basis.square()
+    inside = torch.matmul(squares, eigenvalues.reciprocal().unsqueeze(-1)).squeeze(-1)
+    if ridge == 0:
+        return inside
+    outside = 1.0 - squares.sum(dim=-1)
+    # The rounding of |V_k|² (at full rank, all of it) is no share outside the basis (core's outside_floor).
+    outside = torch.where(outside > outside_floor(basis.shape[-1]), outside, torch.zeros_like(outside))
+    return inside + outside / ridge
 
 
 class FactorMoments:

@@ -22,6 +22,7 @@ import contextlib
 import warnings
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -50,6 +51,28 @@ def working_dtype(*dtypes: torch.dtype) -> torch.dtype:
         if dtype == torch.float64:
             result = torch.float64
     return result
+
+
+#: The torch floating dtypes that NumPy has too.
+_NUMPY_TWINS = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}
+
+
+def numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The NumPy dtype of a torch floating dtype, for the core's dtype rules (eps, smallest normal, names).
+
+    float64, float32 and float16 map to their NumPy twins. bfloat16, which NumPy lacks, and non-floating dtypes
+    raise ``TypeError``: the core functions that must take them accept ``torch.finfo(dtype)`` instead (the
+    representability messages of :mod:`anomstats._patch_kernels`).
+
+    Examples
+    --------
+    >>> numpy_dtype(torch.float32), numpy_dtype(torch.float16)
+    (dtype('float32'), dtype('float16'))
+    """
+    twin = _NUMPY_TWINS.get(dtype)
+    if twin is None:
+        raise TypeError(f"{dtype} has no NumPy twin (float64, float32 and float16 have); pass torch.finfo({dtype}) instead")
+    return np.dtype(twin)
 
 
 def result_dtype(input_dtype: torch.dtype, working: torch.dtype) -> torch.dtype:

@@ -28,10 +28,11 @@ from anomstats._rules import (
     trusted_sum_floor,
 )
 from anomstats._validation import (
-    D_GREATER_THAN_N,
     NON_FINITE_DATA,
     SINGULAR_DATA,
+    TOO_FEW_ELEMENTS,
     NotFittedError,
+    check_kde_data_shape,
     check_memory_budget,
     inconsistent_state_error,
     require_finite_points,
@@ -52,6 +53,7 @@ from ._policy import (
     TRACE_PLANNING_ROWS,
     as_float_tensor,
     is_tracing,
+    numpy_dtype as _numpy_dtype,
     result_dtype,
     rows_per_chunk,
     static_shapes_while_tracing,
@@ -67,11 +69,6 @@ __all__ = ["GaussianKDE"]
 #: than budget-sized blocks) while keeping the number of separate parallel ops small.
 _CPU_TILE_ROWS = 256
 _CPU_TILE_BYTES = 4 * 2**20
-
-
-def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
-    """The NumPy dtype of a working dtype (float32 or float64), for the core's dtype rules."""
-    return np.dtype(np.float64 if dtype == torch.float64 else np.float32)
 
 
 def _direct_exponent(
@@ -238,8 +235,11 @@ class GaussianKDE(DynamicBufferModule):
       ``exp(log_prob)`` (so it is 0 only where the true density is below the dtype's range).
     - dtype: computations run in float64 if the module or the input is float64, else in float32
       (float16/bfloat16 inputs, and the buffers of a module cast by ``module.half()``, are computed in
-      float32); the result has that dtype, except that a float16/bfloat16 input gets its own dtype back (one
-      rounding), so the layers after the module get what they expect under ``model.half()``. ``fit`` stores
+      float32); the result has that dtype, except that a bfloat16 input gets bfloat16 back from both methods
+      and a float16 input gets float16 back from :meth:`log_prob` (one rounding), so the layers after the
+      module get what they expect under ``model.half()``. :meth:`forward` returns float16 input's densities in
+      the working dtype (float32, or float64 for a float64 module): densities exceed float16's range
+      routinely (DFKDE's are ~1e9; float16 ends at 65504), so rounding them would give inf. ``fit`` stores
       its buffers in the same promoted dtype on the dataset's device (as anomalib assigns them).
     - Clear errors for N <= D, non-finite and singular data (anomalib: a bare Cholesky error, or, for a
       feature that is a linear combination of others, often none: densities of 1e5-1e6). Singular data are
@@ -376,12 +376,15 @@ class GaussianKDE(DynamicBufferModule):
         Raises
         ------
         ValueError
-            If ``dataset`` is not 2-D, has no more rows than columns or holds NaN/inf; if
+            If ``dataset`` is not 2-D, is empty, holds a single number, has more columns than rows (without
+            ``kernel_covariance``; :func:`anomstats._validation.check_kde_data_shape`, scipy's condition and
+            message) or holds NaN/inf; if
             ``kernel_covariance`` does not fit it (the core's messages); for ``"cv_ml"``, the selection's faults
             (e.g. duplicated points, which make the likelihood unbounded).
         numpy.linalg.LinAlgError
             (a ``ValueError``) If the data lie in a subspace to rounding: a feature that is constant, or a linear
-            combination of the others (collinear, duplicated), in the data's own dtype. The core KDE's rank test
+            combination of the others (collinear, duplicated), in the data's own dtype; as many rows as
+            columns always do (N points span at most N - 1 dimensions). The core KDE's rank test
             and message (:func:`anomstats.bandwidth.check_data_covariance`), naming the feature; the buffers
             are left as they were.
         """
@@ -390,12 +393,16 @@ class GaussianKDE(DynamicBufferModule):
             raise ValueError(f"dataset must be 2-D (N points, D dimensions), got shape {tuple(x.shape)}")
         n, d = x.shape
         explicit = self.kernel_covariance is not None
-        # Without an explicit H the data covariance would be singular whatever the rounding; with one, as in
-        # the core, any number of points will do.
-        if d == 0 or (n <= d and not explicit):
-            raise ValueError(f"{D_GREATER_THAN_N} Got N={n} points in D={d} dimensions.")
-        if n == 0:
-            raise ValueError(f"dataset must hold at least one point, got shape {tuple(x.shape)}")
+        if n == 0 or d == 0:
+            raise ValueError(
+                f"dataset must hold at least one point of at least one dimension, got shape {tuple(x.shape)}"
+            )
+        # The core's rules and messages: more dimensions than points is scipy's ValueError (unless an explicit
+        # H makes the data covariance unnecessary); as many points as dimensions reach the rank test below,
+        # which refuses them (LinAlgError), as in the core and scipy; a single number is too few.
+        check_kde_data_shape(d, n, explicit)
+        if n * d == 1:
+            raise ValueError(TOO_FEW_ELEMENTS)
         if not is_tracing() and not bool(torch.isfinite(x).all()):
             raise ValueError(NON_FINITE_DATA)  # the core KDE's message
         store_dtype = working_dtype(self.bw_transform.dtype, x.dtype)
@@ -432,7 +439,9 @@ class GaussianKDE(DynamicBufferModule):
         self.factor = factor
 
     #: What a consistent fitted state holds, for the message of :meth:`_check_state_consistency`.
-    _STATE_LAYOUT = "bw_transform (D, D) with a positive diagonal, dataset (N, D) with N >= 1, and a 0-d norm"
+    _STATE_LAYOUT = (
+        "bw_transform (D, D) lower-triangular with a positive diagonal, dataset (N, D) with N >= 1, and a 0-d norm"
+    )
 
     def _check_state_consistency(self, incoming: dict[str, Tensor]) -> None:
         """Refuse a checkpoint whose buffers do not fit together, before anything is loaded.
@@ -441,9 +450,10 @@ class GaussianKDE(DynamicBufferModule):
         tensors (keys without the prefix; keys missing from the checkpoint are absent), before any buffer is
         resized. The state after the load (incoming tensors, and the module's own buffers for keys the
         checkpoint lacks, e.g. with ``strict=False``) must be either unfitted (all three empty) or a fit:
-        ``bw_transform`` (D, D), finite, with a positive diagonal (a Cholesky factor: its log-diagonal is the
-        log-normaliser); ``dataset`` (N, D), N >= 1, finite; ``norm`` 0-d (any value: an overflowed float32
-        ``norm`` is ``inf``, and the module then derives the normaliser from ``bw_transform``).
+        ``bw_transform`` (D, D), finite, lower-triangular with a positive diagonal (a Cholesky factor: its
+        log-diagonal is the log-normaliser); ``dataset`` (N, D), N >= 1, finite; ``norm`` 0-d (any value: an
+        overflowed float32 ``norm`` is ``inf``, and the module then derives the normaliser from
+        ``bw_transform``).
 
         Raises
         ------
@@ -477,6 +487,9 @@ class GaussianKDE(DynamicBufferModule):
             return  # shapes only: meta tensors hold no values
         if not bool(torch.isfinite(bw).all()) or not bool((bw.diagonal() > 0).all()):
             refuse("bw_transform must be finite with a positive diagonal (a Cholesky factor)")
+        if bool((bw.triu(1) != 0).any()):
+            # The normaliser is read from the diagonal: that is log det only for a triangular factor.
+            refuse("bw_transform must be lower-triangular (a Cholesky factor: zeros above the diagonal)")
         if not bool(torch.isfinite(data).all()):
             refuse("dataset must be finite")
 
@@ -549,9 +562,10 @@ class GaussianKDE(DynamicBufferModule):
 
         Computed in float32 (float64 if the module or the input is), from buffers upcast for the computation
         (also those of a module cast by ``module.half()``); returned in the dtype of a bfloat16 input (one
-        rounding), otherwise in the working dtype. A float16 input gets float32 densities: densities exceed
-        float16's range routinely (DFKDE's are ~1e9, float16 ends at 65504), so rounding would give inf;
-        :meth:`log_prob` returns float16 for it.
+        rounding), otherwise in the working dtype. A float16 input gets its densities in the working dtype
+        (float32, or float64 for a float64 module), not float16: densities exceed float16's range routinely
+        (DFKDE's are ~1e9, float16 ends at 65504), so rounding would give inf; :meth:`log_prob` returns
+        float16 for it.
 
         Examples
         --------
@@ -571,7 +585,8 @@ class GaussianKDE(DynamicBufferModule):
     def log_prob(self, features: Tensor) -> Tensor:
         """Log-densities of ``features`` (M, D) → (M,), by log-sum-exp (finite far from the data).
 
-        dtypes as :meth:`forward` (a float16 result is ``-inf`` below -65504).
+        dtypes as :meth:`forward`, except that a float16 input gets float16 log-densities (``-inf`` below
+        -65504).
 
         Examples
         --------

@@ -289,12 +289,22 @@ def test_cuda_device_without_cuda_is_refused(capsys):
     assert "CUDA is not available" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("seed", ["-1", "1.5", "abc", ""])
 @pytest.mark.parametrize("command", ["validate", "demo"])
-def test_seed_is_checked_before_anything_runs(command, capsys):
+def test_seed_is_checked_before_anything_runs(command, seed, monkeypatch, capsys):
+    import anomstats.cli.demo as demo_module
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the work ran before --seed was checked")
+
+    monkeypatch.setattr(validate, "run_validation", must_not_run)
+    monkeypatch.setattr(demo_module, "run_demo", must_not_run)
     with pytest.raises(SystemExit) as exit_info:
-        main([command, "--seed", "-1"])
+        main([command, "--seed", seed])
     assert exit_info.value.code == 2
-    assert "--seed: must be a non-negative integer" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--seed: must be a non-negative integer" in err
+    assert ("got -1" if seed == "-1" else f"got {seed!r}") in err  # the value received, as argparse read it
 
 
 def test_unwritable_output_paths_fail_before_the_work(tmp_path, monkeypatch, capsys):
@@ -313,3 +323,43 @@ def test_unwritable_output_paths_fail_before_the_work(tmp_path, monkeypatch, cap
     assert "is a directory" in capsys.readouterr().err
     assert main(["demo", "--quick", "--out", str(missing)]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["name over 255 bytes", "under a file", "/proc as root"])
+@pytest.mark.parametrize("command, option", [("validate", "--json"), ("demo", "--out")])
+def test_output_paths_that_cannot_be_opened_fail_before_the_work(case, command, option, tmp_path, monkeypatch, capsys):
+    import os
+
+    import anomstats.cli.demo as demo_module
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the work ran before the output path was checked")
+
+    monkeypatch.setattr(validate, "run_validation", must_not_run)
+    monkeypatch.setattr(demo_module, "run_demo", must_not_run)
+    if case == "name over 255 bytes":
+        path, code = tmp_path / ("a" * 300 + ".json"), "ENAMETOOLONG"  # os.access says writable: the folder is
+    elif case == "under a file":
+        (tmp_path / "a-file.txt").write_text("")
+        path, code = tmp_path / "a-file.txt" / "report.json", "ENOTDIR"
+    else:
+        if not (hasattr(os, "geteuid") and os.geteuid() == 0 and os.path.isdir("/proc/self")):
+            pytest.skip("needs root and /proc: os.access grants root every write, /proc refuses new files")
+        path, code = "/proc/anomstats-report.json", None  # ENOENT (or EACCES, by kernel)
+    assert main([command, "--quick", option, str(path)]) == 2
+    err = capsys.readouterr().err
+    # The option, the path and the OS error, on one line; no traceback; nothing left behind.
+    assert f"anomstats {command}: error: {option} {path}: cannot be opened for writing: " in err
+    assert code is None or f"({code})" in err
+    assert "Traceback" not in err
+    assert not os.path.lexists(path)
+
+
+def test_checking_an_output_path_leaves_no_file_and_keeps_an_existing_one(tmp_path):
+    from anomstats.cli.commands import _unwritable
+
+    new = tmp_path / "new.json"
+    assert _unwritable(str(new)) is None and not new.exists()  # created to try, then removed
+    existing = tmp_path / "old.json"
+    existing.write_text("kept")
+    assert _unwritable(str(existing)) is None and existing.read_text() == "kept"  # opened for append only

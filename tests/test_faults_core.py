@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 import anomstats
 from anomstats import GaussianKDE, MultiVariateGaussian, RunningMoments, batched_cov
+from anomstats._validation import check_positive_int
 from tests._tolerances import TWO_SIDES, assert_close_each, eps, streaming_covariance_atol
 
 EPS64 = float(np.finfo(np.float64).eps)
@@ -279,6 +280,22 @@ def test_from_state_refuses_impossible_states_naming_the_field(change, field):
     with pytest.raises(ValueError, match=re.escape(field)):
         RunningMoments.from_state(state)
     RunningMoments.from_state(_GOOD)  # the unchanged state is fine
+
+
+@pytest.mark.parametrize("value", [True, np.True_, 2.5, 4.0, "4", -1, np.int64(-3)])
+def test_a_state_count_gets_the_integer_rule_of_every_count(value):
+    # One integer rule (anomstats._validation.check_integer): not bool, any integer type, a lower bound. A
+    # saved state's count raises ValueError for every fault (a bad state); an argument's count TypeError for
+    # the wrong type (fold_every, memory_budget, workers), with the same wording.
+    bad_type = isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))
+    shown = repr(value) if bad_type else str(int(value))
+    with pytest.raises(ValueError) as state_error:
+        RunningMoments.from_state({**_GOOD, "count": value})
+    assert str(state_error.value) == f"state['count'] must be a non-negative integer, got {shown}"
+    with pytest.raises(TypeError if bad_type else ValueError) as error:
+        check_positive_int(value, "fold_every")
+    assert str(error.value) == f"fold_every must be a positive integer, got {shown}"
+    assert RunningMoments.from_state({**_GOOD, "count": np.int64(4)}).count == 4
 
 
 def test_from_state_accepts_every_state_it_produces():

@@ -144,12 +144,32 @@ def test_the_rank_test_does_not_depend_on_a_cholesky_that_happens_to_finish():
 
 def test_check_data_covariance_directly():
     x = np.array([[0.0, 1.0, 2.0, 4.0, 5.0], [1.0, 3.0, 5.0, 9.0, 11.0], [0.3, -1.0, 2.0, 0.5, 0.1]])
-    with pytest.raises(LinAlgError, match=r"feature [01] \(0-based, of 3\) is, to rounding, a linear"):
+    # Feature 1 is 2·feature 0 + 1: the first feature that is a combination of features before it.
+    with pytest.raises(LinAlgError, match=r"feature 1 \(0-based, of 3\) is, to rounding, a linear"):
         check_data_covariance(np.cov(x), x.mean(axis=1), 5, data_eps(x.dtype))
     constant = np.vstack([x[[0, 2]], np.full(5, 0.1)])
     with pytest.raises(LinAlgError, match=r"feature 2 \(0-based, of 3\) is constant"):
         check_data_covariance(np.cov(constant), constant.mean(axis=1), 5, data_eps(constant.dtype))
     check_data_covariance(np.cov(x[[0, 2]]), x[[0, 2]].mean(axis=1), 5, None)  # full rank: no error
+
+
+@given(seed=st.integers(0, 2**20), d=st.integers(2, 6), ulps=st.lists(st.integers(-4, 4), min_size=6, max_size=6))
+@settings(max_examples=40)
+def test_the_named_feature_does_not_depend_on_rounding_of_the_covariance(seed, d, ulps):
+    # A duplicated feature (equal noise-scaled variances: the pivot order between the copies is decided by
+    # rounding) and a covariance nudged by a few ulps per diagonal entry, as another summation order rounds
+    # it: the name is the later copy every time (the first feature that is a combination of earlier ones).
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(d - 1, 50)) * 10.0 ** rng.uniform(-1, 1, size=(d - 1, 1))
+    copy_of = int(rng.integers(d - 1))
+    at = int(rng.integers(copy_of + 1, d))  # the copy goes after its original
+    x = np.insert(x, at, x[copy_of], axis=0)
+    covariance = np.cov(x)
+    nudged = covariance.copy()
+    nudged[np.diag_indices(d)] *= 1.0 + np.array(ulps[:d]) * np.finfo(np.float64).eps
+    for matrix in (covariance, nudged):
+        with pytest.raises(LinAlgError, match=rf"feature {at} \(0-based, of {d}\) is, to rounding, a linear"):
+            check_data_covariance(matrix, x.mean(axis=1), 50, data_eps(x.dtype))
 
 
 # --------------------------------------------------------------------------- point 3: non-finite and far queries

@@ -24,6 +24,7 @@ import anomstats  # noqa: E402
 from anomstats_torch import DynamicBufferModule, GaussianKDE  # noqa: E402
 from tests._tolerances import (  # noqa: E402
     ADAPTER32,
+    TWO_SIDES,
     KDEErrorModel,
     adapter_loaded,
     adapter_route,
@@ -54,9 +55,10 @@ def test_data_in_a_subspace_is_refused_with_the_cores_exception_and_message(seed
         anomstats.GaussianKDE(x.T)
     feature, of = map(int, FEATURE.search(str(ours.value)).groups())
     assert of == d and feature in involved
-    # The same rank test on the same numbers: the same verdict; the message names a feature of the
-    # dependency (which one may differ by the pivot order of covariances rounded differently).
-    assert FEATURE.sub("", str(ours.value)) == FEATURE.sub("", str(core.value))
+    # The same rank test on covariances of the same numbers (rounded differently: torch's and NumPy's sums):
+    # the same verdict and the same named feature, the first that is a combination of those before it
+    # (check_data_covariance picks it by index, not by a pivot order that rounding decides): the full message.
+    assert str(ours.value) == str(core.value)
     assert torch.equal(tensor, before)
     assert kde.dataset.numel() == 0 and kde.bw_transform.numel() == 0  # a refused fit changes nothing
 
@@ -72,6 +74,21 @@ def test_full_rank_data_is_never_refused(seed, d, case):
     x = full_rank_data(seed, d, dtype, residual)
     kde = _fit(x)
     assert torch.isfinite(kde.log_prob(torch.from_numpy(x[:3]))).all()
+
+
+@pytest.mark.parametrize("n, d", [(1, 1), (2, 2), (3, 3), (5, 5), (1, 2), (2, 3), (4, 6)])
+def test_few_points_get_the_cores_exception_and_message(n, d):
+    # One rule (anomstats._validation.check_kde_data_shape, scipy's condition): d > n is a ValueError; n == d
+    # points span at most d - 1 dimensions, so the rank test refuses them (LinAlgError), naming the same
+    # feature; a single number is too few (the core's ValueError).
+    x = np.random.default_rng(n * 10 + d).normal(size=(n, d))
+    with pytest.raises(ValueError) as core:
+        anomstats.GaussianKDE(x.T)
+    with pytest.raises(ValueError) as ours:
+        _fit(x)
+    assert type(ours.value) is type(core.value)
+    assert isinstance(ours.value, LinAlgError) == (n == d > 1)
+    assert str(ours.value) == str(core.value)
 
 
 def test_collinear_float32_data_of_the_issue_is_refused_in_every_draw():
@@ -231,6 +248,9 @@ INCONSISTENT = [
     ("empty dataset", lambda s: {**s, "dataset": torch.zeros(0, 3, dtype=torch.float64)}, "dataset must be"),
     ("NaN in the dataset", lambda s: {**s, "dataset": s["dataset"].clone().fill_(math.nan)}, "dataset must be finite"),
     ("negative diagonal", lambda s: {**s, "bw_transform": -s["bw_transform"]}, "positive diagonal"),
+    # An upper-triangular entry: the diagonal would no longer give log det, so the normaliser would be wrong.
+    ("not lower-triangular", lambda s: {**s, "bw_transform": s["bw_transform"] + torch.triu(torch.full_like(s["bw_transform"], 0.25), 1)}, "bw_transform must be lower-triangular"),
+    ("transposed factor", lambda s: {**s, "bw_transform": s["bw_transform"].mT.contiguous()}, "bw_transform must be lower-triangular"),
     ("half an unfitted state", lambda s: {"bw_transform": s["bw_transform"], "dataset": torch.empty(0, dtype=torch.float64), "norm": torch.empty(0, dtype=torch.float64)}, "dataset must be"),
 ]
 
@@ -362,20 +382,42 @@ def test_cov_follows_numpy_cov_for_every_argument(seed, variables, observations,
     assert got[0] == want[0], (got, want)
     if want[0] == "error":
         assert got[1] is want[1]  # numpy's exception type (ValueError, RuntimeError, ZeroDivisionError)
+        # and numpy's message: every fault drawn here is checked by the core's numpy-exact validators
+        # (check_ddof(numpy_exact=True), as_analytic_weights, the zero-sum check of anomstats._weights).
+        assert got[2] == want[2]
         return
     # numpy's RuntimeWarning where the degrees of freedom are not positive (numpy adds its division's own).
     assert (RuntimeWarning in got[2]) == (RuntimeWarning in want[2])
     expected = np.atleast_2d(want[1])
     assert got[1].shape == expected.shape  # (D, D) always; numpy squeezes one variable to 0-d (documented)
-    # Bound: tests/_tolerances.covariance_atol (sums of n weighted products of centred data, both sides),
-    # scaled by the normalisation's ratio to n - 1 where ddof/bias/weights change it; inf/NaN where numpy's are.
+    # inf/NaN exactly where numpy's are (no degrees of freedom: x/0 is inf, 0/0 NaN). With a single observation
+    # of positive weight the exact centred sums are 0 (0/0): numpy's weighted mean (Σwx)/Σw may round off x and
+    # leave a residual (inf), the adapter's w/Σw = 1 does not (NaN); only non-finiteness is then compared.
     finite = np.isfinite(expected)
-    assert np.array_equal(np.isfinite(got[1]), finite) and np.array_equal(np.isnan(got[1]), np.isnan(expected))
+    assert np.array_equal(np.isfinite(got[1]), finite)
+    if (observations if w is None else np.count_nonzero(w)) > 1:
+        assert np.array_equal(np.isnan(got[1]), np.isnan(expected))
     if finite.all() and observations > 1:
-        observations_rows = data.T if rowvar else data
-        scale = observations / max(abs(observations - (0 if bias else (1 if ddof is None else int(ddof)))), 1)
-        atol = covariance_atol(observations_rows, w if weights in ("random", "one_zero") else None) * max(scale, 1.0) * 4
-        assert_close_each(got[1], expected, atol=atol)
+        # Bound: tests/_tolerances.covariance_atol, both sides' rounding of the sums S_ij of the n weighted
+        # products of centred data, (sqrt(n) + 3)·eps relative to |Xc|ᵀW|Xc| (the sum, the products, the
+        # division), divided by numpy's ddof = 1 normaliser norm1 = Σw − Σw²/Σw. The entries here are the same
+        # sums divided by this call's normaliser norm = Σw − ddof·Σw²/Σw (numpy's: ddof = 0 for bias, 1 by
+        # default), so the bound is rescaled by norm1/|norm|. The adapter also rounds the weights to w/Σw and
+        # the normaliser to norm/Σw before dividing: two more roundings of eps relative to each entry, against
+        # the (sqrt(n) + 3)·eps >= 4·eps per side already counted: at most a factor 1.5 on the bound (2 here).
+        # The normaliser itself cancels where ddof·Σw²/Σw is close to Σw (ddof = 5 of 6 weighted points leave
+        # norm ~ 0.05 of Σw ~ 2.7): each side sums Σw and Σw² in its own order, (sqrt(n) + 3)·eps relative to
+        # Σw + |ddof|·Σw²/Σw (the sums, the product, the division, the difference), which reaches every entry
+        # relative to |norm|.
+        used_ddof = (0 if bias else 1) if ddof is None else int(ddof)
+        weighted = w if weights in ("random", "one_zero") else None  # the other kinds raised above
+        unit = np.ones(observations) if weighted is None else weighted
+        total, squares = unit.sum(), np.dot(unit, unit)
+        norm1 = max(total - squares / total, 1e-300)  # covariance_atol's normaliser (its floor too)
+        norm = total - used_ddof * squares / total
+        sums = covariance_atol(data.T if rowvar else data, weighted) * (norm1 / abs(norm)) * 2.0
+        cancellation = (math.sqrt(observations) + 3) * np.finfo(np.float64).eps * (total + abs(used_ddof) * squares / total) / abs(norm)
+        assert_close_each(got[1], expected, atol=sums + TWO_SIDES * cancellation * np.abs(expected))
 
 
 def test_cov_keeps_anomalibs_call_and_never_touches_its_input():

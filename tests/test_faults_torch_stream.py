@@ -26,16 +26,20 @@ torch = pytest.importorskip("torch")
 
 from torch import nn  # noqa: E402
 
+from anomstats._packed import features_of_packed_length  # noqa: E402
 from anomstats._validation import NotFittedError  # noqa: E402
 from anomstats.gaussian import DEFAULT_RIDGE  # noqa: E402
 from anomstats_torch import DynamicBufferModule, MultiVariateGaussian  # noqa: E402
+from anomstats_torch import _compact, _streaming  # noqa: E402
 from tests._tolerances import eps, mean_atol, patch_covariances, precision_atol  # noqa: E402
 from tests.anomalib_oracle import AnomalibMultiVariateGaussian  # noqa: E402
 
 DEVICES = ["meta", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 FORMS = [{}, {"storage": "packed"}, {"form": "low_rank"}]
 FORM_IDS = ["dense", "packed", "low_rank"]
-STREAM_KEYS = {"stream_count", "stream_info", "stream_shift", "stream_mean", "stream_m2", "stream_factor"}
+STREAM_KEYS = {
+    "stream_count", "stream_info", "stream_shift", "stream_mean", "stream_m2", "stream_factor", "stream_pending",
+}
 
 
 # --------------------------------------------------------------------------- error bounds
@@ -87,12 +91,22 @@ def exact_moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, m2
 
 
+def unpack_sums(packed: torch.Tensor) -> np.ndarray:
+    """The symmetric (P, C, C) stack of a dense stream's packed sums (P, C·(C+1)/2), in float64."""
+    channels = features_of_packed_length(packed.shape[1])
+    return _compact.unpack(packed.double(), channels).numpy()
+
+
 def _stream_moments(module) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(shift, mean about it, M2 (P, C, C)) of a module's open stream, from its buffers, in float64."""
+    """(shift, mean about it, M2 (P, C, C)) of a module's open stream, from its buffers, in float64.
+
+    A batch still waiting to be folded in is folded first (the buffers then hold every observation).
+    """
+    _streaming.settle(module, module._stream_kind, module.chunk_bytes)
     shift = module.stream_shift.double().numpy()
     mean = module.stream_mean.double().numpy()
     if "stream_m2" in module._buffers:
-        m2 = module.stream_m2.double().numpy()
+        m2 = unpack_sums(module.stream_m2)
     else:
         factor = module.stream_factor.double().numpy()
         m2 = np.einsum("pck,pdk->pcd", factor, factor)
@@ -240,20 +254,25 @@ def test_a_finished_fit_saves_exactly_the_buffers(options):
     keys = {"mean", "basis", "eigenvalues", "ridge"} if options.get("form") else (
         {"mean", "inv_covariance_packed"} if options else {"mean", "inv_covariance"}
     )
-    stream_keys = STREAM_KEYS - {"stream_m2" if options.get("form") else "stream_factor"}
+    stream_keys = STREAM_KEYS - {"stream_m2", "stream_pending"} if options.get("form") else STREAM_KEYS - {"stream_factor"}
     fitted = _fresh(options)
     fitted.fit(x)
-    streamed = _stream(_fresh(options), x, 4)
+    streamed = _stream(_fresh(options), x, [4, 4, 2])  # the dense form's last batch waits to be folded in
     assert set(streamed.state_dict()) == keys | stream_keys  # mid-stream: the fit's buffers and the stream
-    streamed.compute()
+    low_rank = bool(options.get("form"))
+    streamed.compute() if low_rank else streamed.compute(keep_stream=True)  # the low-rank form always keeps it
     assert set(fitted.state_dict()) == set(streamed.state_dict()) == keys
-    streamed.update(x[:2])  # more updates can follow: the stream is back in the checkpoint
-    assert STREAM_KEYS & set(streamed.state_dict())
+    streamed.update(x[:2])  # kept: more updates can follow, and the stream is back in the checkpoint
+    mid_stream = streamed.state_dict()
+    assert STREAM_KEYS & set(mid_stream)
+    if not low_rank:
+        streamed.compute()  # the default spends the stream: the same keys
+        assert set(streamed.state_dict()) == keys and not STREAM_KEYS & set(streamed._buffers)
     if not options:  # anomalib's own module loads a finished fit (strict), and refuses a mid-stream one
         anomalib = AnomalibMultiVariateGaussian()
         anomalib.load_state_dict(fitted.state_dict())
         with pytest.raises(RuntimeError, match="Unexpected key.*stream_"):
-            AnomalibMultiVariateGaussian().load_state_dict(streamed.state_dict())
+            AnomalibMultiVariateGaussian().load_state_dict(mid_stream)
 
 
 @pytest.mark.parametrize("options", FORMS, ids=FORM_IDS)
@@ -308,8 +327,9 @@ def test_a_loaded_stream_keeps_the_checkpoints_precision_and_copies_resume():
     clone = copy.deepcopy(module)
     for m in (module, clone, stream32):
         m.update(x[6:])
-    assert torch.equal(module.compute()[1], stream32.compute()[1])
-    assert torch.equal(clone.compute()[1], stream32.compute()[1])
+    expected = stream32.compute()[1]
+    assert torch.equal(module.compute()[1], expected)
+    assert torch.equal(clone.compute()[1], expected)
 
 
 # --------------------------------------------------------------------------- 6. consistent, atomic loading
@@ -383,7 +403,7 @@ def _stream_state() -> dict:
         (lambda s: s.update(stream_m2=torch.zeros(6, 4, 4, dtype=torch.float64)), "does not match stream_shift"),
         (lambda s: s.update(stream_shift=s["stream_shift"].float()), "all float32 or all float64"),
         (lambda s: s["stream_shift"].__setitem__((0, 0), float("nan")), "stream_shift holds NaN"),
-        (lambda s: s["stream_m2"].__setitem__((0, 1, 1), -1.0), "negative diagonal"),
+        (lambda s: s["stream_m2"].__setitem__((0, 3), -1.0), "negative diagonal"),  # entry (1, 1) of C = 3
         (lambda s: s.update(stream_info=torch.tensor([1, 4, 4])), "do not multiply to P = 6"),
         (lambda s: s.update(stream_factor=torch.zeros(6, 3, 2)), "other form's stream"),
     ],

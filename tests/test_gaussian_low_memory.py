@@ -1,7 +1,9 @@
-"""MultiVariateGaussian(low_memory=True): the packed streaming fit through the public partial_fit.
+"""MultiVariateGaussian's memory modes through the public API: the packed streaming state of the default
+(``shrinkage=None`` and ``"oas"``), reads that keep the stream going, ``finalise(end_stream=True)`` and
+``low_memory=True`` that spend it (the float32 precision written over the moments), and merges across modes.
 
-Every property is checked against the default path (``low_memory=False``), which is itself tested
-against numpy/scipy in tests/test_gaussian.py.
+Every property is checked against the one-shot fit, which is itself tested against numpy/scipy in
+tests/test_gaussian.py.
 """
 
 from __future__ import annotations
@@ -11,9 +13,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from anomstats import MultiVariateGaussian
+from anomstats import MultiVariateGaussian, NotFittedError
+from anomstats._packed import PackedGaussianAccumulator
+from anomstats._patch_moments import DensePatchMoments
 from anomstats.gaussian import DEFAULT_RIDGE
-from tests._tolerances import assert_close_each, eps, mahalanobis_tolerances, mean_atol, patch_covariances
+from tests._tolerances import (
+    assert_close_each,
+    eps,
+    low_rank_mahalanobis_tolerances,
+    mahalanobis_tolerances,
+    mean_atol,
+    patch_covariances,
+    streamed_covariance_atol,
+)
 from tests.test_gaussian import fit_bounds, logpdf_atol
 
 
@@ -189,17 +201,14 @@ def test_merge_into_empty_and_with_empty_models():
 def test_merge_errors():
     x = make_embedding(10, 20, 3, (2, 2))
     lean = MultiVariateGaussian(low_memory=True).partial_fit(x)
-    with pytest.raises(ValueError, match="different low_memory"):
-        lean.merge(MultiVariateGaussian().partial_fit(x))
-    with pytest.raises(ValueError, match="different low_memory"):
-        MultiVariateGaussian().partial_fit(x).merge(lean)
-    with pytest.raises(ValueError, match="into itself"):
-        lean.merge(lean)
     with pytest.raises(ValueError, match="different shapes"):
         lean.merge(MultiVariateGaussian(low_memory=True).partial_fit(x[:, :2]))
+    with pytest.raises(ValueError, match="different dtype"):
+        lean.merge(MultiVariateGaussian(low_memory=True, dtype=np.float32).partial_fit(x))
     spent = MultiVariateGaussian(low_memory=True).partial_fit(x)
     spent.precision  # finalises: the moments are spent
-    with pytest.raises(ValueError, match=r"other was finalised with low_memory=True.*only partial_fit models merge"):
+    with pytest.raises(ValueError, match=r"other was finalised with low_memory=True, which spends its streamed "
+                                         r"moments at the first use.*only partial_fit models merge"):
         lean.merge(spent)
     with pytest.raises(ValueError, match=r"self was finalised with low_memory=True"):
         spent.merge(MultiVariateGaussian(low_memory=True).partial_fit(x))
@@ -207,10 +216,26 @@ def test_merge_errors():
 
 
 # ---------------------------------------------------------------- errors and state
-def test_shrinkage_is_rejected():
-    for method in ("ledoit-wolf", "oas"):
-        with pytest.raises(ValueError, match=rf"low_memory=True supports only .*shrinkage='{method}'"):
-            MultiVariateGaussian(shrinkage=method, low_memory=True)
+def test_ledoit_wolf_is_rejected():
+    # Its coefficient needs fourth moments, which the packed triangles do not hold.
+    with pytest.raises(ValueError, match=r"low_memory=True supports shrinkage=None and 'oas' .*got "
+                                         r"shrinkage='ledoit-wolf'; use low_memory=False"):
+        MultiVariateGaussian(shrinkage="ledoit-wolf", low_memory=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_oas_streams_through_the_packed_moments(dtype):
+    x = make_embedding(31, 45, 4, (3, 2), offset=10.0)
+    reference = MultiVariateGaussian(shrinkage="oas", store_covariance=True).fit(x)
+    for low_memory in (False, True):
+        streamed = stream(MultiVariateGaussian(shrinkage="oas", low_memory=low_memory, dtype=dtype), x, [11, 30])
+        for k, data in enumerate(patches(x)):
+            # fit_bounds with OAS (shrinkage_tolerances' coefficient error, amplified by kappa(A)) and the
+            # merges; a float32 result is the float64 one rounded once (eps(float32) relative).
+            b = fit_bounds(data, shrinkage="oas", merges=merges_of(45, 3))
+            rtol = eps(dtype) if dtype == np.float32 else 0.0
+            assert_close_each(streamed.precision[k], reference.precision[k], rtol=rtol, atol=b["precision"])
+            assert abs(streamed.shrinkage_[k] - reference.shrinkage_[k]) <= b["shrinkage"]
 
 
 def test_covariance_and_cholesky_are_not_kept_and_asking_does_not_end_the_stream():
@@ -235,7 +260,7 @@ def test_updates_after_finalisation_raise(dtype):
     x = make_embedding(12, 30, 3, (2, 2))
     lean = MultiVariateGaussian(low_memory=True, dtype=dtype).partial_fit(x)
     expected = lean.precision.copy()
-    with pytest.raises(ValueError, match=r"finalised with low_memory=True.*use a new object"):
+    with pytest.raises(ValueError, match=r"was finalised with low_memory=True.*use a new object"):
         lean.partial_fit(x[:3])
     np.testing.assert_array_equal(lean.precision, expected)  # the fit is intact after the refusal
     assert lean.n_samples_seen_ == 30
@@ -273,14 +298,24 @@ def test_rejected_batch_leaves_the_model_unchanged():
     np.testing.assert_array_equal(fitted.precision, before)
 
 
-def test_unfactorable_covariance_resets_the_model_with_a_clear_error():
+def test_unfactorable_covariance_resets_a_float32_model_and_keeps_a_float64_stream():
     x = np.zeros((5, 2, 3))  # zero covariance everywhere: not positive definite without a ridge
-    for dtype in (np.float64, np.float32):
-        lean = MultiVariateGaussian(ridge=0.0, low_memory=True, dtype=dtype).partial_fit(x)
-        with pytest.raises(np.linalg.LinAlgError, match=r"patch 0 .*not positive definite.*model is reset"):
-            lean.precision
-        with pytest.raises(ValueError, match="not fitted yet"):
-            lean.precision
+    more = make_embedding(32, 20, 2, (3,))
+    # float32: the precision was being written over the moments, which are partly overwritten: reset.
+    lean = MultiVariateGaussian(ridge=0.0, low_memory=True, dtype=np.float32).partial_fit(x)
+    with pytest.raises(np.linalg.LinAlgError, match=r"patch 0 .*not positive definite.*model is reset"):
+        lean.precision
+    with pytest.raises(ValueError, match="not fitted yet"):
+        lean.precision
+    # float64: the precision is a new stack, so the moments are intact and the stream goes on.
+    lean = MultiVariateGaussian(ridge=0.0, low_memory=True).partial_fit(x)
+    with pytest.raises(np.linalg.LinAlgError, match=r"patch 0 .*not positive definite") as info:
+        lean.precision
+    assert "reset" not in str(info.value)
+    lean.partial_fit(more)
+    both = np.concatenate([x, more])
+    # fit_bounds with ridge 0 and the merges (precision_atol + streamed_covariance_atol)
+    assert_fit_close(lean, MultiVariateGaussian(ridge=0.0).fit(both), both, ridge=0.0, merges=merges_of(25, 2))
 
 
 def test_inputs_never_modified():
@@ -322,7 +357,9 @@ def test_float32_finalisation_writes_the_precision_in_place():
     # only bounded work buffers, not a new (P, C, C) stack (float64 needs a new stack).
     import tracemalloc
 
-    x = make_embedding(18, 40, 20, (8, 8))
+    # 256 patches: the float32 stack (410 kB) is large against what finalising allocates besides it (the
+    # means, log-determinants and per-thread buffers under the 16 kB budget, about 100 kB).
+    x = make_embedding(18, 40, 20, (16, 16))
     peaks = {}
     for dtype in (np.float32, np.float64):
         lean = MultiVariateGaussian(low_memory=True, dtype=dtype, memory_budget=1 << 14).partial_fit(x)
@@ -330,7 +367,166 @@ def test_float32_finalisation_writes_the_precision_in_place():
         precision = lean.precision
         peaks[dtype] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-        assert precision.shape == (64, 20, 20)
-    stack32 = 64 * 20 * 20 * 4
+        assert precision.shape == (256, 20, 20)
+    stack32 = 256 * 20 * 20 * 4
     assert peaks[np.float32] < 0.5 * stack32
     assert peaks[np.float64] >= 2 * stack32
+
+
+# ---------------------------------------------------------------- memory modes (issue 12)
+@pytest.mark.parametrize("shrinkage, kind", [(None, PackedGaussianAccumulator), ("oas", PackedGaussianAccumulator),
+                                             ("ledoit-wolf", DensePatchMoments)])
+def test_the_default_streams_into_packed_moments_and_reading_keeps_them(shrinkage, kind):
+    x = make_embedding(40, 50, 4, (3, 2), offset=7.0)
+    model = MultiVariateGaussian(shrinkage=shrinkage).partial_fit(x[:30])
+    assert isinstance(model._moments, kind)  # Ledoit-Wolf's fourth moments need the dense sums
+    first, first_mean = model.precision, model.mean
+    kept = first.copy()
+    model.partial_fit(x[30:])  # the read did not end the stream
+    assert model.n_samples_seen_ == 50
+    np.testing.assert_array_equal(first, kept)  # bound 0: a refit makes new arrays, the old ones are untouched
+    assert model.precision is not first and model.mean is not first_mean
+    one_shot = MultiVariateGaussian(shrinkage=shrinkage).fit(x)
+    for k, data in enumerate(patches(x)):
+        # fit_bounds: precision_atol (+ the shrinkage coefficient's error and a streamed Ledoit-Wolf's
+        # fourth-moment loss, amplified by kappa(A)) + the merges' streamed_covariance_atol
+        b = fit_bounds(data, shrinkage=shrinkage, streamed=True, merges=merges_of(50, 2))
+        assert_close_each(model.precision[k], one_shot.precision[k], atol=b["precision"])
+        assert_close_each(model.log_det[k], one_shot.log_det[k], atol=b["log_det"])
+
+
+@pytest.mark.parametrize("store_covariance", [False, True])
+def test_finalise_end_stream_equals_a_read_and_then_refuses_more_data(store_covariance):
+    x = make_embedding(41, 30, 3, (2, 2))
+    for dtype in (np.float64, np.float32):
+        read = MultiVariateGaussian(dtype=dtype, store_covariance=store_covariance).partial_fit(x)
+        ended = MultiVariateGaussian(dtype=dtype, store_covariance=store_covariance).partial_fit(x)
+        assert ended.finalise(end_stream=True) is ended and ended._moments is None
+        # bound 0: the same moments, factored by the same kernels (in place or not, one rounding to dtype)
+        for name in ("mean", "precision", "log_det") + (("covariance", "cholesky") if store_covariance else ()):
+            np.testing.assert_array_equal(getattr(ended, name), getattr(read, name))
+        assert ended.precision.dtype == dtype and ended.n_samples_seen_ == 30
+        with pytest.raises(ValueError, match=r"was finalised with finalise\(end_stream=True\), which spent its "
+                                             r"streamed moments; use a new object"):
+            ended.partial_fit(x)
+        with pytest.raises(ValueError, match=r"other was finalised with finalise\(end_stream=True\)"):
+            read.merge(ended)
+        # ending the stream of a model already read only drops the moments
+        read.finalise(end_stream=True)
+        assert read._moments is None
+        np.testing.assert_array_equal(read.precision, ended.precision)
+
+
+def test_finalise_without_a_stream_and_its_argument():
+    x = make_embedding(42, 12, 2, (2,))
+    with pytest.raises(NotFittedError, match="not fitted yet"):
+        MultiVariateGaussian().finalise()
+    fitted = MultiVariateGaussian().fit(x)
+    before = fitted.precision
+    assert fitted.finalise(end_stream=True) is fitted and fitted.precision is before  # nothing to do
+    with pytest.raises(TypeError, match="end_stream must be True or False, got 'yes'"):
+        MultiVariateGaussian().partial_fit(x).finalise(end_stream="yes")
+    streamed = MultiVariateGaussian().partial_fit(x[:1])
+    with pytest.raises(ValueError, match=r"seen 1 observation\(s\).*at least 2"):
+        streamed.finalise(end_stream=True)
+    streamed.partial_fit(x[1:]).finalise()  # the refusal spent nothing; finalise() keeps the stream
+    assert streamed._moments is not None and not streamed._stale
+    # low_memory=True always ends the stream when fitted
+    lean = MultiVariateGaussian(low_memory=True).partial_fit(x).finalise()
+    assert lean._moments is None
+    with pytest.raises(ValueError, match=r"was finalised with low_memory=True"):
+        lean.partial_fit(x)
+
+
+def test_merges_across_memory_modes_and_storage_options():
+    x = make_embedding(43, 40, 3, (2, 3), offset=50.0)
+    reference = MultiVariateGaussian().fit(x)
+    options = [dict(), dict(low_memory=True), dict(store_covariance=True)]
+    for left in options:
+        for right in options:
+            merged = MultiVariateGaussian(**left).partial_fit(x[:17]).merge(MultiVariateGaussian(**right).partial_fit(x[17:]))
+            assert merged.n_samples_seen_ == 40
+            # fit_bounds with the merges: precision_atol, mean_atol, streamed_covariance_atol
+            assert_fit_close(merged, reference, x, ("precision", "mean", "log_det"), merges=merges_of(40, 2))
+
+
+def test_merging_a_model_into_itself_counts_its_data_twice():
+    x = make_embedding(44, 25, 3, (2, 2), offset=3.0)
+    twice = np.concatenate([x, x])
+    for options in (dict(), dict(low_memory=True), dict(shrinkage="ledoit-wolf")):
+        model = MultiVariateGaussian(**options).partial_fit(x)
+        assert model.merge(model) is model and model.n_samples_seen_ == 50
+        reference = MultiVariateGaussian(**options).fit(twice)
+        for k, data in enumerate(patches(twice)):
+            # fit_bounds of the doubled data (Ledoit-Wolf: streamed, its fourth-moment loss) with the merges
+            b = fit_bounds(data, shrinkage=options.get("shrinkage"), streamed=True, merges=merges_of(50, 2))
+            assert_close_each(model.precision[k], reference.precision[k], atol=b["precision"])
+
+
+def test_a_refit_frees_the_previous_fit_before_allocating_the_next():
+    # Reading, streaming more and reading again holds one precision stack at a time (when the caller keeps no
+    # reference to the old one): the previous fit is dropped before the new stacks are allocated.
+    import tracemalloc
+
+    x = make_embedding(45, 60, 20, (16, 16))
+    model = MultiVariateGaussian(memory_budget=1 << 14).partial_fit(x[:30])
+    model.precision
+    model.partial_fit(x[30:])
+    model._moments._fold()  # the buffered batches: folded outside the measurement
+    tracemalloc.start()
+    model.precision
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    stack = 256 * 20 * 20 * 8
+    # one new stack plus the means, log-determinants and the per-thread buffers (about 100 kB), not two stacks
+    assert stack <= peak < 1.5 * stack
+
+
+def test_reading_a_float32_stream_needs_no_second_copy_of_the_moments():
+    # The default float32 stream keeps its packed float64 moments and writes a new float32 precision: the read
+    # allocates that stack (and bounded buffers), never a copy of the moments.
+    import tracemalloc
+
+    x = make_embedding(46, 40, 20, (16, 16))
+    model = MultiVariateGaussian(dtype=np.float32, memory_budget=1 << 14).partial_fit(x)
+    model._moments._fold()
+    moments = model._moments.nbytes
+    tracemalloc.start()
+    model.precision
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    stack32 = 256 * 20 * 20 * 4
+    assert stack32 <= peak < stack32 + 0.5 * moments
+    assert model._moments is not None  # still streaming
+
+
+def test_a_float32_stream_names_the_scale_float32_cannot_hold():
+    # Worked in float64, a float32 result is checked against float32's range: a kept covariance beyond it is
+    # refused before anything is stored (its float32 copy would be infinite), a precision below it likewise.
+    x = make_embedding(47, 20, 3, (2, 2)) * 1e22  # variances ~1e44: beyond float32, precision ~1e-44 below it
+    kept = MultiVariateGaussian(dtype=np.float32, store_covariance=True).partial_fit(x)
+    with pytest.raises(ValueError, match=r"features of scale \d\.\de\+22 overflow float32: the covariance of patch 0 "
+                                         r".*dtype=np\.float64"):
+        kept.precision
+    lean = MultiVariateGaussian(dtype=np.float32).partial_fit(x)
+    with pytest.raises(ValueError, match=r"features of scale \d\.\de\+22 overflow float32 .*underflow a float32 "
+                                         r"precision.*dtype=np\.float64"):
+        lean.precision
+    assert lean._moments is not None  # the stream is intact: nothing was written in place
+
+
+def test_the_low_rank_form_ends_its_stream_too():
+    x = make_embedding(48, 12, 30, (2,))  # N < C: the low-rank form's case
+    model = MultiVariateGaussian(form="low_rank").partial_fit(x[:6]).partial_fit(x[6:])
+    reference = MultiVariateGaussian(form="low_rank").fit(x)
+    before = model.mahalanobis(x[:2])
+    assert model.finalise(end_stream=True) is model and model._moments is None
+    np.testing.assert_array_equal(model.mahalanobis(x[:2]), before)  # bound 0: the same fit, only the factor dropped
+    # low_rank_mahalanobis_tolerances (the basis route's backward error, amplified by kappa, both sides; the
+    # means' mean_atol), with the one merge's streamed_covariance_atol relative to |A|_2 as extra error
+    a = patch_covariances(x, DEFAULT_RIDGE)
+    merge = max(streamed_covariance_atol(data, 1).max() / np.linalg.norm(a[k], 2) for k, data in enumerate(patches(x)))
+    rtol, atol = low_rank_mahalanobis_tolerances(a, 12, mean_atol(np.abs(x).max(), 12), extra_error=merge)
+    assert_close_each(before, reference.mahalanobis(x[:2]), rtol=rtol, atol=atol)
+    with pytest.raises(ValueError, match=r"was finalised with finalise\(end_stream=True\)"):
+        model.partial_fit(x)

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from anomstats._packed import PackedGaussianAccumulator, packed_state_bytes
 from anomstats.gaussian import DEFAULT_RIDGE
 from tests._tolerances import (
+    TWO_SIDES,
+    eps,
     assert_close_each,
     inverse_perturbation_atol,
     mean_atol,
@@ -223,3 +225,107 @@ def test_benchmark_quick_mode_writes_rows(tmp_path, monkeypatch) -> None:
     # and still fails a float32 accumulation (about 1e-4 measured).
     assert accuracy["anomstats (float64 acc)"]["max_rel_error_vs_float64"] < 1e-6
     assert accuracy["anomstats (float64 acc)"]["max_asymmetry"] == 0.0
+
+
+# ---------------------------------------------------------------- RFP storage and threads (issue 12)
+@pytest.mark.parametrize("c", [1, 2, 3, 4, 7, 8])  # LAPACK's RFP layout differs for odd and even C
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_rfp_kernels_accumulate_and_unpack_the_lower_triangle(c, dtype) -> None:
+    from anomstats._packed import RfpKernels
+
+    rng = np.random.default_rng(c)
+    a, b = rng.normal(size=(5, c)).astype(dtype), rng.normal(size=(3, c)).astype(dtype)
+    kernels, packed = RfpKernels(c, dtype), np.full(c * (c + 1) // 2, np.nan, dtype=dtype)
+    kernels.rank_update(a, packed, 2.0, 0.0)  # beta = 0 never reads the NaN it overwrites
+    kernels.rank_update(b, packed, 0.5, 1.0)
+    t = np.full((c, c), -7.0, dtype=dtype)
+    kernels.unpack(packed, t)
+    expected = 2.0 * a.T.astype(np.float64) @ a + 0.5 * b.T.astype(np.float64) @ b
+    # Bound: sums of K = 5 and 3 products, each within K eps of the sum of the products' magnitudes.
+    magnitude = 2.0 * np.abs(a.T) @ np.abs(a) + 0.5 * np.abs(b.T) @ np.abs(b)
+    lower = np.tril(np.ones((c, c), dtype=bool))
+    assert_close_each(t[lower], expected[lower], atol=TWO_SIDES * 8 * eps(dtype) * magnitude[lower])
+    np.testing.assert_array_equal(t[~lower], -7.0)  # bound 0: the strict upper triangle is never written
+
+
+def test_rfp_kernels_without_the_c_pointers_give_the_same_result() -> None:
+    from anomstats._packed import RfpKernels
+
+    rng = np.random.default_rng(3)
+    rows = rng.normal(size=(9, 6))
+    fast, slow = RfpKernels(6, np.float64), RfpKernels(6, np.float64)
+    slow._sfrk = slow._tfttr = None  # as where scipy exports no C pointers: scipy's wrappers
+    packed = [np.zeros(21), np.zeros(21)]
+    t = [np.zeros((6, 6)), np.zeros((6, 6))]
+    for kernels, p, m in zip((fast, slow), packed, t):
+        kernels.rank_update(rows, p, 1.0, 0.0)
+        kernels.rank_update(rows[:4], p, -0.5, 1.0)
+        kernels.unpack(p, m)
+    # Bound: the same LAPACK routine on the same numbers; 9 + 4 products per entry, K eps of their magnitude.
+    magnitude = np.abs(rows.T) @ np.abs(rows)
+    assert_close_each(t[1], t[0], atol=TWO_SIDES * 13 * eps(np.float64) * magnitude)
+    np.testing.assert_array_equal(np.triu(t[1], 1), 0.0)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_in_place_finalisation_in_many_chunks_on_threads_equals_the_copy(workers: int) -> None:
+    # One patch per chunk: every chunk's precision overwrites moments of the chunks just before it, so a chunk
+    # that wrote before its predecessors copied their moments out would corrupt them. Repeated for the threads.
+    emb = _embedding(n=50, c=9, h=8, w=8, offset=2.0)
+    for _ in range(5):
+        accs = [PackedGaussianAccumulator(9, 64, memory_budget=1, workers=workers) for _ in range(2)]
+        for acc in accs:
+            acc.update(emb)
+        _, copied = accs[0].finalise()
+        _, in_place = accs[1].finalise(in_place=True)
+        np.testing.assert_array_equal(in_place, copied)  # bound 0: the same float64 work, rounded once
+        assert accs[1].spent and not accs[0].spent
+
+
+def test_threads_and_chunks_do_not_change_the_moments() -> None:
+    emb = _embedding(n=70, c=6, h=5, w=5, offset=10.0)
+    results = []
+    for workers, budget, fold_every in ((1, 2**26, 64), (2, 1, 64), (2, 4096, 5)):
+        acc = PackedGaussianAccumulator(6, 25, workers=workers, memory_budget=budget, fold_every=fold_every)
+        for b in np.array_split(emb, 3):
+            acc.update(b)
+        results.append(acc.finalise(out_dtype=np.float64))
+    # _bounds with up to a merge per 5-row fold (70 / 5 + 3 batches): precision_atol + streamed_covariance_atol
+    mean_tol, prec_tol = _bounds(emb, merges=70 // 5 + 4)
+    for mean, prec in results[1:]:
+        assert_close_each(mean, results[0][0], atol=mean_tol)
+        assert_close_each(prec, results[0][1], atol=prec_tol)
+
+
+def test_spending_and_the_estimators_the_packed_moments_serve() -> None:
+    from anomstats._patch_kernels import PatchFitSettings
+
+    emb = _embedding(n=30, c=4, h=2, w=2)
+    acc = PackedGaussianAccumulator(4, 4).update(emb)
+    with pytest.raises(ValueError, match="no fourth moments: shrinkage='ledoit-wolf' needs the dense accumulator"):
+        acc.finalise_patches(PatchFitSettings(0.1, "ledoit-wolf", 30, (4,)), np.dtype(np.float64), 2**20, 1)
+    _, oas = acc.finalise_patches(PatchFitSettings(0.0, "oas", 30, (4,)), np.dtype(np.float64), 2**20, 1)
+    assert np.all((oas.shrinkage > 0) & (oas.shrinkage <= 1))  # OAS's coefficient lies in (0, 1] here
+    assert not acc.spent
+    # spend=True with a float64 result: a new stack, then the moments are freed
+    _, outputs = acc.finalise_patches(PatchFitSettings(0.1, None, 30, (4,)), np.dtype(np.float64), 2**20, 1, spend=True)
+    assert acc.spent and outputs.precision.dtype == np.float64
+    with pytest.raises(RuntimeError, match="create a new PackedGaussianAccumulator"):
+        acc.update(emb)
+
+
+@given(c=st.integers(1, 40), p=st.integers(1, 60), step=st.integers(1, 9), itemsize=st.sampled_from([8]))
+def test_in_place_dependencies_cover_every_overwritten_patch(c: int, p: int, step: int, itemsize: int) -> None:
+    # Brute force over bytes: the float32 precision of chunk j overwrites the packed moments of patch q iff
+    # their byte ranges meet; every such q must lie in a chunk from in_place_dependencies(...)[j] to j, and
+    # the first of those chunks must really be overwritten (else the chunk would wait for no reason).
+    from anomstats._packed import in_place_dependencies, packed_length
+
+    chunks = [(s, min(s + step, p)) for s in range(0, p, step)]
+    first = in_place_dependencies(chunks, c, itemsize)
+    moments, out = packed_length(c) * itemsize, c * c * 4
+    for j, (start, stop) in enumerate(chunks):
+        hit = [q for q in range(p) if q * moments < stop * out and start * out < (q + 1) * moments]
+        owners = {next(i for i, (a, b) in enumerate(chunks) if a <= q < b) for q in hit}
+        assert owners <= set(range(first[j], j + 1))
+        assert first[j] in owners

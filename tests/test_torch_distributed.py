@@ -22,7 +22,7 @@ from anomstats.gaussian import DEFAULT_RIDGE  # noqa: E402
 from anomstats_torch import MultiVariateGaussian  # noqa: E402
 from anomstats_torch import _distributed, _streaming  # noqa: E402
 from tests._tolerances import eps, mean_atol, patch_covariances, precision_atol  # noqa: E402
-from tests.test_faults_torch_stream import exact_moments, streamed_m2_rtol, streamed_mean_atol  # noqa: E402
+from tests.test_faults_torch_stream import exact_moments, streamed_m2_rtol, streamed_mean_atol, unpack_sums  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
 
@@ -73,8 +73,28 @@ def _fit_worker(rank: int, workdir: str) -> None:
         uneven = MultiVariateGaussian()
         for part in torch.split(data[:5] if rank == 0 else data[5:], 3):
             uneven.update(part)
-        results["uneven"] = uneven.compute()
-        results["local_unchanged"] = uneven.stream_count.clone()
+        local = {name: t.clone() for name, t in uneven.state_dict().items() if name.startswith("stream_")}
+        results["uneven"] = uneven.compute(keep_stream=True)
+        # keep_stream=True: the local moments stay the rank's own (the all-reduce ran on a copy)
+        results["local_unchanged"] = all(torch.equal(uneven._buffers[name], t) for name, t in local.items())
+        results["local_count"] = uneven.stream_count.clone()
+        # the default spends the local stream: its sums are all-reduced in place and, for float32 data (float64
+        # sums, a float32 fit), become the precision; the same numbers as keeping the stream
+        mine = data[:5].float() if rank == 0 else data[5:].float()
+        kept, spending = MultiVariateGaussian(), MultiVariateGaussian()
+        for part in torch.split(mine, 3):
+            kept.update(part)
+            spending.update(part)
+        results["kept"] = [t.clone() for t in kept.compute(keep_stream=True)]
+        sums = spending.stream_m2
+        results["spent"] = [t.clone() for t in spending.compute()]
+        results["spent_in_place"] = spending.inv_covariance.data_ptr() == sums.data_ptr()
+        results["spent_closed"] = "stream_count" not in spending._buffers
+        # a rank whose stream is spent must not count as an empty rank: every rank raises
+        if rank == 0:
+            spending.reset()
+            spending.update(data[:5])
+        results["spent_rank"] = _attempt(spending.compute)
         # a rank without data still takes part and gets the global fit
         lopsided = MultiVariateGaussian()
         if rank == 0:
@@ -102,7 +122,12 @@ def test_two_gloo_ranks_get_the_global_fit(tmp_path):
             mean, precision = results[key]
             torch.testing.assert_close(mean, expected[0], rtol=0, atol=mean_tol)
             torch.testing.assert_close(precision, expected[1], rtol=0, atol=precision_tol)
-        assert int(results["local_unchanged"]) == (5 if rank == 0 else 12)  # local moments stay local
+        assert all(torch.equal(a, b) for a, b in zip(results["spent"], results["kept"]))  # the same operations
+        assert results["local_unchanged"] and int(results["local_count"]) == (5 if rank == 0 else 12)
+        assert results["spent_in_place"] and results["spent_closed"]
+    seen = [results["spent_rank"] for results in ranks]
+    assert seen[0] == seen[1] and seen[0][0] == "RuntimeError", seen
+    assert "compute() spent this stream" in seen[0][1] and "rank(s) 1" in seen[0][1], seen[0]
 
 
 # --------------------------------------------------------------------------- faults and far data
@@ -136,10 +161,8 @@ def _faults_worker(rank: int, workdir: str) -> None:
         for part in torch.split(mine, 4):
             stream.update(part)
         results["far_local_shift"] = stream.stream_shift.clone()
-        results["far_moments"] = [
-            t.clone() if isinstance(t, torch.Tensor) else t
-            for t in _distributed.global_moments(_streaming.read(stream, "dense"))
-        ]
+        moments = _distributed.global_moments(_streaming.settle(stream, "dense", stream.chunk_bytes))
+        results["far_moments"] = [moments.count, moments.shift.clone(), moments.mean.clone(), moments.m2.clone()]
         results["far_fit"] = [t.clone() for t in stream.compute()]
         torch.save(results, Path(workdir) / f"rank{rank}.pt")
     finally:
@@ -188,7 +211,8 @@ def test_ranks_agree_before_the_large_collectives(tmp_path):
     x = far.numpy().reshape(far.shape[0], 3, -1)
     n = x.shape[0]
     exact_mean, exact_m2 = exact_moments(x)
-    count, origin, mean, m2, _ = ranks[0]["far_moments"]
+    count, origin, mean, packed = ranks[0]["far_moments"]
+    m2 = torch.from_numpy(unpack_sums(packed))
     assert count == n
     assert not torch.equal(ranks[0]["far_local_shift"], ranks[1]["far_local_shift"])
     shift_all = origin.numpy()

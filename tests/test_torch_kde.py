@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from numpy.linalg import LinAlgError
 from hypothesis import given
 from hypothesis import strategies as st
 from scipy import stats
@@ -384,6 +385,8 @@ def test_device_and_dtype_moves(device):
 # --------------------------------------------------------------------------- errors
 def test_clear_errors():
     with pytest.raises(ValueError, match="more points than dimensions"):
+        GaussianKDE(torch.randn(2, 3))
+    with pytest.raises(LinAlgError, match="lower-dimensional subspace"):  # N == D: the rank test, as the core and scipy
         GaussianKDE(torch.randn(3, 3))
     with pytest.raises(ValueError, match="2-D"):
         GaussianKDE(torch.randn(10))

@@ -248,16 +248,23 @@ def test_streaming_update_compute_equals_fit(splits):
     mvg = MultiVariateGaussian(chunk_bytes=500)
     for part in torch.split(x, splits):
         mvg.update(part)
-    got = mvg.compute()
+    got = mvg.compute(keep_stream=True)
     # Bounds: mean_atol (Chan's running mean: one more rounding per merge, ~ |mean| eps each) and
     # precision_atol; the merges' cross terms round by ~eps |offset| |delta| (offset 20): within delta_A.
     covariances = patch_covariances(x.numpy(), DEFAULT_RIDGE)
     mean_tol = mean_atol(x.abs().max().item(), 12) * (1 + len(splits))
     torch.testing.assert_close(got[0], expected[0], rtol=0, atol=mean_tol)
     torch.testing.assert_close(got[1], expected[1], rtol=0, atol=precision_atol(covariances, 12))
-    mvg.update(x)  # moments are kept: more updates can follow
+    mvg.update(x)  # keep_stream=True: the moments are kept and more updates can follow
     doubled = mvg.compute()
     torch.testing.assert_close(doubled[0], expected[0], rtol=0, atol=mean_tol * 2)
+    # The default compute() spent the stream: update() and compute() refuse until reset().
+    for call in (lambda: mvg.update(x), mvg.compute):
+        with pytest.raises(RuntimeError, match=r"compute\(\) spent this stream.*reset\(\).*keep_stream=True"):
+            call()
+    mvg.reset()
+    mvg.update(x)
+    torch.testing.assert_close(mvg.compute()[0], expected[0], rtol=0, atol=mean_tol)
 
 
 def test_streaming_float32_input_accumulates_in_float64_and_stores_float32():

@@ -18,6 +18,7 @@ Examples
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from typing import Sequence
@@ -39,24 +40,39 @@ def _seed(text: str) -> int:
 
 
 def _unwritable(path: str) -> str | None:
-    """Why ``path`` cannot be written, or None: checked before the work, not after it."""
+    """Why ``path`` cannot be written, or None: checked before the work, not after it.
+
+    The file is really opened for appending (``os.access`` answers for permission bits only: not for a
+    name too long for the file system, a read-only mount, or ``/proc`` when run as root), and removed again
+    if it did not exist before; an existing file keeps its contents. The reason names the OS error.
+    """
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         return "is a directory"
-    if not os.path.isdir(parent):
+    if not os.path.lexists(parent):
         return f"its folder {parent} does not exist"
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        return "is not writable"
-    if not os.access(parent, os.W_OK):
-        return f"its folder {parent} is not writable"
+    existed = os.path.lexists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        code = errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno is not None else None
+        return f"cannot be opened for writing: {reason}" + (f" ({code})" if code else "")
+    if not existed:
+        try:
+            os.remove(path)
+        except OSError:
+            pass  # created but not removable: the write will replace it
     return None
 
 
 def _validate(args: argparse.Namespace) -> int:
     from .validate import format_table, run_validation, write_json
 
-    if args.json and _unwritable(args.json):
-        print(f"anomstats validate: error: --json {args.json}: {_unwritable(args.json)}", file=sys.stderr)
+    problem = _unwritable(args.json) if args.json else None
+    if problem:
+        print(f"anomstats validate: error: --json {args.json}: {problem}", file=sys.stderr)
         return 2
     if args.torch_device != "cpu" and not args.no_torch:
         problem = _torch_device_problem(args.torch_device)
@@ -100,8 +116,9 @@ def _torch_device_problem(device: str) -> str | None:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoError, run_demo
 
-    if _unwritable(args.out):
-        print(f"anomstats demo: error: --out {args.out}: {_unwritable(args.out)}", file=sys.stderr)
+    problem = _unwritable(args.out)
+    if problem:
+        print(f"anomstats demo: error: --out {args.out}: {problem}", file=sys.stderr)
         return 2
     try:
         run_demo(out=args.out, backend=args.backend, quick=args.quick, seed=args.seed)
