@@ -237,41 +237,6 @@ def _factor_error(
     )
 
 
-def _check_precision(
-    precision: Tensor, covariance: Tensor, first_patch: int, spatial: tuple[int, ...], store_dtype: torch.dtype
-) -> None:
-    """Refuse precisions whose diagonal does not fit ``store_dtype`` (the core's rule and message).
-
-    The diagonal of a positive definite precision is positive and at least ``1/variance``: a zero or subnormal
-    entry once stored means features too large for the dtype (float32 features of scale 1e19 have a precision
-    of ~1e-38; stored, it reads as zeros and every distance along them is 0), an infinite one features too
-    small. One reduction per chunk; the error path names the patch and the features' scale.
-    """
-    info = torch.finfo(store_dtype)
-    diagonal = precision.diagonal(dim1=-2, dim2=-1).to(store_dtype)
-    fits = (torch.isfinite(diagonal) & (diagonal >= info.tiny)).all(dim=-1)
-    if bool(fits.all()):
-        return
-    patch = int(torch.nonzero(~fits)[0, 0])
-    fault = precision_fault(diagonal[patch].double().cpu().numpy(), info)
-    scale = fault_scale(fault, covariance[patch].diagonal().double().cpu().numpy())
-    raise unrepresentable_error(describe_patch(patch + first_patch, spatial), info, fault, scale, _scale_remedy(store_dtype))
-
-
-def _check_rank(precision: Tensor, covariance: Tensor, first_patch: int, spatial: tuple[int, ...], eps: float) -> None:
-    """The core's rank test (:func:`anomstats._patch_kernels.singular_feature`) of each unregularised patch.
-
-    Only with ``ridge=0``: the precisions' and the covariances' diagonals (P·C numbers) go to the host once per
-    chunk and each patch is tested by the core's function.
-    """
-    precision_diagonal = precision.diagonal(dim1=-2, dim2=-1).double().cpu().numpy()
-    variances = covariance.diagonal(dim1=-2, dim2=-1).double().cpu().numpy()
-    for patch in range(precision_diagonal.shape[0]):
-        if singular_feature(precision_diagonal[patch], variances[patch], eps):
-            where = describe_patch(patch + first_patch, spatial)
-            raise singular_patch_error(where, covariance.shape[-1], eps, _SINGULAR_HINT)
-
-
 def _data_dtype_of_store(store: torch.dtype) -> torch.dtype:
     """The data dtype a fit into a ``store`` buffer most likely came in, when the caller does not say."""
     return store if store in (torch.float32, torch.float64) else torch.float32

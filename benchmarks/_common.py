@@ -198,6 +198,19 @@ def print_header(header: str) -> None:
     print("-" * len(header))
 
 
+def print_targets(rows: Iterable[dict[str, Any]]) -> None:
+    """Print each headline row's issue targets and whether they were met (one line per headline).
+
+    Examples
+    --------
+    >>> print_targets([{"headline": "KDE pdf", "targets": "<= 2.0x floor: 1.9x yes", "met": True}, {"case": "x"}])
+    target KDE pdf: <= 2.0x floor: 1.9x yes -> met
+    """
+    for row in rows:
+        if row.get("headline"):
+            print(f"target {row['headline']}: {row['targets']} -> {'met' if row['met'] else 'NOT met'}")
+
+
 def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     """Write a suite's rows to ``path`` as an indented JSON list (creating the folder if needed)."""
     path.parent.mkdir(parents=True, exist_ok=True)

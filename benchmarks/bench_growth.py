@@ -24,16 +24,16 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import math
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from anomstats import GaussianKDE, MultiVariateGaussian
 from benchmarks import _floor
 from benchmarks._common import best_time, make_embedding, print_header, write_rows
+from benchmarks.report import loglog_slope
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "growth.json"
 OURS, FLOOR = "anomstats", "floor"
@@ -45,24 +45,6 @@ FULL = {
     "repeats": 3,
 }
 QUICK = {"kde": [(200, 200), (400, 400), (800, 800)], "fit": [(6, 4, 4), (8, 6, 6), (12, 6, 6)], "repeats": 1}
-
-
-def loglog_slope(sizes: Sequence[float], seconds: Sequence[float]) -> float | None:
-    """Least-squares slope of ``log(seconds)`` against ``log(sizes)`` (None with fewer than 2 distinct sizes).
-
-    Examples
-    --------
-    >>> round(loglog_slope([1, 10, 100], [2, 20, 200]), 6)
-    1.0
-    >>> round(loglog_slope([1, 4, 16], [1, 2, 4]), 6)
-    0.5
-    """
-    pts = [(math.log(x), math.log(y)) for x, y in zip(sizes, seconds) if x and y and x > 0 and y > 0]
-    if len({x for x, _ in pts}) < 2:
-        return None
-    mx = sum(x for x, _ in pts) / len(pts)
-    my = sum(y for _, y in pts) / len(pts)
-    return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
 
 
 def _slopes(rows: list[dict[str, Any]]) -> tuple[float | None, float | None]:

@@ -48,7 +48,7 @@ from scipy import linalg, stats
 from anomstats import GaussianKDE
 from anomstats._parallel import resolve_workers
 from benchmarks import _common, _floor
-from benchmarks._common import headline, peak_traced_mib, print_header, targets_summary, write_rows
+from benchmarks._common import headline, peak_traced_mib, print_header, print_targets, targets_summary, write_rows
 from benchmarks._common import target as target_check
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "kde.json"
@@ -240,9 +240,7 @@ def print_table(rows: list[dict]) -> None:
             f"{target:>7s} {r['cpu_seconds']:7.3f} {r['cpu_ratio']:6.1f} {r['max_rel_diff']:9.1e} "
             f"{r['max_rel_diff_bulk']:9.1e} {'' if r['peak_mib'] is None else format(r['peak_mib'], '8.1f'):>8s}"
         )
-    for r in rows:
-        if r.get("headline"):
-            print(f"target {r['headline']}: {r['targets']} -> {'met' if r['met'] else 'NOT met'}")
+    print_targets(rows)
 
 
 def main(quick: bool = False) -> dict[str, Any]:

@@ -54,7 +54,7 @@ import numpy as np
 from scipy.linalg import lapack
 
 from benchmarks import _floor
-from benchmarks._common import first_call, headline, target
+from benchmarks._common import first_call, headline, print_targets, target
 
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "padim_memory.json"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -417,9 +417,7 @@ def main(quick: bool = False, full: bool = True, blas_threads: int | None = None
                   f"{'' if ratio is None else f'{ratio:6.2f}'}")
             if "error" in row:
                 print(f"    {row['error']}")
-    for row in rows:
-        if row.get("headline"):
-            print(f"target {row['headline']}: {row['targets']} -> {'met' if row['met'] else 'NOT met'}")
+    print_targets(rows)
     for row in rows if not quick else []:  # at quick sizes the interpreter's baseline dominates
         if row.get("library") == "anomstats" and "peak_ratio_ours_over_anomalib" in row:
             ok = row["peak_ratio_ours_over_anomalib"] <= 0.5

@@ -44,7 +44,7 @@ import anomstats
 from anomstats_torch import GaussianKDE, MultiVariateGaussian
 from benchmarks import _common, _floor
 from benchmarks._anomalib_peer import load_anomalib_stats, padim_distance, peer_name
-from benchmarks._common import first_call, headline, print_header, target, targets_summary, write_rows
+from benchmarks._common import first_call, headline, print_header, print_targets, target, targets_summary, write_rows
 
 SUITE = "torch"
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "torch.json"
@@ -250,9 +250,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             f"{ours['ratio']:>7.1f}x {'' if 'core_seconds' not in ours else format(ours['core_seconds'], '8.4f'):>8} "
             f"{'' if 'over_core' not in ours else format(ours['over_core'], '6.2f'):>6} {ours['max_rel_diff']:>13.2e} {roof:>9}"
         )
-    for r in rows:
-        if r.get("headline"):
-            print(f"target {r['headline']}: {r['targets']} -> {'met' if r['met'] else 'NOT met'}")
+    print_targets(rows)
 
 
 def main(quick: bool = False, threads: list[int] | None = None, download: bool | None = None,
