@@ -93,9 +93,11 @@ def singular_feature(precision_diagonal: Any, variances: Any, eps: float) -> int
     >>> singular_feature(np.array([1e16, 1e16]), np.array([1.0, 1.0]), 2.2e-16)
     1
     """
-    with np.errstate(divide="ignore", invalid="ignore"):
-        last = np.sqrt(1.0 / np.asarray(precision_diagonal, dtype=np.float64))
-    last[~np.isfinite(last)] = 0.0
+    diagonal = np.asarray(precision_diagonal, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        # A subnormal diagonal overflows to inf here: a huge unexplained variance, far from singular.
+        last = np.sqrt(1.0 / diagonal)
+    last[~(diagonal > 0)] = 0.0  # zero, negative or NaN: no pivot left (+inf gives 0 by itself)
     # numerically_singular_pivot takes its eps from a dtype: state C·eps·A_kk in units of float64's eps.
     units = float(eps) / float(np.finfo(np.float64).eps)
     return numerically_singular_pivot(last, np.asarray(variances, dtype=np.float64) * units, np.float64)

@@ -81,6 +81,13 @@ def _all_finite(tensor: Tensor) -> bool:
     return all(bool(torch.isfinite(flat[i : i + block]).all()) for i in range(0, flat.shape[0], block))
 
 
+def _check_finite(module: str, incoming: dict[str, Tensor], names: tuple[str, ...], layout: str) -> None:
+    """The checkpoint's fitted entries are finite: a NaN would make every distance NaN, silently."""
+    for name in names:
+        if name in incoming and not _all_finite(incoming[name]):
+            _refuse(module, f"{name} holds NaN or infinite values", layout)
+
+
 def check_dense(module: str, incoming: dict[str, Tensor], current: dict[str, Tensor], packed: bool) -> None:
     """``mean`` (C, P) with ``inv_covariance`` (P, C, C), or with ``inv_covariance_packed`` (P, C·(C+1)/2)."""
     key, layout = ("inv_covariance_packed", PACKED_LAYOUT) if packed else ("inv_covariance", DENSE_LAYOUT)
@@ -92,6 +99,7 @@ def check_dense(module: str, incoming: dict[str, Tensor], current: dict[str, Ten
     state = _merged(incoming, current, names)
     mean, precision = state["mean"], state[key]
     shapes = f"mean {_shape(mean)}, {key} {_shape(precision)}"
+    _check_finite(module, incoming, names, layout)
     if mean.numel() and mean.ndim != 2:
         _refuse(module, f"mean must be 2-D (C, H*W); got {shapes}", layout)
     if not precision.numel():
@@ -124,6 +132,7 @@ def check_low_rank(module: str, incoming: dict[str, Tensor], current: dict[str, 
     layout = LOW_RANK_LAYOUT
     _check_real(module, incoming, names, layout)
     _check_half_fitted(module, incoming, names[:3], layout)
+    _check_finite(module, incoming, names[:2], layout)
     state = _merged(incoming, current, names)
     mean, basis, eigenvalues, ridge = (state[name] for name in names)
     shapes = ", ".join(f"{name} {_shape(state[name])}" for name in names)

@@ -712,7 +712,12 @@ class MultiVariateGaussian(DynamicBufferModule):
                 )
                 return
             try:
-                converted = self._convert_precision(state_dict[prefix + other], state_dict.get(prefix + "mean"), prefix + other)
+                incoming = state_dict[prefix + other]
+                if isinstance(incoming, Tensor) and incoming.numel() == 0:
+                    # Not fitted yet (e.g. a mid-stream checkpoint before the first compute): empty in either storage.
+                    converted = self._buffers[own].new_empty(0)
+                else:
+                    converted = self._convert_precision(incoming, state_dict.get(prefix + "mean"), prefix + other)
             except (TypeError, ValueError) as exc:  # entries that do not fit: refused as the consistency check does
                 raise _checkpoints.refusal(type(self).__name__, str(exc), self._storage == "packed") from None
             # The converted entry stands for the other one (in a copy of this call's dict); it is the module's own

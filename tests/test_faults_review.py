@@ -1,8 +1,7 @@
 """Review of issue 11 (faults and bad input): defects found after the implementation, pinned as tests.
 
 Each test states a promise of issue 11 (or of docs/guarantees.rst) on an input the implementation's own tests
-do not cover. Tests of defects that are not fixed yet are ``xfail(strict=True)`` with the reason, so the suite
-stays green and a fix turns them into failures to be un-marked.
+do not cover. Every defect found this way is fixed; a new one is pinned as ``xfail(strict=True)`` with the reason until it is.
 """
 
 from __future__ import annotations
@@ -78,11 +77,6 @@ def test_as_many_points_as_dimensions_get_the_cores_exception():
 
 
 # --------------------------------------------------------------------------- points 4 and 6: checkpoints
-@pytest.mark.xfail(
-    strict=True,
-    reason="review of issue 11, point 6: a Gaussian checkpoint whose precision (or mean) is NaN loads, and every "
-    "distance is then NaN for finite queries (the KDE refuses non-finite buffers before loading)",
-)
 @pytest.mark.parametrize("key", ["inv_covariance", "mean"])
 def test_a_non_finite_gaussian_checkpoint_is_refused_and_changes_nothing(key):
     module = MultiVariateGaussian()
@@ -95,12 +89,18 @@ def test_a_non_finite_gaussian_checkpoint_is_refused_and_changes_nothing(key):
     assert all(torch.equal(module.state_dict()[name], value) for name, value in before.items())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review of issue 11, point 4: a mid-stream checkpoint of a module that was never fitted (empty "
-    "precision) does not load into the other storage ('inv_covariance must be ... got shape (0,)'), although "
-    "finished checkpoints and mid-stream ones after a fit do",
-)
+@pytest.mark.parametrize("key", ["basis", "mean"])
+def test_a_non_finite_low_rank_checkpoint_is_refused_and_changes_nothing(key):
+    module = MultiVariateGaussian(form="low_rank")
+    module.fit(torch.from_numpy(_normal(4, (6, 8, 2, 2))).float())
+    before = {name: value.clone() for name, value in module.state_dict().items()}
+    state = {name: value.clone() for name, value in before.items()}
+    state[key].view(-1)[0] = float("inf")
+    with pytest.raises(RuntimeError, match=key):
+        module.load_state_dict(state)
+    assert all(torch.equal(module.state_dict()[name], value) for name, value in before.items())
+
+
 @pytest.mark.parametrize("source, target", [({}, {"storage": "packed"}), ({"storage": "packed"}, {})])
 def test_a_fresh_mid_stream_checkpoint_loads_into_the_other_storage(source, target):
     x = torch.from_numpy(_normal(5, (12, 3, 2, 2)))
