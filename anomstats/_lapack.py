@@ -1,4 +1,7 @@
-"""GIL-free calls of the three LAPACK/BLAS routines the per-patch kernels run in worker threads.
+"""GIL-free calls of the LAPACK/BLAS routines the per-patch kernels run in worker threads.
+
+Dense triangles: ``potrf``, ``potri``, ``syrk`` (:class:`ScratchKernels`); packed (RFP) triangles: ``sfrk``
+and ``tfttr`` (:class:`RfpKernels`, used by the packed accumulator :mod:`anomstats._packed`).
 
 scipy's Python-level wrappers (``scipy.linalg.lapack`` / ``scipy.linalg.blas``) keep the GIL held while
 the Fortran routine runs, so worker threads that call them take turns instead of sharing the cores
@@ -20,10 +23,10 @@ import ctypes
 from typing import Any, Callable
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import DTypeLike, NDArray
 from scipy.linalg import get_blas_funcs, get_lapack_funcs
 
-__all__ = ["potrf_lower", "potri_lower", "syrk_lower"]
+__all__ = ["RfpKernels", "ScratchKernels", "potrf_lower", "potri_lower", "syrk_lower"]
 
 _INT_P = ctypes.POINTER(ctypes.c_int)
 _PREFIX = {np.dtype(np.float32): "s", np.dtype(np.float64): "d"}
@@ -197,3 +200,86 @@ class ScratchKernels:
         self._alpha.value, self._k.value = alpha, rows.shape[0]
         self._syrk(b"U", b"N", self._n_p, self._k_p, self._alpha_p, rows.ctypes.data, self._n_p,
                    self._zero_p, self._address, self._n_p)
+
+
+def _load_rfp_routines() -> dict[str, Callable[..., None] | None]:
+    """``xSFRK`` and ``xTFTTR`` (x = d, s) as C functions called without the GIL, where scipy exports them."""
+    try:
+        from scipy.linalg import cython_lapack
+    except ImportError:  # pragma: no cover - every supported scipy ships it
+        return {}
+    text, address = ctypes.c_char_p, ctypes.c_void_p
+    found: dict[str, Callable[..., None] | None] = {}
+    for prefix in ("d", "s"):
+        # xSFRK(transr, uplo, trans, n, k, alpha, a, lda, beta, c)
+        found[prefix + "sfrk"] = _capsule_function(
+            cython_lapack, prefix + "sfrk",
+            [text, text, text, _INT_P, _INT_P, address, address, _INT_P, address, address],
+        )
+        # xTFTTR(transr, uplo, n, arf, a, lda, info)
+        found[prefix + "tfttr"] = _capsule_function(
+            cython_lapack, prefix + "tfttr", [text, text, _INT_P, address, address, _INT_P, _INT_P]
+        )
+    return found
+
+
+_RFP_ROUTINES = _load_rfp_routines()
+
+
+class RfpKernels:
+    """LAPACK's two RFP routines on one accumulator's ``C×C`` triangles, called without the GIL.
+
+    The format is ``TRANSR='N'``, ``UPLO='U'`` as LAPACK reads memory (column-major); unpacked into a
+    C-ordered matrix the triangle is its *lower* one, the triangle of :mod:`anomstats._lapack` and of
+    :class:`anomstats._patch_kernels.PatchFinisher`. One instance per thread (it holds its ctypes
+    arguments). Where scipy's C pointers are not available, scipy's wrappers do the same (holding the GIL).
+
+    Examples
+    --------
+    >>> rows = np.array([[1.0, 2.0], [3.0, 4.0]])
+    >>> kernels, packed, t = RfpKernels(2, np.float64), np.zeros(3), np.zeros((2, 2))
+    >>> kernels.rank_update(rows, packed, 1.0, 0.0)       # rowsᵀ rows, packed
+    >>> kernels.unpack(packed, t)
+    >>> t.tolist()                                        # its lower triangle
+    [[10.0, 0.0], [14.0, 20.0]]
+    """
+
+    def __init__(self, n_features: int, dtype: DTypeLike) -> None:
+        self.dtype = np.dtype(dtype)
+        prefix = "d" if self.dtype == np.float64 else "s"
+        self._sfrk = _RFP_ROUTINES.get(prefix + "sfrk")
+        self._tfttr = _RFP_ROUTINES.get(prefix + "tfttr")
+        scalar = np.ctypeslib.as_ctypes_type(self.dtype)
+        self.n_features = int(n_features)
+        self._n, self._k, self._info = ctypes.c_int(self.n_features), ctypes.c_int(0), ctypes.c_int(0)
+        self._alpha, self._beta = scalar(0.0), scalar(0.0)
+
+    def rank_update(self, rows: NDArray[Any], packed: NDArray[Any], alpha: float, beta: float) -> None:
+        """``packed ← alpha·rowsᵀ·rows + beta·packed`` for C-contiguous ``rows`` (K, C) and one packed triangle.
+
+        ``beta = 0`` overwrites ``packed`` without reading it.
+        """
+        if self._sfrk is None:
+            sfrk = get_lapack_funcs("sfrk", dtype=self.dtype)
+            packed[...] = sfrk(self.n_features, rows.shape[0], alpha, rows.T, beta, packed,
+                               transr="N", uplo="U", trans="N")
+            return
+        self._k.value, self._alpha.value, self._beta.value = rows.shape[0], alpha, beta
+        n = ctypes.byref(self._n)
+        # Read column-major, rows (K, C) is the (C, K) matrix Xᵀ with leading dimension C: 'N' gives Xᵀ X.
+        self._sfrk(b"N", b"U", b"N", n, ctypes.byref(self._k), ctypes.byref(self._alpha), rows.ctypes.data, n,
+                   ctypes.byref(self._beta), packed.ctypes.data)
+
+    def unpack(self, packed: NDArray[Any], t: NDArray[Any]) -> None:
+        """Copy one packed triangle into the lower triangle of the C-ordered ``(C, C)`` matrix ``t``.
+
+        The strict upper triangle of ``t`` is not touched.
+        """
+        if self._tfttr is None:
+            tfttr = get_lapack_funcs("tfttr", dtype=self.dtype)
+            full, _ = tfttr(self.n_features, packed, transr="N", uplo="U")
+            lower = np.tril_indices(self.n_features)
+            t[lower] = full.T[lower]  # LAPACK's upper triangle is the C-ordered lower one
+            return
+        n = ctypes.byref(self._n)
+        self._tfttr(b"N", b"U", n, packed.ctypes.data, t.ctypes.data, n, ctypes.byref(self._info))

@@ -55,18 +55,15 @@ exactly symmetric).
 from __future__ import annotations
 
 import bisect
-import ctypes
 import math
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
-from scipy.linalg import get_lapack_funcs
 
 from ._budget import DEFAULT_MEMORY_BUDGET
-from ._lapack import _capsule_function
+from ._lapack import RfpKernels
 from ._moment_kernels import gather
 from ._parallel import resolve_workers, run_chunks
 from ._patch_kernels import (
@@ -75,7 +72,6 @@ from ._patch_kernels import (
     PatchFitSettings,
     PatchOutputs,
     plan_patch_chunks,
-    scale_remedy,
     unrepresentable_error,
 )
 from ._rules import DEFAULT_RIDGE, chan_merge_weights, covariance_normalisation
@@ -147,92 +143,6 @@ def packed_state_bytes(n_features: int, n_patches: int, dtype: DTypeLike = np.fl
 
 
 # ---------------------------------------------------------------------------- RFP kernels
-_INT_P = ctypes.POINTER(ctypes.c_int)
-
-
-def _load_rfp_routines() -> dict[str, Callable[..., None] | None]:
-    """``xSFRK`` and ``xTFTTR`` (x = d, s) as C functions called without the GIL, where scipy exports them."""
-    try:
-        from scipy.linalg import cython_lapack
-    except ImportError:  # pragma: no cover - every supported scipy ships it
-        return {}
-    text, address = ctypes.c_char_p, ctypes.c_void_p
-    found: dict[str, Callable[..., None] | None] = {}
-    for prefix in ("d", "s"):
-        # xSFRK(transr, uplo, trans, n, k, alpha, a, lda, beta, c)
-        found[prefix + "sfrk"] = _capsule_function(
-            cython_lapack, prefix + "sfrk",
-            [text, text, text, _INT_P, _INT_P, address, address, _INT_P, address, address],
-        )
-        # xTFTTR(transr, uplo, n, arf, a, lda, info)
-        found[prefix + "tfttr"] = _capsule_function(
-            cython_lapack, prefix + "tfttr", [text, text, _INT_P, address, address, _INT_P, _INT_P]
-        )
-    return found
-
-
-_RFP_ROUTINES = _load_rfp_routines()
-
-
-class RfpKernels:
-    """LAPACK's two RFP routines on one accumulator's ``C×C`` triangles, called without the GIL.
-
-    The format is ``TRANSR='N'``, ``UPLO='U'`` as LAPACK reads memory (column-major); unpacked into a
-    C-ordered matrix the triangle is its *lower* one, the triangle of :mod:`anomstats._lapack` and of
-    :class:`anomstats._patch_kernels.PatchFinisher`. One instance per thread (it holds its ctypes
-    arguments). Where scipy's C pointers are not available, scipy's wrappers do the same (holding the GIL).
-
-    Examples
-    --------
-    >>> rows = np.array([[1.0, 2.0], [3.0, 4.0]])
-    >>> kernels, packed, t = RfpKernels(2, np.float64), np.zeros(3), np.zeros((2, 2))
-    >>> kernels.rank_update(rows, packed, 1.0, 0.0)       # rowsᵀ rows, packed
-    >>> kernels.unpack(packed, t)
-    >>> t.tolist()                                        # its lower triangle
-    [[10.0, 0.0], [14.0, 20.0]]
-    """
-
-    def __init__(self, n_features: int, dtype: DTypeLike) -> None:
-        self.dtype = np.dtype(dtype)
-        prefix = "d" if self.dtype == np.float64 else "s"
-        self._sfrk = _RFP_ROUTINES.get(prefix + "sfrk")
-        self._tfttr = _RFP_ROUTINES.get(prefix + "tfttr")
-        scalar = np.ctypeslib.as_ctypes_type(self.dtype)
-        self.n_features = int(n_features)
-        self._n, self._k, self._info = ctypes.c_int(self.n_features), ctypes.c_int(0), ctypes.c_int(0)
-        self._alpha, self._beta = scalar(0.0), scalar(0.0)
-
-    def rank_update(self, rows: NDArray[Any], packed: NDArray[Any], alpha: float, beta: float) -> None:
-        """``packed ← alpha·rowsᵀ·rows + beta·packed`` for C-contiguous ``rows`` (K, C) and one packed triangle.
-
-        ``beta = 0`` overwrites ``packed`` without reading it.
-        """
-        if self._sfrk is None:
-            sfrk = get_lapack_funcs("sfrk", dtype=self.dtype)
-            packed[...] = sfrk(self.n_features, rows.shape[0], alpha, rows.T, beta, packed,
-                               transr="N", uplo="U", trans="N")
-            return
-        self._k.value, self._alpha.value, self._beta.value = rows.shape[0], alpha, beta
-        n = ctypes.byref(self._n)
-        # Read column-major, rows (K, C) is the (C, K) matrix Xᵀ with leading dimension C: 'N' gives Xᵀ X.
-        self._sfrk(b"N", b"U", b"N", n, ctypes.byref(self._k), ctypes.byref(self._alpha), rows.ctypes.data, n,
-                   ctypes.byref(self._beta), packed.ctypes.data)
-
-    def unpack(self, packed: NDArray[Any], t: NDArray[Any]) -> None:
-        """Copy one packed triangle into the lower triangle of the C-ordered ``(C, C)`` matrix ``t``.
-
-        The strict upper triangle of ``t`` is not touched.
-        """
-        if self._tfttr is None:
-            tfttr = get_lapack_funcs("tfttr", dtype=self.dtype)
-            full, _ = tfttr(self.n_features, packed, transr="N", uplo="U")
-            lower = np.tril_indices(self.n_features)
-            t[lower] = full.T[lower]  # LAPACK's upper triangle is the C-ordered lower one
-            return
-        n = ctypes.byref(self._n)
-        self._tfttr(b"N", b"U", n, packed.ctypes.data, t.ctypes.data, n, ctypes.byref(self._info))
-
-
 class _WideFinisher(PatchFinisher):
     """A :class:`PatchFinisher` working in the accumulation dtype (float64) for outputs of a narrower dtype.
 
@@ -244,9 +154,6 @@ class _WideFinisher(PatchFinisher):
         super().__init__(outputs, settings, n_features, work)
         narrower = outputs.covariance is not None and outputs.covariance.dtype.itemsize < np.dtype(work).itemsize
         self._covariance_limit = float(np.finfo(outputs.covariance.dtype).max) if narrower else None
-
-    def _remedy(self) -> str:
-        return scale_remedy(self.outputs.precision.dtype)  # the result's dtype, not the work's
 
     def finish(self, patch: int, sum_fourth_powers: float | None = None, **kwargs: Any) -> None:
         """:meth:`PatchFinisher.finish`, after checking that a kept covariance fits its dtype.

@@ -558,7 +558,7 @@ class PatchFinisher:
             self._raise_not_positive_definite(patch, 0, numerically=True, rank_eps=rank_eps)
 
     def _remedy(self) -> str:
-        return scale_remedy(self.t.dtype)
+        return scale_remedy(self.outputs.precision.dtype)  # the result's dtype (a float64 work may serve float32)
 
     def _raise_not_positive_definite(
         self, patch: int, info: int, numerically: bool = False, rank_eps: float | None = None,

@@ -167,7 +167,7 @@ class MultiVariateGaussian:
 
     so the peak of a fit is the embedding + the column above + ``memory_budget`` (64 MiB) + a few
     ``C×C`` scratch matrices per thread. anomalib's float32 fit holds about three float32 stacks.
-    (Until version 0.3 the default kept all three stacks; the covariance and its factor are now opt-in,
+    (Earlier releases kept all three stacks by default; the covariance and its factor are now opt-in,
     since scoring never reads them and their fresh memory made the first fit in a process slow.)
 
     **Streaming** (:meth:`partial_fit`, :meth:`merge`). The running moments are kept in float64 whatever
@@ -195,13 +195,15 @@ class MultiVariateGaussian:
     ===============================  ======================  ==================  ==============
 
     ("ended" is ``finalise(end_stream=True)`` or ``low_memory=True``; anomalib: 35-50 GB reported.) The
-    dense streaming state of versions up to 0.3 was a full float64 stack, 9.9 GB at that size, plus the
+    dense streaming state of earlier releases was a full float64 stack, 9.9 GB at that size, plus the
     output stacks.
 
     **Streaming Ledoit-Wolf.** Its coefficient needs ``sum ||x - mean||⁴``; streaming gets it from the
-    moments of the augmented vector ``(||x||², x)``, which loses relative accuracy in the coefficient of
-    about ``eps·||mean||²/trace(S)`` for data far from the origin (1e-12 for an offset of 100 and unit
-    variances). The one-shot fit has no such loss.
+    moments of the augmented vector ``(||x - s||², x - s)`` about the stream's fixed shift ``s`` (the first
+    batch's mean), which costs relative accuracy in the coefficient of about ``eps·||mean - s||²/trace(S)``:
+    the square of how far the later batches' mean moves from the first batch's, in units of the spread, and
+    not the data's distance from the origin (at an offset of 1e8 σ the stream still meets the one-shot fit to
+    1e-12 relative, see :doc:`/guarantees`). The one-shot fit has no such term.
 
     **Differences from anomalib's MultiVariateGaussian** (deliberate): float64 by default (anomalib:
     float32, and float64 input silently becomes float32); one observation raises instead of giving NaN;

@@ -1534,18 +1534,26 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
         stream.spatial = spatial
         _streaming.write(self, self._stream_kind, stream)
 
-    def compute(self) -> list[Tensor]:
+    def compute(self, keep_stream: bool = False) -> list[Tensor]:
         """Set the buffers from the streamed factors; returns ``[mean, basis, eigenvalues, ridge]``.
 
-        The bases are computed in float64; the streamed state is left as it was, so more updates can follow
-        (until then it is not in ``state_dict()``: a checkpoint taken now holds the fit).
+        The bases are computed in float64. As the dense form's :meth:`MultiVariateGaussian.compute`, this ends
+        the stream by default: the factors (P, C, k), which would otherwise sit next to the fitted basis, are
+        freed, and :meth:`update`/:meth:`compute` raise until :meth:`reset`. ``keep_stream=True`` keeps them,
+        so more updates can follow (until then the stream is not in ``state_dict()``: a checkpoint taken now
+        holds the fit). A failed compute leaves the stream as it was (the factors are only read).
 
         Raises
         ------
         NotImplementedError
             With torch.distributed initialised (see the class notes).
+        RuntimeError
+            The stream was spent by an earlier ``compute()``.
         """
+        keep_stream = check_bool(keep_stream, "keep_stream")
         _refuse_distributed()
+        if _streaming.is_spent(self):
+            raise _streaming.spent_error("compute()")
         stream = _streaming.read(self, self._stream_kind)
         if stream is None:
             raise NotFittedError("no data: call update(embedding) before compute()")
@@ -1558,7 +1566,11 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
         factor = stream.spread
         mean = stream.shift + stream.mean  # one rounding relative to |mean|, as the one-shot fit's
         fitted = self._finish(lambda p0, p1: factor[p0:p1], stream.count, mean, factor.shape[2], spatial, dtype)
-        _streaming.set_persistent(self, False)  # a finished fit's checkpoint: the buffers only
+        if keep_stream:
+            _streaming.set_persistent(self, False)  # a finished fit's checkpoint: the buffers only
+        else:
+            del factor, stream
+            _streaming.spend(self)
         return fitted
 
     # ------------------------------------------------------------------ scoring

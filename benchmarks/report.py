@@ -311,26 +311,39 @@ def headline_table(rows: Sequence[dict]) -> str:
 
 
 def machine_lines(by_file: dict[str, list[dict]]) -> list[str]:
-    """What the suites ran on (their ``machine floor`` rows): one line per distinct machine.
+    """What the suites ran on (their ``machine floor`` rows): one line per CPU, its BLAS libraries and versions.
+
+    Suites that loaded different BLAS libraries (numpy's and scipy's OpenBLAS, or only one of them) on the
+    same CPU give one line listing each library once.
 
     Examples
     --------
     >>> row = {"suite": "machine floor", "machine": {"cpu_model": "AMD EPYC", "cores": 2,
     ...        "blas": "openblas 0.3.31 (SkylakeX, 2 threads)", "numpy": "2.4.0"}}
-    >>> machine_lines({"kde": [row], "cov": [row]})
-    ['AMD EPYC, 2 cores, BLAS openblas 0.3.31 (SkylakeX, 2 threads); numpy 2.4.0']
+    >>> other = {"suite": "machine floor", "machine": {"cpu_model": "AMD EPYC", "cores": 2,
+    ...          "blas": "openblas 0.3.30 (SkylakeX, 2 threads); openblas 0.3.31 (SkylakeX, 2 threads)"}}
+    >>> machine_lines({"kde": [row], "cov": [other]})
+    ['AMD EPYC, 2 cores, BLAS openblas 0.3.31 (SkylakeX, 2 threads); openblas 0.3.30 (SkylakeX, 2 threads); numpy 2.4.0']
     """
-    machines: list[str] = []
+    found: dict[tuple[str, str], tuple[list[str], dict[str, str]]] = {}
     for rows in by_file.values():
         for r in rows:
             m = r.get("machine")
             if r.get("suite") != FLOOR_SUITE or not isinstance(m, dict):
                 continue
-            versions = ", ".join(f"{k} {m[k]}" for k in ("numpy", "scipy", "torch") if m.get(k))
-            line = f"{m.get('cpu_model', 'unknown CPU')}, {m.get('cores', '?')} cores, BLAS {m.get('blas', 'unknown')}"
-            line += f"; {versions}" if versions else ""
-            if line not in machines:
-                machines.append(line)
+            blas, versions = found.setdefault((str(m.get("cpu_model", "unknown CPU")), str(m.get("cores", "?"))), ([], {}))
+            for library in str(m.get("blas") or "unknown").split("; "):
+                if library not in blas:
+                    blas.append(library)
+            for key in ("numpy", "scipy", "torch"):
+                if m.get(key):
+                    versions.setdefault(key, str(m[key]))
+    machines = []
+    for (cpu, cores), (blas, versions) in found.items():
+        line = f"{cpu}, {cores} cores, BLAS {'; '.join(blas)}"
+        if versions:
+            line += "; " + ", ".join(f"{key} {value}" for key, value in versions.items())
+        machines.append(line)
     return machines
 
 
@@ -430,7 +443,10 @@ def build_report(results_dir: Path = RESULTS_DIR, out_dir: Path | None = None, *
     out_dir.mkdir(parents=True, exist_ok=True)
     by_file, problems = load_results(results_dir)
     written: list[Path] = []
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    # When the results were written (the newest file), not when this report is: it may be rewritten later.
+    times = [path.stat().st_mtime for path in results_dir.glob("*.json")]
+    when = _dt.datetime.fromtimestamp(max(times), _dt.timezone.utc) if times else _dt.datetime.now(_dt.timezone.utc)
+    stamp = when.strftime("%Y-%m-%d %H:%M UTC")
     md = ["# Benchmark summary", "", f"Generated {stamp} on {_environment()}.", ""]
     if not by_file:
         md += ["No benchmark results found.", ""]

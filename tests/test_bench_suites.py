@@ -121,9 +121,17 @@ def test_growth_suite(tmp_path, monkeypatch):
             assert o["size"] == f["size"] and o["x_floor"] == pytest.approx(o["seconds"] / f["seconds"], rel=1e-12)
         assert ours[0]["fitted_slope"] == pytest.approx(bench_growth.loglog_slope(
             [r["size"] for r in ours], [r["seconds"] for r in ours]))
-        # The floor grows exactly linearly in its size (the KDE's in n·m; the fit's in P·C³ with B = 2C).
-        assert bench_growth.loglog_slope([r["size"] for r in floors], [r["seconds"] for r in floors]) == pytest.approx(
-            1.0, abs=0.1)
+        floor_slope = bench_growth.loglog_slope([r["size"] for r in floors], [r["seconds"] for r in floors])
+        if suite.startswith("KDE"):
+            # n·m exponentials and 2·n·m·d flops: the KDE's floor is exactly proportional to n·m.
+            assert floor_slope == pytest.approx(1.0, abs=1e-9)
+        else:
+            # The fit's floor is a sum of P·C^k terms (k = 3: syrk with B = 2C, potrf, potri; k = 2, 1, 0: the
+            # bytes of the embedding, the precision, the mean, the log-determinants). Their mix depends on the
+            # machine's bandwidth-to-flops ratio, but with P and C growing together each term's secant slope
+            # against P·C³ lies in [0, 1], so the floor's does too (mediant inequality), whatever the machine.
+            assert all(a["seconds"] < b["seconds"] for a, b in zip(floors, floors[1:]))
+            assert 0.0 < floor_slope <= 1.0 + 1e-12
     assert set(summary["slopes"]) == series
 
 

@@ -259,15 +259,13 @@ def test_a_finished_fit_saves_exactly_the_buffers(options):
     fitted.fit(x)
     streamed = _stream(_fresh(options), x, [4, 4, 2])  # the dense form's last batch waits to be folded in
     assert set(streamed.state_dict()) == keys | stream_keys  # mid-stream: the fit's buffers and the stream
-    low_rank = bool(options.get("form"))
-    streamed.compute() if low_rank else streamed.compute(keep_stream=True)  # the low-rank form always keeps it
+    streamed.compute(keep_stream=True)
     assert set(fitted.state_dict()) == set(streamed.state_dict()) == keys
     streamed.update(x[:2])  # kept: more updates can follow, and the stream is back in the checkpoint
     mid_stream = streamed.state_dict()
     assert STREAM_KEYS & set(mid_stream)
-    if not low_rank:
-        streamed.compute()  # the default spends the stream: the same keys
-        assert set(streamed.state_dict()) == keys and not STREAM_KEYS & set(streamed._buffers)
+    streamed.compute()  # the default spends the stream (both forms): the same keys
+    assert set(streamed.state_dict()) == keys and not STREAM_KEYS & set(streamed._buffers)
     if not options:  # anomalib's own module loads a finished fit (strict), and refuses a mid-stream one
         anomalib = AnomalibMultiVariateGaussian()
         anomalib.load_state_dict(fitted.state_dict())

@@ -231,7 +231,7 @@ def test_benchmark_quick_mode_writes_rows(tmp_path, monkeypatch) -> None:
 @pytest.mark.parametrize("c", [1, 2, 3, 4, 7, 8])  # LAPACK's RFP layout differs for odd and even C
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_rfp_kernels_accumulate_and_unpack_the_lower_triangle(c, dtype) -> None:
-    from anomstats._packed import RfpKernels
+    from anomstats._lapack import RfpKernels
 
     rng = np.random.default_rng(c)
     a, b = rng.normal(size=(5, c)).astype(dtype), rng.normal(size=(3, c)).astype(dtype)
@@ -249,7 +249,7 @@ def test_rfp_kernels_accumulate_and_unpack_the_lower_triangle(c, dtype) -> None:
 
 
 def test_rfp_kernels_without_the_c_pointers_give_the_same_result() -> None:
-    from anomstats._packed import RfpKernels
+    from anomstats._lapack import RfpKernels
 
     rng = np.random.default_rng(3)
     rows = rng.normal(size=(9, 6))

@@ -442,7 +442,7 @@ def test_streaming_update_compute_equals_fit(splits):
     low = MultiVariateGaussian(form="low_rank", chunk_bytes=500)
     for part in torch.split(torch.from_numpy(x), splits):
         low.update(part)
-    got = low.compute()
+    got = low.compute(keep_stream=True)
     merges = len(splits) - 1
     covariances = patch_covariances(x, DEFAULT_RIDGE)
     # Bounds: mean_atol (Chan's running mean: one more rounding per merge); the merges' correction columns
@@ -475,7 +475,7 @@ def test_streaming_float32_input_accumulates_in_float64_and_stores_float32():
     low = MultiVariateGaussian(form="low_rank")
     for part in torch.split(x, 4):
         low.update(part)
-    mean, basis, eigenvalues, ridge = low.compute()
+    mean, basis, eigenvalues, ridge = low.compute(keep_stream=True)
     assert mean.dtype == basis.dtype == eigenvalues.dtype == ridge.dtype == torch.float32
     assert low._moments.factor.dtype == torch.float64
     reference = _low_rank(x.double())
@@ -566,3 +566,26 @@ def test_devices_and_moves(device):
     mean_tol32 = mean_atol(np.abs(x).max(), 10, np.float32)
     rtol32, atol32 = low_rank_mahalanobis_tolerances(covariances, 10, mean_tol32, np.float32)
     torch.testing.assert_close(moved.mahalanobis(qd.float()).cpu().double(), expected, rtol=rtol32, atol=atol32)
+
+
+def test_compute_spends_the_stream_unless_asked_to_keep_it():
+    # As the dense form: compute() frees the streamed factors (they would sit next to the fitted basis), and the
+    # stream refuses more data until reset(); keep_stream=True gives the same fit and keeps streaming possible.
+    x = torch.from_numpy(_embedding(8, 12, 2, 2, offset=3.0, seed=31))
+    kept, spent = MultiVariateGaussian(form="low_rank"), MultiVariateGaussian(form="low_rank")
+    for module in (kept, spent):
+        module.update(x[:4])
+        module.update(x[4:])
+    same = kept.compute(keep_stream=True)
+    assert all(torch.equal(a, b) for a, b in zip(same, spent.compute()))  # the same numbers either way
+    assert "stream_factor" not in spent._buffers and "stream_factor" in kept._buffers
+    for call in (lambda: spent.update(x), spent.compute):
+        with pytest.raises(RuntimeError, match=r"spent this stream.*reset\(\)"):
+            call()
+    kept.update(x[:2])  # kept: more data may follow
+    assert kept.compute()[1].shape == (4, 12, 9)  # 10 observations: width min(N - 1, C)
+    spent.reset()
+    spent.update(x)
+    assert spent.compute()[1].shape == (4, 12, 7)
+    with pytest.raises(TypeError, match="keep_stream"):
+        MultiVariateGaussian(form="low_rank").compute(keep_stream="yes")
