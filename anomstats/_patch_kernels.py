@@ -98,9 +98,7 @@ def singular_feature(precision_diagonal: Any, variances: Any, eps: float) -> int
         # A subnormal diagonal overflows to inf here: a huge unexplained variance, far from singular.
         last = np.sqrt(1.0 / diagonal)
     last[~(diagonal > 0)] = 0.0  # zero, negative or NaN: no pivot left (+inf gives 0 by itself)
-    # numerically_singular_pivot takes its eps from a dtype: state C·eps·A_kk in units of float64's eps.
-    units = float(eps) / float(np.finfo(np.float64).eps)
-    return numerically_singular_pivot(last, np.asarray(variances, dtype=np.float64) * units, np.float64)
+    return numerically_singular_pivot(last, np.asarray(variances, dtype=np.float64), eps=float(eps))
 
 
 #: The remedy of a numerically singular patch in the core (the torch adapter, without shrinkage, names its own).
@@ -513,7 +511,8 @@ class PatchFinisher:
         diagonal = t.reshape(-1)[:: c + 1]
         if not np.isfinite(diagonal).all():
             where = describe_patch(patch, est.spatial)  # on the error path only: it allocates
-            raise unrepresentable_error(where, t.dtype, "covariance", None if scale_of is None else scale_of(), self._remedy())
+            # The work dtype overflowed (float64 work for a float32 result too): a wider result cannot help.
+            raise unrepresentable_error(where, t.dtype, "covariance", None if scale_of is None else scale_of(), scale_remedy(t.dtype))
         if est.shrinkage is not None:
             trace = float(diagonal.sum())
             # sum of the squares of the full symmetric matrix, from its lower triangle

@@ -202,7 +202,7 @@ def trusted_sum_floor(dtype: Any, total_weight: float = 1.0) -> Any:
     return info.tiny * info.dtype.type(16.0 * math.e * float(total_weight)) / info.eps
 
 
-def numerically_singular_pivot(factor_diagonal: Any, variances: Any, eps_dtype: Any = None) -> int:
+def numerically_singular_pivot(factor_diagonal: Any, variances: Any, eps_dtype: Any = None, *, eps: float | None = None) -> int:
     """1-based order of the first Cholesky pivot that is rounding noise, or 0 when there is none.
 
     The library's rank test for a covariance ``A = L Lᵀ`` that must be definite (a KDE's data
@@ -222,6 +222,8 @@ def numerically_singular_pivot(factor_diagonal: Any, variances: Any, eps_dtype: 
         Whose eps: the dtype the *data* came in (float32 data rounded a combination of features to
         float32, so its noise is float32's even when the covariance is accumulated in float64).
         Defaults to ``variances``' dtype.
+    eps : float, optional
+        The eps itself, overriding ``eps_dtype`` (a rank test whose eps is derived from several dtypes).
 
     Examples
     --------
@@ -234,8 +236,10 @@ def numerically_singular_pivot(factor_diagonal: Any, variances: Any, eps_dtype: 
     diag = np.asarray(factor_diagonal, dtype=np.float64)
     var = np.asarray(variances)
     n = var.shape[0]
-    eps = np.finfo(var.dtype if eps_dtype is None else eps_dtype).eps
-    bad = np.square(diag) <= n * float(eps) * var.astype(np.float64)
+    if eps is None:
+        eps = float(np.finfo(var.dtype if eps_dtype is None else eps_dtype).eps)
+    # n·eps < 1 scales the variances down: no overflow for any finite variance.
+    bad = np.square(diag) <= (n * float(eps)) * var.astype(np.float64)
     return int(np.argmax(bad)) + 1 if bad.any() else 0
 
 

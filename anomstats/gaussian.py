@@ -454,7 +454,10 @@ class MultiVariateGaussian:
         require_observations(
             total.n_samples_seen_, detail=f" (shape {tuple(embedding.shape)})", where=" along axis 0"
         )
-        total._fitted_outputs()
+        # End the stream, as an in-memory fit keeps no running moments (and float32 fits are written in place):
+        # a later partial_fit is refused with fit()'s message, not continued from the dask data.
+        total.finalise(end_stream=True)
+        total._consumed = ""
         return self.adopt(total)
 
     def _partial_fit_dask(self, batch: Any) -> MultiVariateGaussian:

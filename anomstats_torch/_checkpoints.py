@@ -72,20 +72,58 @@ def _check_half_fitted(module: str, incoming: dict[str, Tensor], names: tuple[st
         _refuse(module, f"{', '.join(empty)} empty but the others fitted ({shapes})", layout)
 
 
-def _all_finite(tensor: Tensor) -> bool:
-    """``isfinite(tensor).all()`` chunk by chunk along the first axis (bounded temporaries); meta: True."""
+def _all_finite(tensor: Tensor, dtype: torch.dtype | None = None) -> bool:
+    """``isfinite(tensor.to(dtype)).all()`` chunk by chunk along the first axis (bounded temporaries); meta: True.
+
+    ``dtype``: the buffer's the values will be copied into (a finite float64 1e300 is inf in float32).
+    """
     if tensor.is_meta or tensor.numel() == 0:
         return True
     flat = tensor.reshape(tensor.shape[0], -1) if tensor.ndim > 1 else tensor.reshape(-1, 1)
     block = rows_per_chunk(flat.shape[1] * 2, _CHECK_BYTES, flat.shape[0])
-    return all(bool(torch.isfinite(flat[i : i + block]).all()) for i in range(0, flat.shape[0], block))
+    cast = (lambda chunk: chunk) if dtype is None else (lambda chunk: chunk.to(dtype))
+    return all(bool(torch.isfinite(cast(flat[i : i + block])).all()) for i in range(0, flat.shape[0], block))
 
 
-def _check_finite(module: str, incoming: dict[str, Tensor], names: tuple[str, ...], layout: str) -> None:
-    """The checkpoint's fitted entries are finite: a NaN would make every distance NaN, silently."""
+def _readable(module: str, name: str, tensor: Tensor, layout: str) -> Tensor:
+    """A checkpoint entry as a plain dense tensor whose values can be checked (sparse and quantized ones read)."""
+    try:
+        if tensor.layout != torch.strided:
+            tensor = tensor.to_dense()
+        if tensor.is_quantized:
+            tensor = tensor.dequantize()
+    except (RuntimeError, NotImplementedError) as exc:
+        _refuse(module, f"{name} is a {tensor.layout} {tensor.dtype} tensor whose values cannot be read ({exc})", layout)
+    return tensor
+
+
+def _target_dtype(tensor: Tensor, current: Tensor | None) -> torch.dtype | None:
+    """The dtype the entry's values will have once loaded: the module's buffer's (torch's copy casts)."""
+    if current is None or not current.dtype.is_floating_point or current.dtype == tensor.dtype:
+        return None
+    return current.dtype
+
+
+def _check_finite(
+    module: str, incoming: dict[str, Tensor], names: tuple[str, ...], layout: str, current: dict[str, Tensor]
+) -> None:
+    """The checkpoint's fitted entries are finite, also once cast to the buffers' dtype: a NaN or an inf would
+    make every distance NaN or inf, silently."""
     for name in names:
-        if name in incoming and not _all_finite(incoming[name]):
+        if name not in incoming:
+            continue
+        tensor = _readable(module, name, incoming[name], layout)
+        if not _all_finite(tensor):
             _refuse(module, f"{name} holds NaN or infinite values", layout)
+        target = _target_dtype(tensor, current.get(name))
+        if target is not None and not _all_finite(tensor, target):
+            _refuse(
+                module,
+                f"{name} holds values beyond the range of this module's {target} buffers (largest "
+                f"{torch.finfo(target).max:.3g}); cast the module to the checkpoint's dtype (e.g. .double()) "
+                "before loading",
+                layout,
+            )
 
 
 def check_dense(module: str, incoming: dict[str, Tensor], current: dict[str, Tensor], packed: bool) -> None:
@@ -99,7 +137,7 @@ def check_dense(module: str, incoming: dict[str, Tensor], current: dict[str, Ten
     state = _merged(incoming, current, names)
     mean, precision = state["mean"], state[key]
     shapes = f"mean {_shape(mean)}, {key} {_shape(precision)}"
-    _check_finite(module, incoming, names, layout)
+    _check_finite(module, incoming, names, layout, current)
     if mean.numel() and mean.ndim != 2:
         _refuse(module, f"mean must be 2-D (C, H*W); got {shapes}", layout)
     if not precision.numel():
@@ -132,7 +170,7 @@ def check_low_rank(module: str, incoming: dict[str, Tensor], current: dict[str, 
     layout = LOW_RANK_LAYOUT
     _check_real(module, incoming, names, layout)
     _check_half_fitted(module, incoming, names[:3], layout)
-    _check_finite(module, incoming, names[:2], layout)
+    _check_finite(module, incoming, names[:2], layout, current)
     state = _merged(incoming, current, names)
     mean, basis, eigenvalues, ridge = (state[name] for name in names)
     shapes = ", ".join(f"{name} {_shape(state[name])}" for name in names)
@@ -154,8 +192,16 @@ def check_low_rank(module: str, incoming: dict[str, Tensor], current: dict[str, 
         if fitted["eigenvalues"] and _shape(eigenvalues) != (patches, width):
             _refuse(module, f"eigenvalues must be (H*W, r) = {(patches, width)} to match basis; got {shapes}", layout)
     if fitted["eigenvalues"] and not eigenvalues.is_meta:
-        if not _all_finite(eigenvalues) or not bool((eigenvalues > 0).all()):
-            _refuse(module, "eigenvalues must be positive and finite (they are variances plus the ridge)", layout)
+        eigenvalues = _readable(module, "eigenvalues", eigenvalues, layout)
+        # In the buffer's dtype, as they will be stored: a float64 1e-300 is 0 in float32, 1e300 is inf.
+        stored = eigenvalues.to(_target_dtype(eigenvalues, current["eigenvalues"]) or eigenvalues.dtype)
+        if not _all_finite(stored) or not bool((stored > 0).all()):
+            _refuse(
+                module,
+                f"eigenvalues must be positive and finite in this module's {stored.dtype} (they are variances plus "
+                "the ridge); cast the module to the checkpoint's dtype (e.g. .double()) before loading one beyond it",
+                layout,
+            )
 
 
 def check_stream(module: str, incoming: dict[str, Tensor], kind: str, layout: str) -> None:

@@ -186,12 +186,18 @@ class Progress:
     spent: bool = False
 
 
-def spent_error(call: str) -> RuntimeError:
-    """The error of ``update()``/``compute()`` (``call``) on a stream that ``compute()`` spent."""
+#: What a spending ``compute()`` did with each form's stream, for :func:`spent_error`.
+_SPENT_HOW = {
+    "dense": "writes the float32 precision over the float64 sums where it fits, to save memory",
+    "low_rank": "frees the streamed factors, which would otherwise sit next to the fitted basis",
+}
+
+
+def spent_error(call: str, kind: str = "dense") -> RuntimeError:
+    """The error of ``update()``/``compute()`` (``call``) on a stream of form ``kind`` that ``compute()`` spent."""
     return RuntimeError(
-        f"{call}: compute() spent this stream (by default it ends the stream, and writes the float32 precision "
-        "over the float64 sums where it fits, to save memory); call reset() to start a new stream, or use "
-        "compute(keep_stream=True) to keep streaming after compute()"
+        f"{call}: compute() spent this stream (by default it ends the stream, and {_SPENT_HOW[kind]}); call "
+        "reset() to start a new stream, or use compute(keep_stream=True) to keep streaming after compute()"
     )
 
 

@@ -713,6 +713,8 @@ class MultiVariateGaussian(DynamicBufferModule):
                 return
             try:
                 incoming = state_dict[prefix + other]
+                if isinstance(incoming, Tensor) and (incoming.is_complex() or incoming.dtype == torch.bool):
+                    raise TypeError(f"{prefix}{other} has dtype {incoming.dtype}, not a real number type")
                 if isinstance(incoming, Tensor) and incoming.numel() == 0:
                     # Not fitted yet (e.g. a mid-stream checkpoint before the first compute): empty in either storage.
                     converted = self._buffers[own].new_empty(0)
@@ -912,7 +914,7 @@ class MultiVariateGaussian(DynamicBufferModule):
         """
         _, channels, patches = vectors.shape
         if _streaming.is_spent(self):
-            raise _streaming.spent_error("update()")
+            raise _streaming.spent_error("update()", self._stream_kind)
         stream = _streaming.read(self, self._stream_kind)
         if stream is None:
             dtype = torch.float64 if input_dtype == torch.float64 else self.accumulate_dtype
@@ -1553,7 +1555,7 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
         keep_stream = check_bool(keep_stream, "keep_stream")
         _refuse_distributed()
         if _streaming.is_spent(self):
-            raise _streaming.spent_error("compute()")
+            raise _streaming.spent_error("compute()", self._stream_kind)
         stream = _streaming.read(self, self._stream_kind)
         if stream is None:
             raise NotFittedError("no data: call update(embedding) before compute()")

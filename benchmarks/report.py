@@ -382,7 +382,8 @@ def readme_block(by_file: dict[str, list[dict]], stamp: str) -> str | None:
     machines = machine_lines(by_file)
     lines = [
         f"Latest `make bench` ({stamp}), each workload side by side with its peers in one process, every timing",
-        "the best of N after a warm-up (plus the first call in a fresh process where users feel it), next to the",
+        "the best of N after a warm-up (plus the first call in a fresh process where users feel it; the PaDiM-550",
+        "streamed fits, tens of seconds and gigabytes each, are one run in a fresh process), next to the",
         "machine's floor measured in the same run (exponentials at the one-thread `exp` rate spread over the cores,",
         "matrix products at the measured dgemm/sgemm rate, fits' bytes at the memory bandwidth:",
         "[`benchmarks/_floor.py`](benchmarks/_floor.py)). Full tables in",

@@ -314,6 +314,24 @@ def test_gaussian_fit_keeps_the_configuration() -> None:
     _assert_precision(model.precision, reference.precision, emb, 0.5)
 
 
+@pytest.mark.filterwarnings("ignore:form='low_rank' with N:UserWarning")  # N > C here: no advantage, same fit
+@pytest.mark.parametrize("options", [{}, {"dtype": np.float32}, {"store_covariance": True}, {"form": "low_rank"}])
+def test_a_dask_fit_keeps_no_stream_as_an_in_memory_fit(options) -> None:
+    # An in-memory fit keeps no running moments (partial_fit then raises naming fit()); the dask fit merges
+    # partial fits, and must end that stream too rather than hold (at PaDiM's size) 5 GB of moments.
+    emb = _data(n=24, c=3, batch=(2,), offset=5.0, seed=13)
+    with dask.config.set(scheduler="synchronous"):
+        model = anomstats.MultiVariateGaussian(**options).fit(da.from_array(emb, chunks=(7, 3, 2)))
+    in_memory = anomstats.MultiVariateGaussian(**options).fit(emb)
+    assert model._moments is None and model.n_samples_seen_ == in_memory.n_samples_seen_ == 24
+    for fitted in (model, in_memory):
+        with pytest.raises(ValueError, match=r"was fitted with fit\(\), which keeps no running moments"):
+            fitted.partial_fit(emb[:2])
+    if options.get("store_covariance"):
+        _assert_precision(model.precision, in_memory.precision, emb, in_memory.ridge)
+        assert model.covariance.shape == in_memory.covariance.shape
+
+
 def test_gaussian_score_checks_shape_now() -> None:
     model = anomstats.MultiVariateGaussian().fit(_data(n=20, c=3, batch=(2, 2)))
     expected = re.escape("must have shape (M, 3, 2, 2)") + ".*" + re.escape("got shape (5, 4, 2, 2)")
