@@ -706,8 +706,7 @@ def _rescore_far_queries(
 
     A query far from the mean overflows ``δᵀPδ`` part way (``inf − inf`` is NaN; float64 input beyond
     float32's range becomes inf when gathered into a float32 model). Here ``δ`` is formed in float64 and
-    divided by a power of two ``s >= max|δ|`` (exact), so ``q = (δ/s)ᵀP(δ/s)`` cannot overflow for a finite
-    precision with entries below ``max/C²``, and the result ``(q·s)·s`` is finite or ``+inf``, never NaN.
+    scaled (:func:`_scaled_quadratic`), and the result ``(q·s)·s`` is finite or ``+inf``, never NaN.
     Queries holding NaN or infinity keep their non-finite result (the caller refuses them:
     :func:`check_query_results`).
     """
@@ -719,11 +718,48 @@ def _rescore_far_queries(
         finite = np.isfinite(x).all(axis=1)
         if not finite.any():
             continue
-        rows = rows[finite]
-        delta = x[finite] - mean[:, patch].astype(np.float64)
-        _, exponent = np.frexp(np.abs(delta).max(axis=1))
-        scale = np.ldexp(1.0, exponent)  # a power of two >= max|δ|: the division is exact
-        delta /= scale[:, None]
-        q = np.einsum("mc,cd,md->m", delta, precision[patch].astype(np.float64), delta)
+        q, scale = _scaled_quadratic(x[finite], mean[:, patch], dense_quadratic(precision[patch]))
         with np.errstate(over="ignore"):
-            block[rows, offset] = (q * scale) * scale
+            block[rows[finite], offset] = (q * scale) * scale
+
+
+def dense_quadratic(precision: NDArray) -> Callable[[NDArray], NDArray]:
+    """``δ ↦ δᵀPδ`` row by row in float64, for one patch's dense precision ``P``."""
+    wide = precision.astype(np.float64)
+    return lambda delta: np.einsum("mc,cd,md->m", delta, wide, delta)
+
+
+def _scaled_quadratic(
+    x: NDArray[np.float64], mean: NDArray, quadratic: Callable[[NDArray], NDArray]
+) -> tuple[NDArray, NDArray]:
+    """``(q, s)`` with ``d² = q·s²`` for the finite rows ``x`` (k, C) of one patch, never overflowing.
+
+    ``δ = x − mean`` in float64, divided by a power of two ``s > max|δ|/2`` (exact; ``s <= 2^1023`` even for
+    ``|δ|`` near float64's largest number, where ``2^1024`` would overflow); ``quadratic`` (the form's ``d²`` of
+    centred rows, homogeneous of degree 2) of ``δ/s`` (``|δ/s| < 2``) cannot overflow for a finite precision
+    with entries below ``max/(4C²)``.
+    """
+    delta = x - mean.astype(np.float64)
+    _, exponent = np.frexp(np.abs(delta).max(axis=1))
+    scale = np.ldexp(1.0, exponent - 1)  # a power of two > max|δ|/2: the division is exact
+    delta /= scale[:, None]
+    return quadratic(delta), scale
+
+
+def far_distances(
+    flat_embedding: NDArray, distances: NDArray, patch_form: Callable[[int], tuple[NDArray, Callable[[NDArray], NDArray]]]
+) -> None:
+    """Replace the infinite distances of finite queries in ``distances`` (M, P) by ``sqrt(q)·s``, in place.
+
+    A narrow model's squared distance overflows its dtype long before the distance does (float32: beyond
+    ``d ≈ 1.8e19``); from :func:`_scaled_quadratic`'s ``q`` and ``s`` the distance is formed without the
+    square, so it is finite wherever it is representable. ``patch_form(p)`` gives patch ``p``'s mean and its
+    ``d²`` of centred rows. Queries holding NaN or infinity were refused before.
+    """
+    samples, patches = np.nonzero(np.isinf(distances))
+    for patch in np.unique(patches):
+        rows = samples[patches == patch]
+        mean, quadratic = patch_form(int(patch))
+        q, scale = _scaled_quadratic(flat_embedding[rows, :, patch].astype(np.float64), mean, quadratic)
+        with np.errstate(over="ignore"):
+            distances[rows, patch] = np.sqrt(np.maximum(q, 0.0)) * scale

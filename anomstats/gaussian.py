@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,8 @@ from ._patch_kernels import (
     PatchOutputs,
     ThreadScratch,
     check_query_results,
+    dense_quadratic,
+    far_distances,
     fit_chunk,
     non_finite_fit_error,
     plan_patch_chunks,
@@ -744,13 +747,19 @@ class MultiVariateGaussian:
         check_query_results(flat_embedding, out, self.spatial_shape)
         return out, m
 
+    def _patch_form(self, patch: int) -> tuple[NDArray, Callable[[NDArray], NDArray]]:
+        """Patch ``patch``'s mean and ``d²`` of centred float64 rows (:func:`far_distances`' rescoring)."""
+        return self._mean[:, patch], dense_quadratic(self._fitted_outputs().precision[patch])
+
     @_dask.dispatch(_mahalanobis_dask, arg="x")
     def mahalanobis(self, x: ArrayLike, squared: bool = False) -> NDArray[np.floating]:
         """Per-patch Mahalanobis distances of ``x`` ``(M, C, *spatial)`` → ``(M, *spatial)``.
 
         PaDiM's distance: ``sqrt(max(d², 0))`` with ``d² = (x - mean)ᵀ precision (x - mean)`` per patch
         (the clamp only removes rounding below zero). ``squared=True`` returns the clamped ``d²``.
-        Computed in chunks of patches under ``memory_budget``.
+        Computed in chunks of patches under ``memory_budget``. Far finite queries give a finite ``d`` wherever
+        it is representable, also when ``d²`` is not (float32 beyond ``d ≈ 1.8e19``), as the torch adapter;
+        ``inf`` beyond; never NaN.
 
         Examples
         --------
@@ -766,6 +775,9 @@ class MultiVariateGaussian:
         np.maximum(squared_distances, 0.0, out=squared_distances)
         if not squared:
             np.sqrt(squared_distances, out=squared_distances)
+            if np.isinf(squared_distances).any():  # d² beyond the dtype (float32: d > 1.8e19), d perhaps not
+                far_distances(_as_real_array(x, "x").reshape(m, self.n_features, -1), squared_distances,
+                              self._patch_form)
         return squared_distances.reshape((m,) + self.spatial_shape)
 
     @_dask.dispatch(_logpdf_dask, arg="x")
@@ -1043,12 +1055,22 @@ class LowRankMultiVariateGaussian(MultiVariateGaussian):
         def run(chunk: tuple[int, int]) -> None:
             start, stop = chunk
             delta = scratch.array((stop - start, m, self.n_features), self.dtype)
-            gather(flat_embedding.transpose(2, 0, 1)[start:stop], delta)  # cache-blocked transposition
-            delta -= fit.mean[:, start:stop].T[:, None, :]
-            out[:, start:stop] = squared_distances(
-                delta, fit.basis[start:stop], fit.eigenvalues[start:stop], self.ridge, scratch
-            ).T
+            # Far queries overflow here (inf, or inf − inf): check_query_results sets a finite query's NaN to
+            # +inf, and mahalanobis rescores the distances that are still representable (far_distances).
+            with np.errstate(over="ignore", invalid="ignore"):
+                gather(flat_embedding.transpose(2, 0, 1)[start:stop], delta)  # cache-blocked transposition
+                delta -= fit.mean[:, start:stop].T[:, None, :]
+                out[:, start:stop] = squared_distances(
+                    delta, fit.basis[start:stop], fit.eigenvalues[start:stop], self.ridge, scratch
+                ).T
 
         run_chunks(run, chunks, self.workers)
         check_query_results(flat_embedding, out, self.spatial_shape)
         return out, m
+
+    def _patch_form(self, patch: int) -> tuple[NDArray, Callable[[NDArray], NDArray]]:
+        """Patch ``patch``'s mean and the low-rank ``d²`` of centred float64 rows (for :func:`far_distances`)."""
+        fit = self._fitted_outputs()
+        basis = fit.basis[patch : patch + 1].astype(np.float64)
+        eigenvalues = fit.eigenvalues[patch : patch + 1].astype(np.float64)
+        return fit.mean[:, patch], lambda delta: squared_distances(delta[None], basis, eigenvalues, self.ridge)[0]

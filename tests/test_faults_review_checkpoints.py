@@ -159,3 +159,37 @@ def test_a_float64_covariance_overflow_does_not_suggest_float64(options):
         with pytest.raises(ValueError, match="overflowed float64") as error:
             model.finalise()
     assert "dtype=np.float64" not in str(error.value)
+
+
+# --------------------------------------------------------------------------- 6. far queries in the core
+# Fixed defect of the review: a float32 core model gave d = inf for queries at 1e19 (d² = 1e40 overflowed float32
+# although d = 2e19 does not; the torch adapter gave the finite distance), the low-rank form did so in float32
+# too, and a query at 1.7e308 leaked overflow warnings (the rescoring's scale 2^1024).
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("form", ["dense", "low_rank"])
+@pytest.mark.parametrize("exponent", [64, 100, 126, 500, 1020])
+def test_far_query_distances_are_finite_wherever_representable(dtype, form, exponent):
+    rng = np.random.default_rng(exponent)
+    n = 6 if form == "low_rank" else 40  # low-rank: N < C
+    model = anomstats.MultiVariateGaussian(form=form, dtype=dtype).fit(rng.normal(size=(n, 10, 2, 1)))
+    direction = rng.normal(size=(1, 10, 2, 1))
+    near = model.mahalanobis(model.mean.reshape(1, 10, 2, 1) + direction).astype(np.float64)
+    # x = 2^e·v: δ = x − μ = 2^e·(v − 2^-e·μ), and 2^-e·|μ| < 2^-64 is below float64's rounding of v, so
+    # d(x) = 2^e·d(μ + v) to the dtype's rounding: the reference is the model's own distance at an ordinary
+    # scale, multiplied exactly by 2^e (inf where that is beyond float64).
+    far = np.ldexp(direction, exponent)
+    assert np.isfinite(far).all()
+    with np.errstate(over="ignore"):
+        expected = np.ldexp(near, exponent)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warning leaks from the rescoring
+        got = model.mahalanobis(far).astype(np.float64)
+        logs = model.logpdf(far)
+    largest = float(np.finfo(dtype).max)
+    representable = expected < largest / 2  # away from the edge, where rounding decides
+    assert np.isinf(got[expected > 2 * largest]).all()
+    # Both sides round the same quadratic form in the model's dtype (C + 2 roundings of eps relative on d²,
+    # halved by the root), the far side once more through the scaled float64 rescoring.
+    rtol = (10 + 4) * np.finfo(dtype).eps
+    np.testing.assert_allclose(got[representable], expected[representable], rtol=rtol)
+    assert not np.isnan(logs).any() and (logs[~representable] == -np.inf).all()
