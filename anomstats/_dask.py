@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -113,6 +114,14 @@ def dispatch(dask_version: Callable[..., Any], *, arg: str) -> Callable[[F], F]:
         def routed(*args: Any, **kwargs: Any) -> Any:
             data = args[position] if len(args) > position else kwargs.get(arg)
             if is_dask_array(data):
+                if _unknown_sizes(data):
+                    # Boolean indexing and the like leave NaN chunk sizes, which the shape checks and the
+                    # chunk-by-chunk reduction cannot use: compute them first (one extra pass over the graph).
+                    data = data.compute_chunk_sizes()
+                    if len(args) > position:
+                        args = args[:position] + (data,) + args[position + 1 :]
+                    else:
+                        kwargs = {**kwargs, arg: data}
                 return dask_version(*args, **kwargs)
             return func(*args, **kwargs)
 
@@ -120,6 +129,11 @@ def dispatch(dask_version: Callable[..., Any], *, arg: str) -> Callable[[F], F]:
         return routed  # type: ignore[return-value]
 
     return decorate
+
+
+def _unknown_sizes(x: Any) -> bool:
+    """Whether a dask array has chunks of unknown (NaN) size along some axis."""
+    return any(math.isnan(size) for sizes in x.chunks for size in sizes)
 
 
 def _dask_modules() -> tuple[Any, Any]:

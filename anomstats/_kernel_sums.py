@@ -16,7 +16,8 @@ How it is computed (in blocks whose temporaries stay within a memory budget, so 
   rounding is relative to the distance itself, which exact-mixture checks in 1-D and 2-D need). For
   larger ``d`` by one matrix product of augmented arrays (BLAS) that yields ``-r2 / 2`` directly; its
   rounding is relative to the squared norms, which is why the caller centres data and queries at the
-  weighted mean.
+  weighted mean, and why data spread more than ``PRODUCT_MAX_RADIUS`` bandwidths from that mean take the
+  direct route whatever ``d`` (:func:`anomstats._rules.product_route_is_accurate`).
 * Plain weighted sums ``sum_i w_i exp(-r2 / 2)`` (matrix-vector products): exact to rounding whenever the
   sum is far above the underflow threshold, the common case.
 * Rows whose plain sum is tiny (far queries: hundreds of bandwidths away, or thousands of dimensions) are
@@ -51,7 +52,7 @@ from scipy import linalg
 from ._budget import DEFAULT_MEMORY_BUDGET as _DEFAULT_BUDGET
 from ._validation import check_memory_budget
 from ._parallel import resolve_workers, run_chunks, single_threaded_blas
-from ._rules import DIRECT_MAX_D, exp_floor, trusted_sum_floor
+from ._rules import DIRECT_MAX_D, exp_floor, product_route_is_accurate, trusted_sum_floor
 
 #: Default budget, in bytes, for the per-call temporaries that would otherwise scale with ``n * m``.
 DEFAULT_MEMORY_BUDGET: int = _DEFAULT_BUDGET
@@ -110,11 +111,16 @@ class WhitenedCentres:
                 np.column_stack([self.weights, self.weights[:, None] * values])
             )
             self.shifted_operand = np.ascontiguousarray(np.column_stack([np.ones(self.n, self.dtype), values]))
-        # BLAS only handles single/double precision; long double always takes the direct route.
-        self.use_products = self.d > DIRECT_MAX_D and self.dtype in (np.float32, np.float64)
         half_sq = np.einsum("ij,ij->i", self.scaled, self.scaled)
         # Radius of the centres in scaled coordinates: |u_p - u_x| >= |u_p| - radius for every centre.
         self.radius = np.sqrt(half_sq.max()) if self.n else self.dtype.type(0)
+        # BLAS only handles single/double precision; long double always takes the direct route, and so do data
+        # spread too wide for the expanded square's rounding (half_sq is |z|²/2 in bandwidths).
+        self.use_products = (
+            self.d > DIRECT_MAX_D
+            and self.dtype in (np.float32, np.float64)
+            and product_route_is_accurate(2.0 * float(self.radius) ** 2)
+        )
         if self.use_products:
             # [u_x, 1, -|u_x|^2] . [2 u_p, -|u_p|^2, 1] = -|u_p - u_x|^2 = -r2 / 2.
             plain = np.empty((self.d + 2, self.n), dtype=self.dtype)

@@ -39,7 +39,13 @@ from ._rules import RANK_TEST_MIN_ULPS, covariance_normalisation, numerically_si
 from ._validation import describe_patch, require_finite
 from ._lapack import ScratchKernels
 from ._moment_kernels import first_observations, gather
-from ._shrinkage import ledoit_wolf_coefficient, oas_coefficient, shrink_in_place
+from ._shrinkage import (
+    ledoit_wolf_coefficient,
+    oas_coefficient,
+    power_of_two_scale,
+    scaled_trace_and_frobenius,
+    shrink_in_place,
+)
 
 
 # ---------------------------------------------------------------------------- faults of a patch, both packages
@@ -500,12 +506,17 @@ class PatchFinisher:
         *,
         rank_eps: float | None = None,
         scale_of: Callable[[], float] | None = None,
+        shrinkage_scale: float | None = None,
     ) -> None:
         """Regularise, factor and invert patch ``patch`` whose covariance's lower triangle is in ``t``.
 
         Everything happens in ``t`` (cache-resident); each output stack is written exactly once.
         ``rank_eps`` overrides the rank test's eps (:func:`patch_rank_eps`; a one-shot fit knows its data's
         dtype); ``scale_of()`` gives the features' scale for the message of a covariance that overflowed.
+        ``shrinkage_scale``: the power of two ``s`` that ``sum_fourth_powers`` was divided by (by ``s²``), which
+        the trace and the sum of squares of the covariance are then divided by too; ``None``: ``sum_fourth_powers``
+        is not divided, and ``s`` is :func:`anomstats._shrinkage.power_of_two_scale` of the trace (``1.0`` at
+        ordinary scales; otherwise ``sum_fourth_powers`` is divided by ``s²`` here).
         """
         est, out, c, t = self.settings, self.outputs, self.c, self.t
         diagonal = t.reshape(-1)[:: c + 1]
@@ -514,9 +525,13 @@ class PatchFinisher:
             # The work dtype overflowed (float64 work for a float32 result too): a wider result cannot help.
             raise unrepresentable_error(where, t.dtype, "covariance", None if scale_of is None else scale_of(), scale_remedy(t.dtype))
         if est.shrinkage is not None:
-            trace = float(diagonal.sum())
-            # sum of the squares of the full symmetric matrix, from its lower triangle
-            frobenius_sq = 2.0 * float(np.vdot(t, t)) - float(np.vdot(diagonal, diagonal))
+            # Scaled by a power of two where the squares would overflow or underflow (exact; the coefficients
+            # do not depend on it): features of scale 1e80 have a representable covariance and precision.
+            if shrinkage_scale is None:
+                shrinkage_scale = power_of_two_scale(float(diagonal.sum(dtype=np.float64)), t.dtype)
+                if sum_fourth_powers is not None and shrinkage_scale != 1.0:  # given unscaled: divided by s² here
+                    sum_fourth_powers = math.ldexp(sum_fourth_powers, 2 - 2 * math.frexp(shrinkage_scale)[1])
+            trace, frobenius_sq = scaled_trace_and_frobenius(t, shrinkage_scale)
             if est.shrinkage == "oas":
                 coef = float(oas_coefficient(trace, frobenius_sq, est.n_samples, c))
             else:
@@ -627,9 +642,15 @@ def fit_chunk(
         k = _first_bad_patch(mean_out[:, start:stop].T)
         raise non_finite_fit_error(describe_patch(start + k, settings.spatial), None)
     work -= chunk_mean[:, None, :]
-    sum_fourth_powers = None
+    sum_fourth_powers = shrinkage_scales = None
     if settings.shrinkage == "ledoit-wolf":
         row_sq = np.einsum("pnc,pnc->pn", work, work)
+        # Σ‖x − μ‖⁴ (~scale⁴) overflows float64 for features of scale beyond ~1e77 whose covariance and precision
+        # are representable: divided by s² for s a power of two of the trace's size (exact; 1.0 at ordinary scales).
+        traces = row_sq.sum(axis=1, dtype=np.float64) / n
+        shrinkage_scales = np.array([power_of_two_scale(trace, dtype) for trace in traces])
+        if (shrinkage_scales != 1.0).any():
+            row_sq = row_sq / shrinkage_scales[:, None]
         sum_fourth_powers = np.einsum("pn,pn->p", row_sq, row_sq, dtype=np.float64)
 
     finisher = scratch.finisher(outputs, settings, c, dtype)
@@ -641,6 +662,7 @@ def fit_chunk(
         finisher.finish(
             start + k, None if sum_fourth_powers is None else float(sum_fourth_powers[k]),
             rank_eps=rank_eps, scale_of=lambda k=k: feature_scale(work[k]),
+            shrinkage_scale=None if shrinkage_scales is None else float(shrinkage_scales[k]),
         )
 
 

@@ -52,6 +52,29 @@ LOG_2PI: float = math.log(2.0 * math.pi)
 #: (1e-13 relative for data of 10⁴ points). In 1-D the direct route costs about what the product does.
 DIRECT_MAX_D: int = 1
 
+#: Above ``DIRECT_MAX_D``, the product route is taken only while the whitened data lie within this many
+#: bandwidths of their centre (:func:`product_route_is_accurate`).
+PRODUCT_MAX_RADIUS: float = 500.0
+
+
+def product_route_is_accurate(squared_radius: float) -> bool:
+    """Whether a KDE's kernel exponents may come from the expanded square (one matrix product).
+
+    ``squared_radius`` is the largest squared norm of the whitened, centred kernel centres (in bandwidths).
+    The product route's exponent ``y·t − |y|²/2 − |t|²/2`` is off by about ``eps·(|y|² + |t|²)`` in absolute
+    terms, the relative error of that pair's kernel value; for the pairs that carry a density (a query near a
+    centre, both within the radius ``R``) that is ``2·eps·R²``. Data spread far wider than the bandwidth (a
+    narrow explicit ``kernel_covariance``, a tiny factor, distant clusters) would be scored hundreds of nats
+    off; beyond ``R = PRODUCT_MAX_RADIUS`` (an error of at most ``5e5·eps``: 1.1e-10 in float64) both
+    packages form the squared distances by direct differences, whose rounding is relative to the distance.
+
+    Examples
+    --------
+    >>> product_route_is_accurate(30.0**2), product_route_is_accurate(1e18)
+    (True, False)
+    """
+    return bool(squared_radius <= PRODUCT_MAX_RADIUS**2)
+
 #: numpy.cov's warning text when the normalisation is not positive.
 DOF_WARNING: str = "Degrees of freedom <= 0 for slice"
 
@@ -244,15 +267,17 @@ def numerically_singular_pivot(factor_diagonal: Any, variances: Any, eps_dtype: 
 
 
 
-def covariance_noise_variance(variances: Any, means: Any, n_observations: int, data_eps: Any = None) -> np.ndarray:
+def covariance_noise_variance(
+    variances: Any, means: Any, n_observations: int, data_eps: Any = None, exponents: Any = None
+) -> np.ndarray:
     """Per feature, the variance that rounding alone can put into a computed covariance's diagonal direction.
 
     The noise scale of the library's rank test of a data covariance
     (:func:`anomstats.bandwidth.check_data_covariance`): a feature whose variance, or whose share left
     unexplained by the other features, is within a few of these is constant, or a linear combination of the
-    others, to rounding. Three sources, per feature with variance ``σ²`` and mean ``μ``::
+    others, to rounding. Four sources, per feature with variance ``σ²`` and mean ``μ``::
 
-        ν² = 4·eps_data²·(σ² + μ²)  +  acc·σ²  +  acc²·μ²,    acc = (16 + √n)·eps64
+        ν² = 4·eps_data²·(σ² + μ²)  +  acc·σ²  +  acc²·μ²  +  n·2⁻¹⁰⁷⁴,    acc = (16 + √n)·eps64
 
     * the data's own rounding: a feature computed from others and stored in the data's dtype (float32 data
       were rounded to float32 even when the covariance is accumulated in float64) carries noise of
@@ -261,10 +286,18 @@ def covariance_noise_variance(variances: Any, means: Any, n_observations: int, d
     * the accumulation of the ``n`` centred products in float64, ``acc·σ²`` relative to the entries (the
       typical ``√n`` growth of a BLAS sum, plus a few eps of the factorisation: measured up to 4.6·D·eps64
       with NumPy for n <= 3000 and 63·D·eps64 with torch for n = 1e6);
-    * the rounding of the mean, which shifts every centred value by up to ``acc·|μ|``.
+    * the rounding of the mean, which shifts every centred value by up to ``acc·|μ|``;
+    * the absolute rounding of subnormal products (features of variance below about ``1e-290``): each of the
+      ``n`` products rounds to half a unit of ``2⁻¹⁰⁷⁴`` (sums of subnormals are exact), at most
+      ``n·2⁻¹⁰⁷⁵`` per entry, doubled here.
 
     ``data_eps`` is the machine epsilon of the data's dtype (``None`` or 0 for integer and bool data, which are
-    exact). Works on arrays of D numbers (float64 NumPy; the torch adapter passes ``.cpu().numpy()``).
+    exact). ``exponents`` (integers ``e_k``, default 0) says that the features were rescaled by powers of two
+    ``2^-e_k`` before the call (``variances`` by ``2^-2e_k``, ``means`` by ``2^-e_k``): the result is then in
+    those units too (the fourth term, absolute, is scaled by ``2^-2e_k``; the others scale by themselves).
+    :func:`anomstats.bandwidth.check_data_covariance` scales each feature so that ``max(σ, |μ|)`` is of order
+    one: the squares of the means cannot overflow, nor the noise underflow, at any representable scale.
+    Works on arrays of D numbers (float64 NumPy; the torch adapter passes ``.cpu().numpy()``).
 
     Examples
     --------
@@ -273,11 +306,19 @@ def covariance_noise_variance(variances: Any, means: Any, n_observations: int, d
     True
     """
     var = np.asarray(variances, dtype=np.float64)
+    # Bound: μ² overflows beyond |μ| ~ 1.3e154 and the noise underflows for σ² below ~1e-300; callers that may
+    # meet such features pass them scaled to max(σ, |μ|) ~ 1 (check_data_covariance), where every term below
+    # is within [acc²/4, 1) or is 0.
     mean_sq = np.square(np.asarray(means, dtype=np.float64))
     eps64 = float(np.finfo(np.float64).eps)
-    acc = (16.0 + math.sqrt(max(int(n_observations), 1))) * eps64
+    n = max(int(n_observations), 1)
+    acc = (16.0 + math.sqrt(n)) * eps64
     own = 0.0 if data_eps is None else float(data_eps)
-    return 4.0 * own * own * (var + mean_sq) + acc * var + acc * acc * mean_sq
+    scale = np.zeros(var.shape, dtype=int) if exponents is None else np.asarray(exponents, dtype=int)
+    # n·2⁻¹⁰⁷⁴ is exact (a subnormal) for n < 2⁵²; scaled by 2^-2e_k it is exact too, or 0 where negligible.
+    with np.errstate(under="ignore", over="ignore"):  # inf only for data of subnormal values: then "constant"
+        subnormal = np.ldexp(np.full(var.shape, n * 2.0**-1074), -2 * scale)
+    return 4.0 * own * own * (var + mean_sq) + acc * var + acc * acc * mean_sq + subnormal
 
 
 #: The first-order rank test (:func:`numerically_singular_pivot` with :func:`rank_test_eps`) uses at least

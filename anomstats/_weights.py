@@ -202,15 +202,31 @@ def kde_weights_of_valid_shape(weights: Any, n: int | None) -> NDArray[np.float6
 
 
 def normalised_kde_weights(w: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Check the values of a float64 weight vector that the caller owns and normalise it in place."""
+    """Check the values of a float64 weight vector that the caller owns and normalise it in place.
+
+    Finite weights of any scale are accepted, also those whose sum overflows float64 (each weight near
+    ``1e308``): they are first scaled by the power of two that brings the largest into ``[0.5, 1)`` (exact,
+    short of weights below ``2⁻¹⁰²²`` of the largest), so the sum is at most ``n`` and the normalised weights
+    are, bit for bit, those of the unscaled division wherever that one does not overflow.
+
+    Examples
+    --------
+    >>> normalised_kde_weights(np.array([1e308, 1e308, 1e308, 1e308]))  # Σw = 4e308 overflows
+    array([0.25, 0.25, 0.25, 0.25])
+    """
     if np.any(w < 0):
         raise ValueError("`weights` must be non-negative (aweights cannot be negative).")
     if not np.all(np.isfinite(w)):
         raise ValueError(
             "`weights` must be finite (array must not contain infs or NaNs); remove or replace them."
         )
+    largest = float(w.max()) if w.size else 0.0
+    if largest > 0:
+        # w·2⁻ᵏ with the largest in [0.5, 1): every term < 1, so the sum (<= n) cannot overflow; a power of
+        # two scales each weight and each partial sum exactly, so w / Σw keeps its bits.
+        np.ldexp(w, -int(np.frexp(largest)[1]), out=w)
     total = w.sum()
-    if not (np.isfinite(total) and total > 0):
+    if not total > 0:
         raise ValueError(
             "`weights` must have a positive, finite sum; at least one weight must be positive "
             "(normalising needs a positive sum)."

@@ -136,7 +136,8 @@ def effective_sample_size(weights) -> float:
     Parameters
     ----------
     weights : array_like, shape (n,)
-        Non-negative weights with a positive, finite sum.
+        Non-negative, finite weights with a positive sum (of any scale: a sum that overflows float64 is
+        normalised exactly, see :func:`anomstats._weights.normalised_kde_weights`).
 
     Returns
     -------
@@ -416,7 +417,8 @@ def check_data_covariance(covariance: Any, means: Any, n_observations: int, eps:
     The library's rank test of a data covariance (both packages' KDEs, and ``bw_method='cv_ml'``). Each
     feature ``k`` is measured in units of the variance that rounding alone can put there,
     ``ν_k²`` (:func:`anomstats._rules.covariance_noise_variance`: the data's own eps, the float64
-    accumulation over the ``n`` points, the rounding of the mean), i.e. the test factors
+    accumulation over the ``n`` points, the rounding of the mean, the absolute rounding of subnormal
+    products), i.e. the test factors
     ``Ã = diag(1/ν) A diag(1/ν)``:
 
     * a feature with ``Ã_kk = σ_k²/ν_k² <= D`` has no variance beyond rounding: it is constant;
@@ -428,6 +430,11 @@ def check_data_covariance(covariance: Any, means: Any, n_observations: int, eps:
       the noise of each feature in place of ``eps·A_kk`` and with pivoting, which keeps the multipliers
       bounded: without it, a combination with coefficients 1e-3..1e3 left up to 1e11·eps of a dependent
       feature's variance in measurements, so no tolerance on unpivoted factors decides reliably.
+
+    Each feature is first rescaled by a power of two (exact, and the test is invariant to it), so that means
+    up to float64's range (where ``μ²`` overflows) and variances down to subnormal ones (where ``ν_k²``
+    underflows) are measured as those of order one are: full-rank data pass at any scale where their
+    covariance is finite and its spread above the absolute rounding of subnormal products.
 
     The feature named is the first, in index order, that is a combination of the features before it: the
     smallest ``k`` whose features ``0..k`` fail the test while ``0..k-1`` pass (found by bisection, at most
@@ -470,8 +477,23 @@ def check_data_covariance(covariance: Any, means: Any, n_observations: int, eps:
     """
     a = np.array(np.atleast_2d(covariance), dtype=np.float64)
     d = a.shape[0]
+    # Each feature k is first rescaled by the power of two 2**-e_k with max(σ_k, |μ_k|) in [0.5, 1) (zero
+    # features keep e_k = 0): the test is invariant to it, and it is exact, so the verdict and the scaled
+    # matrix below keep their bits wherever the unscaled computation stays in range. Without it the noise
+    # model squares the means (μ² overflows beyond |μ| ~ 1.3e154: every feature "constant") and the noise of
+    # features of subnormal variance underflows (σ ~ 1e-155: "a linear combination"). Bound: after the
+    # scaling |μ_k| < 1 and σ_k² < 1, so the relative terms of ν_k² sum to less than 8·eps_data² + acc + acc²
+    # < 1 (no overflow), and to at least acc·σ_k² + acc²·μ_k² >= acc²/4 ~ 1e-29 (no underflow) unless
+    # σ_k = μ_k = 0; the absolute term of subnormal products, n·2**(-1074 - 2·e_k), is scaled with them.
     variances = np.diagonal(a).copy()
-    noise = np.sqrt(covariance_noise_variance(variances, means, n_observations, eps))
+    mean_values = np.asarray(means, dtype=np.float64).reshape(-1)
+    with np.errstate(invalid="ignore"):
+        spread = np.maximum(np.sqrt(variances), np.abs(mean_values))
+    exponents = np.where(spread > 0, np.frexp(spread)[1], 0)
+    a = np.ldexp(a, -(exponents[:, None] + exponents[None, :]))
+    variances = np.diagonal(a).copy()
+    mean_values = np.ldexp(mean_values, -exponents)
+    noise = np.sqrt(covariance_noise_variance(variances, mean_values, n_observations, eps, exponents))
     with np.errstate(divide="ignore", invalid="ignore"):
         signal = variances / np.square(noise)
     constant = ~(signal > d)  # zero variance included (0/0 is NaN: a constant zero feature)

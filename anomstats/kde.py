@@ -82,7 +82,9 @@ def _as_data(dataset) -> np.ndarray:
 
 
 def _check_finite_data(data: np.ndarray) -> None:
-    if np.issubdtype(data.dtype, np.number) and not np.issubdtype(data.dtype, np.complexfloating):
+    """Refuse NaN or infinity in numeric data, complex included (a complex value is finite when both of its
+    parts are, as scipy requires: its covariance of such data is NaN and its Cholesky refuses it)."""
+    if np.issubdtype(data.dtype, np.number):
         if not np.all(np.isfinite(data)):
             raise ValueError(NON_FINITE_DATA)
 
@@ -404,6 +406,9 @@ class GaussianKDE:
     def set_bandwidth(self, bw_method=None) -> None:
         """Choose the bandwidth rule and recompute the kernel covariance.
 
+        A failed call (any exception) changes nothing: the rule, ``factor``, ``covariance``, ``cho_cov`` and
+        ``log_det`` stay as they were.
+
         Parameters
         ----------
         bw_method : str, scalar or callable, optional
@@ -416,6 +421,8 @@ class GaussianKDE:
         ValueError
             For any other ``bw_method`` (scipy's message), or if the resulting factor is not a positive,
             finite real number.
+        OverflowError
+            If the square of a Python float factor overflows (e.g. ``1e300``), as in scipy.
 
         Examples
         --------
@@ -429,14 +436,16 @@ class GaussianKDE:
         0.7677
         """
         rule = _bw.resolve_bw_method(bw_method)
-        # Restored if the new rule gives an unusable factor, so a failed call changes nothing.
+        # Restored if the new rule fails in any way (an unusable factor, singular data, a factor whose square
+        # overflows), so a failed call changes nothing: _compute_covariance assigns the derived attributes
+        # only once all of them are computed, and the rule's own attributes are put back here.
         kept = ("covariance_factor", "_bw_method", "_kernel_covariance")
         saved = {k: self.__dict__[k] for k in kept if k in self.__dict__}
         try:
             if rule is not None:
                 self.__dict__.pop("_kernel_covariance", None)  # a rule replaces an explicit covariance
             self._apply_bw_rule(rule)
-        except (ValueError, linalg.LinAlgError):
+        except BaseException:
             for key in kept:
                 self.__dict__.pop(key, None)
             self.__dict__.update(saved)
@@ -479,18 +488,21 @@ class GaussianKDE:
         (or from the explicit kernel covariance, when one was given).
         """
         explicit = self.__dict__.get("_kernel_covariance")
+        # Computed into locals and assigned together at the end: a failure on the way (a singular data
+        # covariance, a factor whose square overflows) leaves factor, covariance, cho_cov and log_det as
+        # they were (only the caches of the data's own moments may have been filled).
         if explicit is not None:
-            self.factor = None
-            self.covariance = np.array(explicit)  # writable, as scipy's attribute
-            self.cho_cov = linalg.cholesky(explicit, lower=True)
+            factor = None
+            covariance = np.array(explicit)  # writable, as scipy's attribute
+            cho_cov = linalg.cholesky(explicit, lower=True)
         else:
             factor = self.covariance_factor()
             _bw.check_factor(factor)
-            self.factor = factor
             self._data_moments()
-            self.covariance = self._data_covariance * self.factor**2
-            self.cho_cov = (self._data_cho_cov * self.factor).astype(np.float64)
-        self.log_det = 2 * np.log(np.diag(self.cho_cov * np.sqrt(2 * np.pi))).sum()
+            covariance = self._data_covariance * factor**2
+            cho_cov = (self._data_cho_cov * factor).astype(np.float64)
+        log_det = 2 * np.log(np.diag(cho_cov * np.sqrt(2 * np.pi))).sum()
+        self.factor, self.covariance, self.cho_cov, self.log_det = factor, covariance, cho_cov, log_det
 
     @property
     def inv_cov(self) -> np.ndarray:
@@ -660,6 +672,11 @@ class GaussianKDE:
         numpy.linalg.LinAlgError
             If ``covariance + cov`` is not positive definite.
 
+        Notes
+        -----
+        Only the upper triangle of ``covariance + cov`` is read (its lower triangle is taken as the mirror
+        image), as scipy's ``cho_factor`` reads it: a non-symmetric ``cov`` gives scipy's value.
+
         Examples
         --------
         >>> import numpy as np
@@ -685,8 +702,11 @@ class GaussianKDE:
         sum_cov = np.asarray(sum_cov)
         wide = any(np.asarray(a).dtype == np.longdouble for a in (sum_cov, data, queries))
         dtype = np.dtype(np.longdouble if wide else np.float64)
-        # LinAlgError if not positive definite (LAPACK works in float64).
-        cho = linalg.cholesky(sum_cov.astype(np.float64), lower=True)
+        # scipy factors sum_cov with cho_factor (lower=False), which reads the upper triangle only: mirror it
+        # (for a symmetric matrix this is the matrix itself, bit for bit). LinAlgError if not positive
+        # definite (LAPACK works in float64).
+        upper = np.triu(sum_cov.astype(np.float64))
+        cho = linalg.cholesky(upper + np.triu(upper, 1).T, lower=True)
         state = _EvaluationState(data, weights, cho, dtype)
         with np.errstate(over="ignore", invalid="ignore"):  # far queries: inf or NaN rows score 0 in kernel_sums
             z = whiten(np.asarray(queries, dtype=dtype), state.mean, state.cho)

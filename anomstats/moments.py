@@ -27,7 +27,11 @@ Weights of any scale. The covariance depends only on the ratios of the weights, 
 ×1e200 overflows (and ×1e-200 underflows to 0, which silently drops the ``ddof`` correction). The
 accumulator evaluates every weight formula on weights scaled by a power of two (exact:
 :func:`anomstats._weights.scaled_weights`) and keeps ``Σw²`` as a mantissa and a power-of-two exponent,
-so weighted results are invariant to rescaling the weights (bit for bit by powers of two).
+so weighted results are invariant to rescaling the weights (bit for bit by powers of two). Finite weights
+whose *sum* overflows (each near float64's maximum) are folded in scaled by a power of two ``2⁻ˢ`` (an even
+``s``, chosen when a total would overflow and kept from then on): ``Σw`` and the centred sums, both of degree
+1 in the weights, are then held at that scale (``s`` is the state's ``weights_exponent``), so they stay
+finite and the covariance is that of the unscaled weights (bit for bit where the latter's sums are finite).
 """
 
 from __future__ import annotations
@@ -94,10 +98,43 @@ def _check_finite(data: np.ndarray, name: str = "x") -> None:
         refuse_non_finite(np.unravel_index(int(np.argmax(bad)), data.shape), name)
 
 
+#: Bound on the magnitude of a state's power-of-two exponents. Every state this class writes is far inside
+#: it (``Σw²`` of float64 weights lies within ``2**±2200`` times the count, and the weights' scale exponent
+#: within ``1100``); beyond it ``2**exponent`` times any float is 0 or inf, and NumPy's ``ldexp`` would raise
+#: ``OverflowError`` for exponents beyond a C int.
+_MAX_STATE_EXPONENT = 1 << 13
+
+
 def _ldexp(mantissa: float, exponent: int) -> float:
     """``mantissa·2**exponent`` as a float, ``±inf`` or 0 where it is out of range (no exception)."""
+    # Clamped: beyond ±2**14 every finite float times 2**exponent is already 0 or inf.
+    exponent = max(-(1 << 14), min(1 << 14, int(exponent)))
     with np.errstate(over="ignore", under="ignore"):
         return float(np.ldexp(np.float64(mantissa), exponent))
+
+
+def _scale_in_place(array: np.ndarray, exponent: int) -> None:
+    """``array *= 2**exponent`` exactly (real or complex, any float dtype; 0 or inf where out of range)."""
+    if exponent == 0 or array.size == 0:
+        return
+    real = array.view(array.real.dtype) if array.dtype.kind == "c" else array
+    with np.errstate(over="ignore", under="ignore"):
+        np.ldexp(real, exponent, out=real)
+
+
+def _weight_scale(current: int, *totals: tuple[float, int]) -> int:
+    """The scale exponent ``s`` (even) at which a state of scale ``current`` holds the sum of ``totals``.
+
+    Each total is ``mantissa·2**exponent`` (mantissa finite, >= 0). ``current`` is kept while the sum of the
+    totals scaled by ``2**-current`` is finite; otherwise ``s`` is the smallest even number ``>= t + 1``, ``2**t``
+    bounding the larger total, which puts that total in ``[2**-3, 2**-1)`` (so the sum of the two is below 1,
+    far from overflowing). It only grows: the sum overflowing at ``current`` means ``t >= current + 1024``.
+    """
+    if math.isfinite(sum(_ldexp(mantissa, exponent - current) for mantissa, exponent in totals)):
+        return current
+    top = max(math.frexp(mantissa)[1] + exponent for mantissa, exponent in totals if mantissa > 0)
+    scale = top + 1
+    return scale + scale % 2
 
 
 def _scaled_chan(w_a: float, w_b: float) -> ChanWeights:
@@ -122,13 +159,18 @@ def _state_weight_sum(state: dict[str, Any], name: str) -> float:
     return number
 
 
-def _state_exponent(value: Any) -> int:
+def _state_exponent(value: Any, name: str = "sum_squared_weights_exponent") -> int:
     try:
         exponent = operator.index(value)
     except TypeError:
-        raise ValueError(f"state['sum_squared_weights_exponent'] must be an even integer, got {value!r}") from None
+        raise ValueError(f"state['{name}'] must be an even integer, got {value!r}") from None
     if exponent % 2 or isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"state['sum_squared_weights_exponent'] must be an even integer, got {value!r}")
+        raise ValueError(f"state['{name}'] must be an even integer, got {value!r}")
+    if abs(exponent) > _MAX_STATE_EXPONENT:
+        raise ValueError(
+            f"state['{name}'] must be an even integer of magnitude at most {_MAX_STATE_EXPONENT} (every "
+            f"state of float64 weights is far inside this), got {value!r}"
+        )
     return exponent
 
 
@@ -148,8 +190,11 @@ def _check_state_arrays(count: int, mean: np.ndarray, sums: np.ndarray, residual
         raise ValueError("state has count=0 but non-zero mean or centred_sums; an empty batch adds nothing")
 
 
-def _check_weight_sums(count: int, sum_w: float, sum_w2: float, w2_exp: int) -> None:
-    """``(Σw)²/count <= Σw² <= (Σw)²`` for weights >= 0 (Cauchy-Schwarz and the cross terms), to rounding."""
+def _check_weight_sums(count: int, sum_w: float, sum_w2: float, w2_exp: int, w_exp: int = 0) -> None:
+    """``(Σw)²/count <= Σw² <= (Σw)²`` for weights >= 0 (Cauchy-Schwarz and the cross terms), to rounding.
+
+    ``Σw = sum_w·2**w_exp`` and ``Σw² = sum_w2·2**w2_exp``.
+    """
     if count == 0:
         if sum_w or sum_w2:
             raise ValueError(
@@ -164,7 +209,7 @@ def _check_weight_sums(count: int, sum_w: float, sum_w2: float, w2_exp: int) -> 
         )
     if sum_w == 0:
         return
-    scaled = _ldexp(sum_w, -(w2_exp // 2))  # Σw in the scale of the mantissa of Σw²
+    scaled = _ldexp(sum_w, w_exp - w2_exp // 2)  # Σw in the scale of the mantissa of Σw²
     square = scaled * scaled
     # Both sums were accumulated over at most count terms (and as many merges): relative rounding of
     # at most about count·eps each; 4x that is allowed.
@@ -211,14 +256,16 @@ class RunningMoments:
     sum_weights, sum_squared_weights : float
         ``Σw`` and ``Σw²`` over all observations (unit weights when an update gives none).
         ``sum_squared_weights`` is ``inf`` (or 0) for weights so large (small) that ``Σw²`` is out of
-        float range; the accumulator itself keeps it scaled and is not affected.
+        float range, and ``sum_weights`` is ``inf`` for finite weights whose sum overflows; the accumulator
+        itself keeps them scaled and is not affected.
     mean : ndarray, shape (*batch, C)
         Read-only view of the weighted mean (rounded; ``mean_residual`` is what rounding dropped).
     mean_residual : ndarray, shape (*batch, C)
         Read-only view of ``exact mean − mean`` (at most half a unit in the last place of ``mean``):
         the part of the mean that keeps streaming exact far from the origin.
     centred_sums : ndarray, shape (*batch, C, C)
-        Read-only view of ``Σ w (x − mean)(x − mean)ᴴ``.
+        Read-only view of ``Σ w (x − mean)(x − mean)ᴴ`` (times ``2**-weights_exponent`` for weights whose
+        sum overflows, see :meth:`state`).
     batch_shape, n_vars, dtype
         Fixed by the first update (``None`` before it).
 
@@ -276,6 +323,9 @@ class RunningMoments:
         self.workers = resolve_workers(workers)
         self._count = 0
         self._sum_w = 0.0
+        # The scale of the weights folded in: Σw = _sum_w · 2**_w_exp and the centred sums are _sums · 2**_w_exp.
+        # 0 (the weights as given) unless a total would overflow; then even, and it only grows.
+        self._w_exp = 0
         # Σw² = _sum_w2 · 2**_w2_exp: _w2_exp is 0 (a plain float, as numpy sums it) unless Σw² is out of
         # float range (weights of extreme scale); then it is even and the mantissa is in range.
         self._sum_w2 = 0.0
@@ -292,8 +342,8 @@ class RunningMoments:
 
     @property
     def sum_weights(self) -> float:
-        """``Σw`` over all observations seen (equals ``count`` without weights)."""
-        return self._sum_w
+        """``Σw`` over all observations seen (equals ``count`` without weights; ``inf`` out of float range)."""
+        return _ldexp(self._sum_w, self._w_exp)
 
     @property
     def sum_squared_weights(self) -> float:
@@ -329,7 +379,8 @@ class RunningMoments:
 
     @property
     def centred_sums(self) -> np.ndarray:
-        """``Σ w (x − mean)(x − mean)ᴴ``, shape ``(*batch, C, C)`` (read-only live view)."""
+        """``Σ w (x − mean)(x − mean)ᴴ``, shape ``(*batch, C, C)`` (read-only live view; times
+        ``2**-weights_exponent`` for weights whose sum overflows, see :meth:`state`)."""
         return _read_only(self._require_data("centred_sums")[1])
 
     def _require_data(self, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -366,10 +417,11 @@ class RunningMoments:
     def _scaled_weight_sums(self) -> tuple[float, float, int]:
         """``(Σw·2⁻ʲ, Σw²·2⁻²ʲ, j)``: weight sums scaled into float range (``j = 0`` for ordinary weights)."""
         j = self._w2_exp // 2
-        return _ldexp(self._sum_w, -j), self._sum_w2, j
+        return _ldexp(self._sum_w, self._w_exp - j), self._sum_w2, j
 
     def _normalisation(self, ddof: int) -> float:
-        """:func:`anomstats._rules.degrees_of_freedom` (``"raise"``) of the weights seen, for weights of any scale.
+        """:func:`anomstats._rules.degrees_of_freedom` (``"raise"``) of the weights seen, for weights of any scale,
+        in the scale of the stored centred sums (``2**-weights_exponent``).
 
         The rule is homogeneous of degree 1 in the weights: it is evaluated on the scaled sums and scaled back.
         """
@@ -381,7 +433,7 @@ class RunningMoments:
                 raise
             scaled = covariance_normalisation(sum_w, sum_w2, ddof)  # report the normalisation of the weights given
             raise ValueError(str(error).replace(f" is {scaled:g} ", f" is {_ldexp(scaled, j):g} ")) from None
-        return _ldexp(norm, j)
+        return _ldexp(norm, j - self._w_exp)
 
     def _one_shot_covariance(self, ddof: int) -> np.ndarray:
         """The covariance with numpy's semantics, for the dask twin of :func:`anomstats.batched_cov`: an empty
@@ -389,7 +441,7 @@ class RunningMoments:
         warning was given when the lazy result was built)."""
         assert self._sums is not None
         sum_w, sum_w2, j = self._scaled_weight_sums()
-        norm = _ldexp(covariance_normalisation(sum_w, sum_w2, ddof), j)
+        norm = _ldexp(covariance_normalisation(sum_w, sum_w2, ddof), j - self._w_exp)
         if norm <= 0:
             with np.errstate(divide="ignore", invalid="ignore"):
                 return self._sums * np.inf
@@ -406,7 +458,12 @@ class RunningMoments:
         location-free streaming (:meth:`from_state` takes states without them, as zeros): they make a restart
         exact. ``mean_residual`` is ``exact mean − mean``; ``sum_squared_weights_exponent`` is 0 for
         ordinary weights. :meth:`from_state` rebuilds an equal accumulator from it.
+
+        Only for finite weights whose sum overflows float64 (each near its maximum), which the accumulator
+        holds scaled, one more key, ``weights_exponent`` (even, positive): then ``Σw =
+        sum_weights · 2**weights_exponent`` and the centred sums are ``centred_sums · 2**weights_exponent``.
         """
+        extra = {} if self._w_exp == 0 else {"weights_exponent": self._w_exp}
         return {
             "count": self._count,
             "sum_weights": self._sum_w,
@@ -415,6 +472,7 @@ class RunningMoments:
             "centred_sums": None if self._sums is None else self._sums.copy(),
             "mean_residual": None if self._residual is None else self._residual.copy(),
             "sum_squared_weights_exponent": self._w2_exp,
+            **extra,
         }
 
     @classmethod
@@ -439,7 +497,8 @@ class RunningMoments:
             that are negative, not finite, or inconsistent (``Σw² > (Σw)²``, ``Σw² < (Σw)²/count``, non-zero
             sums without observations); non-finite or wrongly shaped arrays (``mean`` ``(*batch, C)``,
             ``centred_sums`` ``(*batch, C, C)``, ``mean_residual`` like ``mean``); a negative diagonal of
-            ``centred_sums``; observations without arrays.
+            ``centred_sums``; observations without arrays; a ``sum_squared_weights_exponent`` or
+            ``weights_exponent`` that is not an even integer of magnitude at most ``2**13``.
 
         Examples
         --------
@@ -472,8 +531,9 @@ class RunningMoments:
         sum_w = _state_weight_sum(state, "sum_weights")
         sum_w2 = _state_weight_sum(state, "sum_squared_weights")
         w2_exp = _state_exponent(state.get("sum_squared_weights_exponent", 0))
+        w_exp = _state_exponent(state.get("weights_exponent", 0), "weights_exponent")
         if check_values:
-            _check_weight_sums(count, sum_w, sum_w2, w2_exp)
+            _check_weight_sums(count, sum_w, sum_w2, w2_exp, w_exp)
         mean, sums, residual = state["mean"], state["centred_sums"], state.get("mean_residual")
         if mean is None or sums is None:
             if count or mean is not None or sums is not None or residual is not None:
@@ -503,6 +563,7 @@ class RunningMoments:
         # The exact mean is mean + residual; re-split it in the accumulation dtype.
         two_sum(mean.astype(acc), residual.astype(acc), moments._mean, moments._residual)
         moments._count, moments._sum_w, moments._sum_w2, moments._w2_exp = count, sum_w, sum_w2, w2_exp
+        moments._w_exp = w_exp
         return moments
 
     def copy(self) -> RunningMoments:
@@ -644,21 +705,43 @@ class RunningMoments:
             _check_finite(data)
         if w is None:
             w_b, w2_b, w2_exp = float(n_obs), float(n_obs), 0
+            batch_total = (w_b, 0)
         else:
             scaled, k = scaled_weights(w)
-            w_b, w2_b, w2_exp = float(w.sum()), float(np.dot(scaled, scaled)), 2 * k
+            with np.errstate(over="ignore"):
+                w_b = float(w.sum())  # inf for finite weights whose sum overflows: then folded in scaled
+            w2_b, w2_exp = float(np.dot(scaled, scaled)), 2 * k
             if 2 * k and math.isfinite(_ldexp(w2_b, 2 * k)) and _ldexp(w2_b, 2 * k) >= np.finfo(np.float64).tiny:
                 w2_b, w2_exp = _ldexp(w2_b, 2 * k), 0  # in range: the plain Σw² (bit for bit np.dot(w, w))
+            batch_total = (float(scaled.sum()), k)  # Σw = Σ(w·2⁻ᵏ)·2ᵏ, exactly; the first factor is <= n
+        # The scale of the weights (see the module notes): the state's unless Σw would overflow there.
+        w_exp = _weight_scale(self._w_exp, (self._sum_w, self._w_exp), batch_total)
+        if w_exp:
+            # Folded in as w·2⁻ˢ: exact, short of weights below 2**(s-1022), which round (or vanish) but weigh
+            # less than 2⁻¹⁰¹⁹ of the total (>= 2**(s-3) once s is set). s is even, so √w scales exactly too.
+            with np.errstate(under="ignore"):
+                w = np.ldexp(np.ones(n_obs) if w is None else w, -w_exp)
+            w_b = float(w.sum())  # of the weights folded in (exactly Σw·2⁻ˢ unless some were negligible)
         # Validated: from here on nothing raises, so a refused batch leaves the state alone.
         if self._mean is None:
             self._start(batch, n_var, acc)
-        assert self._mean is not None
+        assert self._mean is not None and self._sums is not None
+        self._rescale(w_exp)
         if w_b > 0.0 and self._mean.size:
             self._fold_data(view, acc, w, w_b)
         self._count += n_obs
         self._sum_w += w_b
         self._add_squared_weights(w2_b, w2_exp)
         return self
+
+    def _rescale(self, w_exp: int) -> None:
+        """Hold ``Σw`` and the centred sums at the weights' scale ``2**-w_exp`` (``w_exp >= self._w_exp``)."""
+        if w_exp == self._w_exp:
+            return
+        assert self._sums is not None
+        self._sum_w = _ldexp(self._sum_w, self._w_exp - w_exp)
+        _scale_in_place(self._sums, self._w_exp - w_exp)
+        self._w_exp = w_exp
 
     def _fold_data(self, view: np.ndarray, acc: np.dtype[Any], w: Any, w_b: float) -> None:
         """Fold new observations (``view`` laid out ``(*batch, N, C)``) into the state, chunk by chunk.
@@ -764,18 +847,26 @@ class RunningMoments:
         else:
             self._check_compatible(o_mean.shape[:-1], o_mean.shape[-1], o_mean.dtype, "other")
         assert self._mean is not None
-        if other._sum_w > 0.0 and self._mean.size:
+        # Both sides at one scale of the weights (see the module notes): exact powers of two.
+        other_total = (other._sum_w, other._w_exp)
+        w_exp = self._w_exp if other._sum_w == 0.0 else _weight_scale(
+            max(self._w_exp, other._w_exp), (self._sum_w, self._w_exp), other_total
+        )
+        w_b = _ldexp(other._sum_w, other._w_exp - w_exp)
+        self._rescale(w_exp)
+        if w_b > 0.0 and self._mean.size:
             acc = self._mean.dtype
             n_var = o_mean.shape[-1]
-            chan = _scaled_chan(self._sum_w, other._sum_w)
+            chan = _scaled_chan(self._sum_w, w_b)
             per_item = (3 * n_var * n_var + 4 * n_var) * acc.itemsize  # copies + outer product
             max_items = items_per_chunk(per_item, self.memory_budget)
             for index, p in batch_chunks(o_mean.shape[:-1], max_items):
                 mean_b = np.array(o_mean[index], dtype=acc).reshape(p, n_var)
                 residual_b = np.array(o_residual[index], dtype=acc).reshape(p, n_var)
                 sums_b = np.array(o_sums[index], dtype=acc).reshape(p, n_var, n_var)
+                _scale_in_place(sums_b, other._w_exp - w_exp)
                 self._fold_chunk(index, p, chan, mean_b, residual_b, sums_b)
         self._count += other._count
-        self._sum_w += other._sum_w
+        self._sum_w += w_b
         self._add_squared_weights(other._sum_w2, other._w2_exp)
         return self

@@ -1,8 +1,12 @@
 """Consistency of the per-patch Gaussians' checkpoints: the entries of one state dict must fit together.
 
 Called by the modules' ``_check_state_consistency`` hook (:class:`anomstats_torch.DynamicBufferModule`)
-before anything is loaded; every refusal is :func:`anomstats._validation.inconsistent_state_error`, a
-``RuntimeError`` as torch's own load errors, that says what does not fit and what a consistent state holds.
+before anything is loaded. The rules every module's hook shares live here too, for the KDE's hook
+(:meth:`anomstats_torch.GaussianKDE._check_state_consistency`) as for the Gaussians': a real dtype
+(:func:`check_real`), sparse and quantized entries read as dense (:func:`readable`), and values checked in the
+dtype the module's buffers will give them (:func:`target_dtype`, :func:`all_finite`, :func:`beyond_dtype`).
+Every refusal is :func:`anomstats._validation.inconsistent_state_error`, a ``RuntimeError`` as torch's own
+load errors, that says what does not fit and what a consistent state holds.
 
 The state after the load is checked: an entry of the checkpoint, or the module's own buffer where the
 checkpoint lacks it (``strict=False``). An empty tensor there means "not fitted yet" and fits everything,
@@ -22,7 +26,18 @@ from anomstats._validation import inconsistent_state_error
 from . import _streaming
 from ._policy import rows_per_chunk
 
-__all__ = ["check_dense", "check_low_rank", "check_stream", "refusal"]
+__all__ = [
+    "CAST_FIRST",
+    "all_finite",
+    "beyond_dtype",
+    "check_dense",
+    "check_low_rank",
+    "check_real",
+    "check_stream",
+    "readable",
+    "refusal",
+    "target_dtype",
+]
 
 #: What the layouts hold, for the messages.
 DENSE_LAYOUT = "mean (C, H*W) and inv_covariance (H*W, C, C)"
@@ -34,6 +49,9 @@ STREAM_LAYOUT = (
     "form: stream_factor (P, C, k)), all float32 or all float64 and finite, and at times stream_pending (k, C, P), "
     "k <= stream_count observations not yet folded in"
 )
+
+#: What a refusal of values beyond the module's dtype tells the caller to do.
+CAST_FIRST = "cast the module to the checkpoint's dtype (e.g. .double()) before loading"
 
 #: Bytes of one chunk of the finiteness checks of large entries.
 _CHECK_BYTES = 1 << 26
@@ -57,7 +75,8 @@ def _merged(incoming: dict[str, Tensor], current: dict[str, Tensor], names: tupl
     return {name: incoming[name] if name in incoming else current[name] for name in names}
 
 
-def _check_real(module: str, incoming: dict[str, Tensor], names: tuple[str, ...], layout: str) -> None:
+def check_real(module: str, incoming: dict[str, Tensor], names: tuple[str, ...], layout: str) -> None:
+    """Refuse, naming it, an entry of ``names`` in ``incoming`` that is complex or boolean (not a real number type)."""
     for name in names:
         if name in incoming and (incoming[name].is_complex() or incoming[name].dtype == torch.bool):
             _refuse(module, f"{name} has dtype {incoming[name].dtype}, not a real number type", layout)
@@ -72,7 +91,7 @@ def _check_half_fitted(module: str, incoming: dict[str, Tensor], names: tuple[st
         _refuse(module, f"{', '.join(empty)} empty but the others fitted ({shapes})", layout)
 
 
-def _all_finite(tensor: Tensor, dtype: torch.dtype | None = None) -> bool:
+def all_finite(tensor: Tensor, dtype: torch.dtype | None = None) -> bool:
     """``isfinite(tensor.to(dtype)).all()`` chunk by chunk along the first axis (bounded temporaries); meta: True.
 
     ``dtype``: the buffer's the values will be copied into (a finite float64 1e300 is inf in float32).
@@ -85,7 +104,7 @@ def _all_finite(tensor: Tensor, dtype: torch.dtype | None = None) -> bool:
     return all(bool(torch.isfinite(cast(flat[i : i + block])).all()) for i in range(0, flat.shape[0], block))
 
 
-def _readable(module: str, name: str, tensor: Tensor, layout: str) -> Tensor:
+def readable(module: str, name: str, tensor: Tensor, layout: str) -> Tensor:
     """A checkpoint entry as a plain dense tensor whose values can be checked (sparse and quantized ones read)."""
     try:
         if tensor.layout != torch.strided:
@@ -97,11 +116,23 @@ def _readable(module: str, name: str, tensor: Tensor, layout: str) -> Tensor:
     return tensor
 
 
-def _target_dtype(tensor: Tensor, current: Tensor | None) -> torch.dtype | None:
-    """The dtype the entry's values will have once loaded: the module's buffer's (torch's copy casts)."""
+def target_dtype(tensor: Tensor, current: Tensor | None) -> torch.dtype | None:
+    """The dtype the entry's values will have once loaded: the module's buffer's (torch's copy casts).
+
+    ``None`` where no cast changes them: no buffer, a buffer that is not floating point, or one of the
+    entry's own dtype.
+    """
     if current is None or not current.dtype.is_floating_point or current.dtype == tensor.dtype:
         return None
     return current.dtype
+
+
+def beyond_dtype(name: str, target: torch.dtype) -> str:
+    """The detail of a refusal of entry ``name``, finite as stored, whose values overflow the ``target`` dtype."""
+    return (
+        f"{name} holds values beyond the range of this module's {target} buffers (largest "
+        f"{torch.finfo(target).max:.3g}); {CAST_FIRST}"
+    )
 
 
 def _check_finite(
@@ -112,18 +143,12 @@ def _check_finite(
     for name in names:
         if name not in incoming:
             continue
-        tensor = _readable(module, name, incoming[name], layout)
-        if not _all_finite(tensor):
+        tensor = readable(module, name, incoming[name], layout)
+        if not all_finite(tensor):
             _refuse(module, f"{name} holds NaN or infinite values", layout)
-        target = _target_dtype(tensor, current.get(name))
-        if target is not None and not _all_finite(tensor, target):
-            _refuse(
-                module,
-                f"{name} holds values beyond the range of this module's {target} buffers (largest "
-                f"{torch.finfo(target).max:.3g}); cast the module to the checkpoint's dtype (e.g. .double()) "
-                "before loading",
-                layout,
-            )
+        target = target_dtype(tensor, current.get(name))
+        if target is not None and not all_finite(tensor, target):
+            _refuse(module, beyond_dtype(name, target), layout)
 
 
 def check_dense(module: str, incoming: dict[str, Tensor], current: dict[str, Tensor], packed: bool) -> None:
@@ -132,7 +157,7 @@ def check_dense(module: str, incoming: dict[str, Tensor], current: dict[str, Ten
     names = ("mean", key)
     if not any(name in incoming for name in names):
         return
-    _check_real(module, incoming, names, layout)
+    check_real(module, incoming, names, layout)
     _check_half_fitted(module, incoming, names, layout)
     state = _merged(incoming, current, names)
     mean, precision = state["mean"], state[key]
@@ -168,7 +193,7 @@ def check_low_rank(module: str, incoming: dict[str, Tensor], current: dict[str, 
     if not any(name in incoming for name in names):
         return
     layout = LOW_RANK_LAYOUT
-    _check_real(module, incoming, names, layout)
+    check_real(module, incoming, names, layout)
     _check_half_fitted(module, incoming, names[:3], layout)
     _check_finite(module, incoming, names[:2], layout, current)
     state = _merged(incoming, current, names)
@@ -192,14 +217,14 @@ def check_low_rank(module: str, incoming: dict[str, Tensor], current: dict[str, 
         if fitted["eigenvalues"] and _shape(eigenvalues) != (patches, width):
             _refuse(module, f"eigenvalues must be (H*W, r) = {(patches, width)} to match basis; got {shapes}", layout)
     if fitted["eigenvalues"] and not eigenvalues.is_meta:
-        eigenvalues = _readable(module, "eigenvalues", eigenvalues, layout)
+        eigenvalues = readable(module, "eigenvalues", eigenvalues, layout)
         # In the buffer's dtype, as they will be stored: a float64 1e-300 is 0 in float32, 1e300 is inf.
-        stored = eigenvalues.to(_target_dtype(eigenvalues, current["eigenvalues"]) or eigenvalues.dtype)
-        if not _all_finite(stored) or not bool((stored > 0).all()):
+        stored = eigenvalues.to(target_dtype(eigenvalues, current["eigenvalues"]) or eigenvalues.dtype)
+        if not all_finite(stored) or not bool((stored > 0).all()):
             _refuse(
                 module,
                 f"eigenvalues must be positive and finite in this module's {stored.dtype} (they are variances plus "
-                "the ridge); cast the module to the checkpoint's dtype (e.g. .double()) before loading one beyond it",
+                f"the ridge); {CAST_FIRST} one beyond it",
                 layout,
             )
 
@@ -234,7 +259,7 @@ def _check_pending(module: str, pending: Tensor, count: Tensor, shift: Tensor, l
         _refuse(module, f"stream_pending must be (k, C, P) = (k, {channels}, {patches}) with k >= 1; got {_shape(pending)}", layout)
     if not count.is_meta and pending.shape[0] > int(count):
         _refuse(module, f"stream_pending holds {pending.shape[0]} observations but stream_count is {int(count)}", layout)
-    if not _all_finite(pending):
+    if not all_finite(pending):
         _refuse(module, "stream_pending holds NaN or infinite values", layout)
 
 
@@ -277,7 +302,7 @@ def _check_stream_moments(
     if not info.is_meta and len(info) > 1 and math.prod(int(v) for v in info.tolist()[1:]) != patches:
         _refuse(module, f"stream_info's spatial sizes {info.tolist()[1:]} do not multiply to P = {patches}", layout)
     for name, tensor in (("stream_shift", shift), ("stream_mean", mean), (spread_name, spread)):
-        if not _all_finite(tensor):
+        if not all_finite(tensor):
             _refuse(module, f"{name} holds NaN or infinite values", layout)
     if kind == "dense" and not spread.is_meta:
         diagonal = spread.index_select(1, _streaming.diagonal_positions(channels, spread.device))

@@ -99,6 +99,10 @@ def numpy_cov(
         w = torch.as_tensor(unit, dtype=x.dtype, device=x.device)
         mean = (x * w).sum(dim=1, keepdim=True)
         weighted = (x - mean) * w
-    if not dof > 0 and not np.isnan(dof):  # degrees_of_freedom warned, as numpy does; numpy's 1/0: inf/NaN entries
+    if isinstance(dof, int):
+        # N - ddof of a Python integer ddof is exact and of any size (2**70): compared as an integer, then a
+        # float as numpy's 1/fact makes it (OverflowError beyond float64's range, as numpy's).
+        dof = float(dof) if dof > 0 else 0.0
+    elif not dof > 0 and not np.isnan(dof):  # degrees_of_freedom warned, as numpy does; numpy's 1/0: inf/NaN entries
         dof = 0.0
     return ((x - mean) @ weighted.mT / dof).squeeze()

@@ -104,6 +104,12 @@ class Stream:
         """Observations in ``mean`` and ``spread`` (``count`` less the pending ones)."""
         return self.count - (0 if self.pending is None else self.pending.shape[0])
 
+    def widened(self) -> Stream:
+        """This stream in float64 (new tensors: exact copies of float32 sums, means and waiting observations)."""
+        wide = [t.to(torch.float64) for t in (self.shift, self.mean, self.spread)]
+        pending = None if self.pending is None else self.pending.to(torch.float64)
+        return Stream(self.count, self.wide, self.spatial, *wide, pending)
+
     def writable(self) -> Stream:
         """This stream, with copies of tensors made under :func:`torch.inference_mode` (updated in place later)."""
         tensors = (self.shift, self.mean, self.spread)

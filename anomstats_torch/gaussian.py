@@ -454,6 +454,8 @@ class MultiVariateGaussian(DynamicBufferModule):
     accumulate_dtype : torch.float64 or torch.float32, default torch.float64
         dtype of the streaming moments kept by :meth:`update` (packed centred sums, P·C·(C+1)/2 numbers: with
         float64, just the bytes of the float32 ``inv_covariance`` that :meth:`compute` writes over them).
+        float64 input is always accumulated in float64: a float32 stream is widened (exactly) by its first
+        float64 batch.
     form : {"dense", "low_rank"}, keyword-only, default "dense"
         ``"low_rank"``: the exact low-rank form for fewer images than features (PaDiM with
         wide_resnet50, C = 550, and a few hundred images), with buffers ``mean`` (C, P), ``basis``
@@ -930,6 +932,10 @@ class MultiVariateGaussian(DynamicBufferModule):
                 f"embedding has C={channels}, H*W={patches} but earlier updates had "
                 f"C={stream.n_features}, H*W={stream.n_patches}; call reset() first"
             )
+        if input_dtype == torch.float64 and stream.shift.dtype != torch.float64:
+            # float64 input is accumulated in float64 whatever accumulate_dtype (as a stream it opens is): the
+            # float32 sums so far are widened, exactly, so the order of the batches does not matter.
+            return stream.widened()
         return stream.writable()
 
     def update(self, embedding: Tensor) -> None:
@@ -1020,6 +1026,7 @@ class MultiVariateGaussian(DynamicBufferModule):
                 self._finish_stream(
                     m2, moments.count, precision, spatial, data_dtype, in_place=in_place,
                     progress=progress if in_place and moments.local else None,
+                    centre=(moments.shift, moments.mean),
                 )
         except BaseException as error:
             if not progress.spent:
@@ -1045,6 +1052,7 @@ class MultiVariateGaussian(DynamicBufferModule):
         *,
         in_place: bool,
         progress: _streaming.Progress | None,
+        centre: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         """Write the precisions of packed sums ``m2`` (P, C·(C+1)/2) over ``count`` observations into ``precision``.
 
@@ -1058,6 +1066,19 @@ class MultiVariateGaussian(DynamicBufferModule):
         On the CPU every patch goes through the core's ``potrf`` and ``potri`` on a worker thread
         (:func:`anomstats_torch._streaming.lapack_precisions`), writing a dense float32/float64/float16 store
         directly; elsewhere (and into the packed or a bfloat16 store) through a float64 chunk, as :meth:`fit` does.
+
+        Sums narrower than float64 (``accumulate_dtype=torch.float32``) cannot be widened as :meth:`fit` widens a
+        chunk whose variances its dtype cannot represent: products of features of scale below about 1e-19 are
+        float32 subnormals or zeros. ``centre`` (the stream's shift and its mean about it, both (C, P)) tells such
+        features from constant ones: a regularised variance whose inverse overflows the sums' dtype (zero
+        included) is refused as :meth:`fit` refuses it, with the ``ValueError`` naming the scale, where the data
+        evidently varied: the variance's square root, or the distance of the stream's mean from its shift (the
+        first batch's mean), exceeds ``1024·eps`` of the sums' dtype times the mean's magnitude (the rounding a
+        constant feature leaves in either). Otherwise, as for a constant feature, the factorisation or the rank
+        test decides (a feature whose sums are zero and whose batches all had one mean, e.g. a single batch, is
+        refused as singular). A variance that rounded to zero is named by the largest scale its zero sums allow,
+        ``sqrt(count·s/(count − 1))`` with ``s`` the dtype's smallest subnormal. The patches before the first
+        such one are finished first, so the first fault in patch order is named.
         """
         patches, length = m2.shape
         channels = precision.shape[-1] if precision.ndim == 3 else _compact.packed_features(precision, _compact.PACKED_KEY)
@@ -1081,8 +1102,26 @@ class MultiVariateGaussian(DynamicBufferModule):
             status = np.zeros(block, dtype=np.int64)
         else:
             index = _compact.unpack_index(channels, m2.device)
-        for p0 in range(0, patches, block):
-            p1 = min(p0 + block, patches)
+        limit, unresolved = patches, None
+        work = torch.finfo(m2.dtype)
+        if centre is not None and m2.dtype != torch.float64 and not self.ridge >= 1.0 / work.max:
+            # float32 sums (never in place: fits_in_place needs float64 sums): look for features whose variances
+            # the sums lost (see above); the patches before the first such one are finished as usual.
+            variances = m2.index_select(1, _streaming.diagonal_positions(channels, m2.device)).double() * scale + self.ridge
+            moved = centre[1].mT.double().abs()  # (P, C): how far the stream's mean is from its shift
+            rounding = 1024 * work.eps * (centre[0].mT.double() + centre[1].mT.double()).abs()
+            varied = (variances.clamp(min=0.0).sqrt() > rounding) | (moved > rounding)
+            lost = (variances < 1.0 / work.max) & varied
+            if bool(lost.any()):
+                bound = count * work.tiny * work.eps * scale  # zero sums: every product below half the smallest subnormal
+                spread = torch.where(variances > 0, variances, torch.full_like(variances, bound))
+                limit = int(torch.nonzero(lost.any(dim=1))[0, 0])
+                scale_named = fault_scale("precision_overflow", spread[limit][lost[limit]].cpu().numpy())
+                unresolved = unrepresentable_error(
+                    describe_patch(limit, spatial), work, "precision_overflow", scale_named, _scale_remedy(m2.dtype),
+                )
+        for p0 in range(0, limit, block):
+            p1 = min(p0 + block, limit)
             n = p1 - p0
             sums = copies[:n].copy_(m2[p0:p1]) if lapack and in_place else m2[p0:p1]
             try:
@@ -1106,6 +1145,8 @@ class MultiVariateGaussian(DynamicBufferModule):
                 raise
             if progress is not None:
                 progress.spent = True
+        if unresolved is not None:
+            raise unresolved
 
     def _check_finished(
         self,

@@ -21,10 +21,12 @@ from torch import Tensor
 
 from scipy.linalg import LinAlgError
 
+from anomstats._patch_kernels import fault_scale, precision_fault, unrepresentable_error
 from anomstats._rules import (
     DIRECT_MAX_D,
     exp_floor,
     gaussian_log_normaliser,
+    product_route_is_accurate,
     trusted_sum_floor,
 )
 from anomstats._validation import (
@@ -60,6 +62,7 @@ from ._policy import (
     working_dtype,
 )
 from ._covariance import numpy_cov
+from . import _checkpoints
 from .dynamic_buffer import DynamicBufferModule
 
 __all__ = ["GaussianKDE"]
@@ -107,6 +110,37 @@ def _as_numpy(kernel_covariance: Any) -> np.ndarray:
             t = t.to(torch.float64)
         return np.array(t.numpy())
     return np.array(kernel_covariance)
+
+
+def _scale_remedy(dtype: torch.dtype) -> str:
+    """What to do about a kernel whose scale ``dtype`` cannot represent (the remedy of
+    :func:`anomstats._patch_kernels.unrepresentable_error`, in this module's terms)."""
+    return "rescale the dataset (e.g. divide it by its typical scale s, and an explicit kernel_covariance by s²)" + (
+        "" if dtype == torch.float64 else ", or compute and store in float64: module.double() or a float64 dataset"
+    )
+
+
+def _check_whitening_fits(whitening: Tensor, variances: Tensor, dtype: torch.dtype) -> None:
+    """Refuse a whitening ``L`` (float64) that the buffers' ``dtype`` cannot hold, naming the kernel's scale.
+
+    Stored in ``dtype``, ``bw_transform`` must be finite with a normal, positive diagonal: a kernel of bandwidth
+    above about ``1 / tiny`` (8.5e37 in float32, e.g. ``kernel_covariance = 1e100 I``) would store a zero or
+    subnormal diagonal (every distance ~0, ``log_prob`` ``-inf`` at the training points, a checkpoint the
+    module refuses to load), one below ``1 / max`` an infinite one. The core's rule and message for a
+    precision that does not fit its dtype (:func:`anomstats._patch_kernels.precision_fault`,
+    :func:`~anomstats._patch_kernels.unrepresentable_error`): the kernel's precision ``L Lᵀ`` has diagonal
+    entries about ``1/h²`` for its bandwidths ``h`` (the square roots of ``variances``, the diagonal of ``H``).
+    """
+    stored = whitening.to(dtype)
+    if bool(torch.isfinite(stored).all()):
+        fault = precision_fault(stored.diagonal().double().cpu().numpy(), torch.finfo(dtype))
+    else:
+        fault = "precision_overflow"
+    if fault is None:
+        return
+    scale = fault_scale(fault, variances.double().cpu().numpy())
+    where = "the kernel (bw_transform is its Cholesky factor)"
+    raise unrepresentable_error(where, torch.finfo(dtype), fault, scale, _scale_remedy(dtype))
 
 
 #: Exponents above this (kernel values above e^-12 ≈ 6e-6) are recomputed from direct differences after
@@ -380,7 +414,10 @@ class GaussianKDE(DynamicBufferModule):
             ``kernel_covariance``; :func:`anomstats._validation.check_kde_data_shape`, scipy's condition and
             message) or holds NaN/inf; if
             ``kernel_covariance`` does not fit it (the core's messages); for ``"cv_ml"``, the selection's faults
-            (e.g. duplicated points, which make the likelihood unbounded).
+            (e.g. duplicated points, which make the likelihood unbounded); if the kernel's scale is beyond the
+            stored dtype's range (float32: a bandwidth above about 8.5e37, whose ``bw_transform`` would hold a
+            zero or subnormal diagonal, or below about 2.9e-39), naming the scale and the remedy (rescale the
+            data, or fit in float64): the core's message (:func:`anomstats._patch_kernels.unrepresentable_error`).
         numpy.linalg.LinAlgError
             (a ``ValueError``) If the data lie in a subspace to rounding: a feature that is constant, or a linear
             combination of the others (collinear, duplicated), in the data's own dtype; as many rows as
@@ -414,7 +451,9 @@ class GaussianKDE(DynamicBufferModule):
             self.kernel_covariance = kernel
             factor = None
             # np.array: a writable copy (the core's array is read-only, which torch.from_numpy warns about).
-            whitening = _whitening_factor(torch.from_numpy(np.array(kernel)).to(x64.device))
+            kernel64 = torch.from_numpy(np.array(kernel)).to(x64.device)
+            whitening = _whitening_factor(kernel64)
+            variances = kernel64.diagonal()
         else:
             covariance = self.cov(x64.mT)
             # The core KDE's rank test (on the D x D covariance and the D means, as float64 NumPy) with the eps
@@ -429,6 +468,9 @@ class GaussianKDE(DynamicBufferModule):
             )
             factor = self._factor(x64)
             whitening = _whitening_factor(covariance, factor)
+            variances = covariance.diagonal() * factor**2
+        if not is_tracing():
+            _check_whitening_fits(whitening, variances, store_dtype)  # before any buffer changes
         # L Lᵀ = H⁻¹, so log det H = −2 Σ log diag(L) (never the log of a product, which overflows).
         log_norm = gaussian_log_normaliser(d, -2.0 * torch.log(whitening.diagonal()).sum())
         self.bw_transform = whitening.to(store_dtype)
@@ -455,6 +497,15 @@ class GaussianKDE(DynamicBufferModule):
         overflowed float32 ``norm`` is ``inf``, and the module then derives the normaliser from
         ``bw_transform``).
 
+        The rules shared with the Gaussians' hooks are :mod:`anomstats_torch._checkpoints`'s: entries of a
+        complex or boolean dtype are refused, naming the entry (:func:`~anomstats_torch._checkpoints.check_real`);
+        sparse and quantized ones are checked by their dense values
+        (:func:`~anomstats_torch._checkpoints.readable`); and the values are checked both as stored and in the
+        dtype this module's buffers will give them (:func:`~anomstats_torch._checkpoints.target_dtype`): a
+        float64 checkpoint whose ``dataset`` or ``bw_transform`` would load as ``inf`` into a float32 or float16
+        module, or whose ``bw_transform`` diagonal would load as 0, is refused, saying to cast the module
+        (e.g. ``.double()``) first.
+
         Raises
         ------
         RuntimeError
@@ -465,15 +516,22 @@ class GaussianKDE(DynamicBufferModule):
         names = ("bw_transform", "dataset", "norm")
         if not any(name in incoming for name in names):
             return
-        state = {name: incoming.get(name, getattr(self, name)) for name in names}
-        bw, data, norm = state["bw_transform"], state["dataset"], state["norm"]
+        module, layout = type(self).__name__, self._STATE_LAYOUT
 
         def refuse(detail: str) -> None:
-            raise inconsistent_state_error(type(self).__name__, detail, self._STATE_LAYOUT)
+            raise inconsistent_state_error(module, detail, layout)
 
-        for name, tensor in state.items():
-            if not isinstance(tensor, Tensor):
+        current = {name: getattr(self, name) for name in names}
+        for name, tensor in {**current, **incoming}.items():
+            if name in names and not isinstance(tensor, Tensor):
                 refuse(f"{name} is a {type(tensor).__name__}, not a tensor")
+        _checkpoints.check_real(module, incoming, names, layout)
+        # Sparse and quantized entries by their dense values (the load stages them into the buffers' dtype).
+        state = {
+            name: _checkpoints.readable(module, name, incoming[name], layout) if name in incoming else current[name]
+            for name in names
+        }
+        bw, data, norm = state["bw_transform"], state["dataset"], state["norm"]
         if all(t.numel() == 0 and t.ndim == 1 for t in (bw, data, norm)):
             return  # an unfitted state (anomalib's empty buffers)
         shapes = ", ".join(f"{name} {tuple(state[name].shape)}" for name in names)
@@ -490,8 +548,22 @@ class GaussianKDE(DynamicBufferModule):
         if bool((bw.triu(1) != 0).any()):
             # The normaliser is read from the diagonal: that is log det only for a triangular factor.
             refuse("bw_transform must be lower-triangular (a Cholesky factor: zeros above the diagonal)")
-        if not bool(torch.isfinite(data).all()):
+        if not _checkpoints.all_finite(data):
             refuse("dataset must be finite")
+        # In the dtype the buffers will hold (torch's copy casts): a float64 1e300 is inf in float32, 1e-300 is 0.
+        # The norm is not checked: it may be inf (or 0) in any dtype, and the densities then derive it from bw.
+        target = _checkpoints.target_dtype(bw, current["bw_transform"]) if "bw_transform" in incoming else None
+        if target is not None:
+            stored = bw.to(target)
+            if not bool(torch.isfinite(stored).all()) or not bool((stored.diagonal() > 0).all()):
+                refuse(
+                    f"bw_transform must be finite with a positive diagonal (a Cholesky factor) in this module's "
+                    f"{target} buffers, but the checkpoint's {bw.dtype} values overflow it (largest "
+                    f"{torch.finfo(target).max:.3g}) or underflow to 0 there; {_checkpoints.CAST_FIRST}"
+                )
+        target = _checkpoints.target_dtype(data, current["dataset"]) if "dataset" in incoming else None
+        if target is not None and not _checkpoints.all_finite(data, target):
+            refuse(_checkpoints.beyond_dtype("dataset", target))
 
     def _finish_state_load(self, incoming: dict[str, Tensor]) -> None:
         """After a successful load (:class:`DynamicBufferModule`'s hook): the loaded buffers define the model."""
@@ -662,8 +734,12 @@ class GaussianKDE(DynamicBufferModule):
             given = torch.isfinite(f).all(dim=1)
         queries = torch.where(lost, torch.zeros_like(queries), queries)
         squared = (queries * queries).sum(1, keepdim=True)
-        # float64 at small D: direct differences, as the NumPy core (see _direct_exponent).
+        # float64 at small D: direct differences, as the NumPy core (see _direct_exponent); so too, in eager mode,
+        # data spread too wide for the expanded square's rounding (the core's rule, product_route_is_accurate;
+        # a traced graph cannot branch on values and keeps the product).
         direct = train.shape[1] <= DIRECT_MAX_D and dtype == torch.float64
+        if not direct and not is_tracing() and train.device.type != "meta" and train.shape[0]:
+            direct = not product_route_is_accurate(float((train * train).sum(1).max()))
         # The fast path writes into a reused tile (out=...), which autograd refuses: when a gradient is
         # needed (queries or buffers that require grad) use the out-of-place streaming log-sum-exp.
         needs_grad = torch.is_grad_enabled() and (queries.requires_grad or train.requires_grad)

@@ -44,14 +44,18 @@ def _unwritable(path: str) -> str | None:
 
     The file is really opened for appending (``os.access`` answers for permission bits only: not for a
     name too long for the file system, a read-only mount, or ``/proc`` when run as root), and removed again
-    if it did not exist before; an existing file keeps its contents. The reason names the OS error.
+    if it did not exist before; an existing file keeps its contents. Through a symbolic link, the file
+    checked (and removed again when the check created it) is the one the link resolves to: a dangling link
+    stays dangling. The reason names the OS error.
     """
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         return "is a directory"
     if not os.path.lexists(parent):
         return f"its folder {parent} does not exist"
-    existed = os.path.lexists(path)
+    # Opening a dangling link creates its target: what must be removed afterwards is that target, not the link.
+    target = os.path.realpath(path)
+    existed = os.path.lexists(target)
     try:
         with open(path, "a"):
             pass
@@ -61,7 +65,7 @@ def _unwritable(path: str) -> str | None:
         return f"cannot be opened for writing: {reason}" + (f" ({code})" if code else "")
     if not existed:
         try:
-            os.remove(path)
+            os.remove(target)
         except OSError:
             pass  # created but not removable: the write will replace it
     return None
