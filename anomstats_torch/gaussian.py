@@ -100,6 +100,38 @@ def _scale_remedy(dtype: torch.dtype) -> str:
     )
 
 
+def _first_lost_variance(
+    m2: Tensor, channels: int, scale: float, ridge: float, centre: tuple[Tensor, Tensor], count: int,
+    spatial: tuple[int, ...],
+) -> tuple[int, ValueError | None]:
+    """``(p, error)``: the first patch of narrow sums ``m2`` holding a variance the sums lost, and its error.
+
+    ``(P, None)`` where there is none (or the ridge alone keeps every variance representable). The rule of
+    :meth:`MultiVariateGaussian._finish_stream` (see there): a regularised variance whose inverse overflows
+    the sums' dtype, of a feature that evidently varied (its spread, or the distance of the stream's mean from
+    its shift, beyond ``1024·eps`` of the sums' dtype times the mean's magnitude). The error is
+    :meth:`MultiVariateGaussian.fit`'s ``ValueError`` naming the scale; a variance that rounded to zero is named
+    by the largest scale its zero sums allow.
+    """
+    patches = m2.shape[0]
+    work = torch.finfo(m2.dtype)
+    if ridge >= 1.0 / work.max:
+        return patches, None
+    variances = m2.index_select(1, _streaming.diagonal_positions(channels, m2.device)).double() * scale + ridge
+    moved = centre[1].mT.double().abs()  # (P, C): how far the stream's mean is from its shift
+    rounding = 1024 * work.eps * (centre[0].mT.double() + centre[1].mT.double()).abs()
+    varied = (variances.clamp(min=0.0).sqrt() > rounding) | (moved > rounding)
+    lost = (variances < 1.0 / work.max) & varied
+    if not bool(lost.any()):
+        return patches, None
+    bound = count * work.tiny * work.eps * scale  # zero sums: every product below half the smallest subnormal
+    spread = torch.where(variances > 0, variances, torch.full_like(variances, bound))
+    first = int(torch.nonzero(lost.any(dim=1))[0, 0])
+    named = fault_scale("precision_overflow", spread[first][lost[first]].cpu().numpy())
+    error = unrepresentable_error(describe_patch(first, spatial), work, "precision_overflow", named, _scale_remedy(m2.dtype))
+    return first, error
+
+
 def _precision_into(
     covariance: Tensor,
     out: Tensor,
@@ -1102,24 +1134,11 @@ class MultiVariateGaussian(DynamicBufferModule):
             status = np.zeros(block, dtype=np.int64)
         else:
             index = _compact.unpack_index(channels, m2.device)
+        # float32 sums only (never in place: fits_in_place needs float64 sums); the patches before the first
+        # feature whose variance the sums lost are finished as usual, then its error is raised.
         limit, unresolved = patches, None
-        work = torch.finfo(m2.dtype)
-        if centre is not None and m2.dtype != torch.float64 and not self.ridge >= 1.0 / work.max:
-            # float32 sums (never in place: fits_in_place needs float64 sums): look for features whose variances
-            # the sums lost (see above); the patches before the first such one are finished as usual.
-            variances = m2.index_select(1, _streaming.diagonal_positions(channels, m2.device)).double() * scale + self.ridge
-            moved = centre[1].mT.double().abs()  # (P, C): how far the stream's mean is from its shift
-            rounding = 1024 * work.eps * (centre[0].mT.double() + centre[1].mT.double()).abs()
-            varied = (variances.clamp(min=0.0).sqrt() > rounding) | (moved > rounding)
-            lost = (variances < 1.0 / work.max) & varied
-            if bool(lost.any()):
-                bound = count * work.tiny * work.eps * scale  # zero sums: every product below half the smallest subnormal
-                spread = torch.where(variances > 0, variances, torch.full_like(variances, bound))
-                limit = int(torch.nonzero(lost.any(dim=1))[0, 0])
-                scale_named = fault_scale("precision_overflow", spread[limit][lost[limit]].cpu().numpy())
-                unresolved = unrepresentable_error(
-                    describe_patch(limit, spatial), work, "precision_overflow", scale_named, _scale_remedy(m2.dtype),
-                )
+        if centre is not None and m2.dtype != torch.float64:
+            limit, unresolved = _first_lost_variance(m2, channels, scale, self.ridge, centre, count, spatial)
         for p0 in range(0, limit, block):
             p1 = min(p0 + block, limit)
             n = p1 - p0
