@@ -157,3 +157,39 @@ def test_evaluation_works_in_a_forked_child_after_threads_ran_in_the_parent():
         got = pool.map(_pdf_in_child, [(kde, q)])[0]
     assert_close_each(got, want, rtol=_same_fit_bound(kde, q).rtol_each(kde.logpdf(q)))  # shared fit
 
+
+
+def test_clamped_exp_checks_only_the_tail_it_is_given():
+    floor = _kernel_sums.exp_floor(np.dtype(np.float64))
+    block = np.array([[-1.0, -2.0], [-1e4, -3.0], [-1e4, 0.0]])
+    head = np.exp(block[:1])
+    _kernel_sums._clamped_exp(block, 1)
+    # Row 0 is the caller's promise (no exponent below the floor): plain exp. Rows 1: are clamped, so the
+    # far exponent gives exp(floor) (a normal number, no subnormal slow path) and the rest plain exp.
+    np.testing.assert_array_equal(block[0], head[0])
+    np.testing.assert_array_equal(block[1:, 0], np.exp(floor))
+    np.testing.assert_array_equal(block[1:, 1], np.exp([-3.0, 0.0]))
+
+
+@pytest.mark.parametrize("d", [2, 8])
+def test_query_order_does_not_change_the_densities(d):
+    # Queries are blocked in order of their norm so that only the outer blocks pay the clamp before exp;
+    # a mix of near rows, rows whose farthest kernels underflow (they need the clamp) and far rows (shifted
+    # route), in scattered order, must give every row its own density whatever its neighbours.
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((d, 3000))
+    near = rng.standard_normal((d, 400))
+    outer = rng.standard_normal((d, 60)) * 4.0
+    far = rng.standard_normal((d, 8)) * 10.0 + 25.0
+    p = np.concatenate([near, outer, far], axis=1)[:, rng.permutation(468)]
+    kde = GaussianKDE(x, memory_budget=64 * 1024)  # small row blocks: many blocks, few outer ones
+    ref = stats.gaussian_kde(x)
+    got = kde.logpdf(p)
+    # kde_route_error against scipy, as above (absolute on log p; eps q grows with the query's distance).
+    want = ref.logpdf(p)
+    bound = KDEErrorModel.of(x.T, p.T, ref.covariance, (core_route(d), SCIPY))
+    assert_close_each(got, want, atol=bound.log_atol_each(want))
+    # The same queries in reverse order: the same computation per row, its block neighbours changed (BLAS
+    # may accumulate a row differently in another block position: the core route's bound, twice).
+    twice = KDEErrorModel.of(x.T, p.T, ref.covariance, (core_route(d), core_route(d)))
+    assert_close_each(kde.logpdf(p[:, ::-1])[::-1], got, atol=twice.log_atol_each(want))
