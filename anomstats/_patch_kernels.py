@@ -25,6 +25,7 @@ regularised one (:func:`not_definite_error`), the representability faults that n
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Callable, Sequence
@@ -293,11 +294,30 @@ def precision_fault(precision_diagonal: Any, dtype: Any) -> str | None:
     precision would read as zeros), an infinite or NaN one an overflow. ``None`` when it fits.
     """
     d = np.asarray(precision_diagonal)
-    if not np.isfinite(d).all():
+    if not d.size:
+        return None
+    # Two reductions and a cached limit: this runs once per patch of every fit (it cost 20 µs a patch with a
+    # full isfinite pass and a fresh finfo lookup, 10 % of a PaDiM fit's single-threaded time). NaN or an
+    # infinity anywhere makes the minimum or the maximum non-finite.
+    smallest, largest = float(d.min()), float(d.max())
+    if not (math.isfinite(smallest) and math.isfinite(largest)):
         return "precision_overflow"
-    if d.size and float(d.min()) < _limits(dtype)[2]:
+    if smallest < _smallest_normal(dtype):
         return "precision_underflow"
     return None
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_smallest_normal(dtype: Any) -> float:
+    return _limits(dtype)[2]
+
+
+def _smallest_normal(dtype: Any) -> float:
+    """The smallest normal number of ``dtype`` (a NumPy dtype or an ``finfo`` object), cached where hashable."""
+    try:
+        return _cached_smallest_normal(dtype)
+    except TypeError:  # an unhashable finfo-like object
+        return _limits(dtype)[2]
 
 
 def fault_scale(fault: str, variances: Any) -> float:
