@@ -74,13 +74,18 @@ _CPU_TILE_ROWS = 256
 _CPU_TILE_BYTES = 4 * 2**20
 
 
-#: dtype, then (buffer, version counter) for each buffer the training side is built from.
-_TrainingKey = tuple[torch.dtype, tuple[tuple[Tensor, int], ...]]
+#: dtype, then (buffer, its placement) for each buffer the training side is built from.
+_TrainingKey = tuple[torch.dtype, tuple[tuple[Tensor, tuple[Any, ...]], ...]]
+
+
+def _placement(buffer: Tensor) -> tuple[Any, ...]:
+    """A buffer's version counter and the memory its values are read from (storage, offset, shape, strides)."""
+    return buffer._version, buffer.data_ptr(), buffer.storage_offset(), tuple(buffer.shape), buffer.stride()
 
 
 def _same_key(kept: _TrainingKey, key: _TrainingKey) -> bool:
     return kept[0] == key[0] and all(
-        a is b and va == vb for (a, va), (b, vb) in zip(kept[1], key[1], strict=True)
+        a is b and pa == pb for (a, pa), (b, pb) in zip(kept[1], key[1], strict=True)
     )
 
 
@@ -346,7 +351,10 @@ class GaussianKDE(DynamicBufferModule):
     product runs in float64) and reuse it while the buffers are the same tensors, unmodified (version
     counters; buffers made under ``torch.inference_mode`` have none and are never kept). Building it costs
     ``O(N·D)`` per call, a third of a one-thread forward of 256 queries against 40000 points. ``fit``,
-    loads, moves and casts drop it; copies and pickles leave it behind.
+    loads, moves and casts drop it; copies and pickles leave it behind. Writes that bypass the version
+    counter are not seen: change buffers through the module (``fit``, ``load_state_dict``, assignment, or
+    in-place ops on the buffers themselves), not through ``buffer.data``'s in-place ops, ``.numpy()`` views or
+    another process's shared memory.
 
     Examples
     --------
@@ -367,6 +375,8 @@ class GaussianKDE(DynamicBufferModule):
     bw_transform: Tensor
     dataset: Tensor
     norm: Tensor
+    # Class-level default: modules pickled before the operand was kept have no such attribute.
+    _kept_training: tuple[_TrainingKey, _TrainingSide] | None = None
 
     def __init__(
         self,
@@ -403,7 +413,7 @@ class GaussianKDE(DynamicBufferModule):
         # while they belong to the current buffers; they make far-from-zero data exact (see Notes).
         self.register_buffer("_centre", torch.empty(0), persistent=False)
         self.register_buffer("_centred", torch.empty(0), persistent=False)
-        self._kept_training: tuple[_TrainingKey, _TrainingSide] | None = None  # see _training_side
+        self._kept_training = None  # see _training_side
         if dataset is not None:
             self.fit(dataset)
 
@@ -795,10 +805,11 @@ class GaussianKDE(DynamicBufferModule):
         kept). Traced graphs and gradients build it afresh, in the graph.
         """
         key = self._training_key(dtype) if fast else None
-        kept = self._kept_training
-        if key is not None and kept is not None and _same_key(kept[0], key):
-            return kept[1]
-        self._kept_training = None  # the old operand goes before the new one is built
+        if key is not None:  # only the fast path reads or writes the kept operand (compiled graphs never do)
+            kept = self._kept_training
+            if kept is not None and _same_key(kept[0], key):
+                return kept[1]
+            self._kept_training = None  # the old operand goes before the new one is built
         if self._centred.shape == self.dataset.shape:
             # Own fit: exact centring in data space (as precise as the NumPy core).
             train = self._centred.to(dtype)
@@ -835,8 +846,9 @@ class GaussianKDE(DynamicBufferModule):
         buffers = (self.dataset, self._centre, self._centred)
         if any(buffer.is_inference() for buffer in buffers):
             return None
-        # The objects themselves (not their ids, which a new tensor may reuse) and their in-place versions.
-        return dtype, tuple((buffer, buffer._version) for buffer in buffers)
+        # The objects themselves (not their ids, which a new tensor may reuse), their in-place versions, and
+        # where their values live: ``buffer.data = other`` swaps the storage but keeps the version counter.
+        return dtype, tuple((buffer, _placement(buffer)) for buffer in buffers)
 
     def _forget_training_side(self) -> None:
         self._kept_training = None

@@ -118,3 +118,25 @@ def test_gradient_calls_build_in_the_graph_and_keep_nothing():
     module.log_prob(q).sum().backward()
     assert module._kept_training is None
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_data_assignment_is_seen_though_it_keeps_the_version_counter():
+    module = _loaded(_module(10).state_dict())
+    q = _queries()
+    module(q)
+    other = _module(11, n=250)  # another N too: a stale operand would also have the wrong size
+    module.dataset.data = other.dataset.clone()  # swaps the storage, keeps the tensor and its version
+    module.bw_transform.data = other.bw_transform.clone()
+    module.norm.data = other.norm.clone()
+    torch.testing.assert_close(module(q), _loaded(other.state_dict())(q), rtol=0, atol=0)
+
+
+def test_modules_pickled_before_the_operand_was_kept_still_run():
+    module = _module(12)
+    q = _queries()
+    expected = module(q)
+    state = module.__getstate__()
+    del state["_kept_training"]  # what an older version's pickle holds
+    old = GaussianKDE.__new__(GaussianKDE)
+    old.__setstate__(state)
+    torch.testing.assert_close(old(q), expected, rtol=0, atol=0)
