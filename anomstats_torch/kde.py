@@ -751,8 +751,6 @@ class GaussianKDE(DynamicBufferModule):
         n_train = self.dataset.shape[0]
         whitening = self.bw_transform.to(dtype)
         f = f.to(device=whitening.device, dtype=dtype)
-        # Both sides must be centred near the data so that the expanded squared distance
-        # ||y||² + ||t||² - 2 y·t does not cancel catastrophically for data far from the origin.
         # The fast path writes into a reused tile (out=...), which autograd refuses: when a gradient is
         # needed (queries or buffers that require grad) use the out-of-place streaming log-sum-exp. The meta
         # device (shape propagation) cannot run the fast path's data-dependent row selection.
@@ -760,6 +758,8 @@ class GaussianKDE(DynamicBufferModule):
         needs_grad = torch.is_grad_enabled() and (f.requires_grad or any(b.requires_grad for b in buffers))
         fast = not (is_tracing() or needs_grad or f.device.type == "meta")
         train = self._training_side(dtype, fast=fast)
+        # Both sides must be centred near the data so that the expanded squared distance
+        # ||y||² + ||t||² - 2 y·t does not cancel catastrophically for data far from the origin.
         queries = (f - train.centre) @ whitening if train.own_fit else f @ whitening - train.centre
         # A query whose whitened squared norm overflows (or whose whitening overflowed to inf or NaN: a finite
         # query of |x| ~ 1e19 in float32) is beyond every kernel's reach: its log-density is below -max/2, so

@@ -158,7 +158,6 @@ def test_evaluation_works_in_a_forked_child_after_threads_ran_in_the_parent():
     assert_close_each(got, want, rtol=_same_fit_bound(kde, q).rtol_each(kde.logpdf(q)))  # shared fit
 
 
-
 def test_clamped_exp_checks_only_the_tail_it_is_given():
     floor = _kernel_sums.exp_floor(np.dtype(np.float64))
     block = np.array([[-1.0, -2.0], [-1e4, -3.0], [-1e4, 0.0]])
