@@ -33,6 +33,7 @@ from ._patch_kernels import (
     plan_patch_chunks,
     scale_remedy,
     score_chunk,
+    stack_patches,
 )
 from ._rules import DEFAULT_RIDGE, gaussian_log_normaliser
 from ._validation import (
@@ -529,7 +530,7 @@ class MultiVariateGaussian:
         outputs = PatchOutputs.allocate(n_patches, c, self.dtype, keep_covariance=settings.keep_covariance)
         bytes_per_patch = n * c * self.dtype.itemsize
         chunks = plan_patch_chunks(n_patches, bytes_per_patch, self.memory_budget, self.workers, FIT_CHUNK_PATCHES)
-        scratch = ThreadScratch()
+        scratch = ThreadScratch(stack_patches(c, self.dtype.itemsize, self.memory_budget // self.workers))
         run_chunks(
             lambda ch: fit_chunk(flat_embedding, *ch, mean, outputs, settings, self.dtype, scratch),
             chunks,
