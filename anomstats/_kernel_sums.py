@@ -48,6 +48,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 from scipy import linalg
+from scipy.linalg import get_lapack_funcs
 
 from ._budget import DEFAULT_MEMORY_BUDGET as _DEFAULT_BUDGET
 from ._validation import check_memory_budget
@@ -65,6 +66,10 @@ DEFAULT_MEMORY_BUDGET: int = _DEFAULT_BUDGET
 # 16 x 10^4 blocks gained 1.6x); at most this many centres per block row.
 _DIRECT_BLOCK_BYTES: int = 1 << 20
 _DIRECT_MAX_COLS: int = 16384
+
+# Whitening takes the product with the inverse factor from this many points per dimension on (the inverse
+# costs d³/3 flops, the product 2·k·d² against the solve's k·d²).
+_WHITEN_PRODUCT_MIN_RATIO: int = 4
 
 # Below this many (query, centre) pairs per worker, extra threads cost more than they save.
 _MIN_PAIRS_PER_WORKER: int = 1 << 18
@@ -157,8 +162,20 @@ def whiten(x: np.ndarray, mean: np.ndarray, cho: np.ndarray) -> np.ndarray:
         # follow (d = 100, m = 2000: the evaluation took 28 ms after a threaded solve, 18.5 ms after one
         # single-threaded solve).
         with single_threaded_blas():
+            d, k = centred.shape
+            if k < _WHITEN_PRODUCT_MIN_RATIO * d:
+                z = linalg.solve_triangular(cho, centred, lower=True, check_finite=False)
+                return np.ascontiguousarray(z.T, dtype=centred.dtype)
+            # Many points: one product with the inverse factor. OpenBLAS's triangular solve runs at under a
+            # third of its matrix-product rate for d ~ 100 (2000 points: 1.3 ms to solve, 0.85 ms for the
+            # inverse and the product with twice the flops; a 13 ms evaluation). Both have forward errors of
+            # order cond(L)·d·eps; scipy's gaussian_kde whitens by a product too (with the Cholesky factor of
+            # the precision).
+            inverse, info = get_lapack_funcs("trtri", dtype=cho.dtype)(cho, lower=1)
+            if info == 0:
+                return np.asarray(centred.T @ inverse.T, dtype=centred.dtype)
             z = linalg.solve_triangular(cho, centred, lower=True, check_finite=False)
-        return np.ascontiguousarray(z.T, dtype=centred.dtype)
+            return np.ascontiguousarray(z.T, dtype=centred.dtype)
     # Long double: LAPACK has no such type; forward substitution, vectorised over the points.
     d = cho.shape[0]
     z = np.empty((centred.shape[1], d), dtype=centred.dtype)

@@ -117,6 +117,31 @@ def test_kernel_sums_direct_and_product_routes_agree(monkeypatch, d):
     assert_close_each(direct[0], exact, atol=twice_direct.log_atol_each(log_density))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("d", [2, 16, 100])
+def test_whitening_by_the_inverse_factor_agrees_with_the_triangular_solve(monkeypatch, d, dtype):
+    rng = np.random.default_rng(d)
+    a = rng.standard_normal((d, d))
+    cho = np.linalg.cholesky(a @ a.T + 0.1 * np.eye(d)).astype(dtype)
+    x = (3.0 * rng.standard_normal((d, 8 * d))).astype(dtype)  # 8 points per dimension: the product
+    mean = rng.standard_normal(d).astype(dtype)
+    x_before = x.copy()
+    product = _kernel_sums.whiten(x, mean, cho)
+    monkeypatch.setattr(_kernel_sums, "_WHITEN_PRODUCT_MIN_RATIO", 10**9)  # every call solves
+    solve = _kernel_sums.whiten(x, mean, cho)
+    assert product.shape == solve.shape == (8 * d, d)
+    assert product.dtype == solve.dtype == dtype and product.flags.c_contiguous
+    np.testing.assert_array_equal(x, x_before)
+    # Forward errors (Higham, Accuracy and Stability, 8.1 and 14.2): the solve's |dz| <= d eps |L^-1| |L| |z|
+    # and the product's |dz| <= d eps |L^-1| |c| + |dW| |c| with |dW| <= d eps |L^-1| |L| |L^-1|; both are
+    # covered, with the rounding of c = x - mean, by 4 d eps |L^-1| |L| |L^-1| |c| per coordinate.
+    w = np.linalg.inv(cho.astype(np.float64))
+    c = np.abs(x.astype(np.float64) - mean.astype(np.float64)[:, None])
+    scale = (np.abs(w) @ np.abs(cho.astype(np.float64)) @ np.abs(w) @ c).T
+    eps = np.finfo(dtype).eps
+    assert_close_each(product, solve, atol=4 * d * eps * scale)
+
+
 def test_empty_queries():
     kde = GaussianKDE(np.random.default_rng(0).standard_normal((2, 10)))
     assert kde.pdf(np.empty((2, 0))).shape == (0,)
