@@ -197,7 +197,7 @@ def test_clamped_exp_checks_only_the_tail_it_is_given():
 
 @pytest.mark.parametrize("d", [2, 8])
 def test_query_order_does_not_change_the_densities(d):
-    # Queries are blocked in order of their norm so that only the outer blocks pay the clamp before exp;
+    # Queries that may need the clamp before exp are blocked last, so that only the last blocks pay it;
     # a mix of near rows, rows whose farthest kernels underflow (they need the clamp) and far rows (shifted
     # route), in scattered order, must give every row its own density whatever its neighbours.
     rng = np.random.default_rng(5)
