@@ -171,9 +171,12 @@ def whiten(x: np.ndarray, mean: np.ndarray, cho: np.ndarray) -> np.ndarray:
             # inverse and the product with twice the flops; a 13 ms evaluation). Both have forward errors of
             # order cond(L)·d·eps; scipy's gaussian_kde whitens by a product too (with the Cholesky factor of
             # the precision).
-            inverse, info = get_lapack_funcs("trtri", dtype=cho.dtype)(cho, lower=1)
+            # In the wider of the two dtypes, as the solve runs; only the lower triangle of ``cho`` is read
+            # (trtri leaves the rest of its copy as it was: a factor from cho_factor has junk there).
+            common = np.result_type(centred.dtype, cho.dtype)
+            inverse, info = get_lapack_funcs("trtri", dtype=common)(np.asarray(cho, dtype=common), lower=1)
             if info == 0:
-                return np.asarray(centred.T @ inverse.T, dtype=centred.dtype)
+                return np.asarray(centred.T @ np.tril(inverse).T, dtype=centred.dtype)
             z = linalg.solve_triangular(cho, centred, lower=True, check_finite=False)
             return np.ascontiguousarray(z.T, dtype=centred.dtype)
     # Long double: LAPACK has no such type; forward substitution, vectorised over the points.

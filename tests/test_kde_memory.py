@@ -140,6 +140,41 @@ def test_whitening_by_the_inverse_factor_agrees_with_the_triangular_solve(monkey
     scale = (np.abs(w) @ np.abs(cho.astype(np.float64)) @ np.abs(w) @ c).T
     eps = np.finfo(dtype).eps
     assert_close_each(product, solve, atol=4 * d * eps * scale)
+    # Only the lower triangle of the factor is read, on both routes (cho_factor leaves junk above it).
+    junk = cho + np.triu(np.full((d, d), 5.0, dtype=dtype), 1)
+    monkeypatch.setattr(_kernel_sums, "_WHITEN_PRODUCT_MIN_RATIO", 4)
+    np.testing.assert_array_equal(_kernel_sums.whiten(x, mean, junk), product)
+
+
+def test_a_cho_cov_with_junk_above_the_diagonal_scores_as_scipy_does():
+    # scipy reads only the lower triangle of cho_cov; a factor from scipy.linalg.cho_factor has junk above it.
+    rng = np.random.default_rng(4)
+    x, p = rng.standard_normal((3, 200)), rng.standard_normal((3, 50))  # >= 4 points per dimension: products
+    kde = GaussianKDE(x)
+    before = kde.logpdf(p)
+    junk = kde.cho_cov.copy()
+    junk[np.triu_indices(3, 1)] = 5.0
+    kde.cho_cov = junk
+    np.testing.assert_array_equal(kde.logpdf(p), before)
+
+
+def test_whitening_by_the_inverse_factor_runs_in_the_wider_dtype():
+    # float32 points with a float64 factor: the solve ran in float64 and rounded once to float32; so does
+    # the product (inverse in float32 would be off by about cond(L) eps32 ~ 1e-5 here).
+    rng = np.random.default_rng(3)
+    d = 8
+    a = rng.standard_normal((d, d))
+    cho = np.linalg.cholesky(a @ a.T + 1e-3 * np.eye(d))
+    x = rng.standard_normal((d, 64)).astype(np.float32)
+    mean = np.zeros(d, dtype=np.float32)
+    got = _kernel_sums.whiten(x, mean, cho)
+    want = np.linalg.solve(cho, x.astype(np.float64)).T
+    assert got.dtype == np.float32
+    # One float32 rounding of the float64 result (eps32 / 2 relative), plus both float64 routes' forward
+    # errors, d eps64 |L^-1| |L| |L^-1| |x| each (see the test above).
+    w = np.linalg.inv(cho)
+    scale = (np.abs(w) @ np.abs(cho) @ np.abs(w) @ np.abs(x.astype(np.float64))).T
+    assert_close_each(got, want, rtol=np.finfo(np.float32).eps / 2, atol=4 * d * np.finfo(np.float64).eps * scale)
 
 
 def test_empty_queries():
