@@ -163,22 +163,20 @@ def whiten(x: np.ndarray, mean: np.ndarray, cho: np.ndarray) -> np.ndarray:
         # single-threaded solve).
         with single_threaded_blas():
             d, k = centred.shape
-            if k < _WHITEN_PRODUCT_MIN_RATIO * d:
-                z = linalg.solve_triangular(cho, centred, lower=True, check_finite=False)
-                return np.ascontiguousarray(z.T, dtype=centred.dtype)
-            # Many points: one product with the inverse factor. OpenBLAS's triangular solve runs at under a
-            # third of its matrix-product rate for d ~ 100 (2000 points: 1.3 ms to solve, 0.85 ms for the
-            # inverse and the product with twice the flops; a 13 ms evaluation). Both have forward errors of
-            # order cond(L)·d·eps; scipy's gaussian_kde whitens by a product too (with the Cholesky factor of
-            # the precision).
-            # In the wider of the two dtypes, as the solve runs; only the lower triangle of ``cho`` is read
-            # (trtri leaves the rest of its copy as it was: a factor from cho_factor has junk there).
-            common = np.result_type(centred.dtype, cho.dtype)
-            inverse, info = get_lapack_funcs("trtri", dtype=common)(np.asarray(cho, dtype=common), lower=1)
-            if info == 0:
-                return np.asarray(centred.T @ np.tril(inverse).T, dtype=centred.dtype)
+            if k >= _WHITEN_PRODUCT_MIN_RATIO * d:
+                # Many points: one product with the inverse factor. OpenBLAS's triangular solve runs at under
+                # a third of its matrix-product rate for d ~ 100 (2000 points: 1.3 ms to solve, 0.85 ms for
+                # the inverse and the product with twice the flops; a 13 ms evaluation). Both have forward
+                # errors of order cond(L)·d·eps; scipy's gaussian_kde whitens by a product too (with the
+                # Cholesky factor of the precision). The inverse is formed in the wider of the two dtypes, as
+                # the solve runs, from the lower triangle of ``cho`` only (trtri leaves the rest of its copy as
+                # it was: a factor from cho_factor has junk there). A singular factor falls to the solve.
+                common = np.result_type(centred.dtype, cho.dtype)
+                inverse, info = get_lapack_funcs("trtri", dtype=common)(np.asarray(cho, dtype=common), lower=1)
+                if info == 0:
+                    return np.asarray(centred.T @ np.tril(inverse).T, dtype=centred.dtype)
             z = linalg.solve_triangular(cho, centred, lower=True, check_finite=False)
-            return np.ascontiguousarray(z.T, dtype=centred.dtype)
+        return np.ascontiguousarray(z.T, dtype=centred.dtype)
     # Long double: LAPACK has no such type; forward substitution, vectorised over the points.
     d = cho.shape[0]
     z = np.empty((centred.shape[1], d), dtype=centred.dtype)
@@ -321,9 +319,10 @@ def _sums(
     # took 5 ms of a 63 ms (n, m, d) = (1000, 64000, 8) evaluation, before the workers start. Each row's sum
     # is independent of its block.
     near = np.flatnonzero(~far & ~lost)
+    outer = (np.sqrt(half_sq[near]) + centres.radius) ** 2 > -exp_floor(centres.dtype)
     may_clamp = np.zeros(m, dtype=bool)
-    may_clamp[near] = (np.sqrt(half_sq[near]) + centres.radius) ** 2 > -exp_floor(centres.dtype)
-    near = np.concatenate([near[~may_clamp[near]], near[may_clamp[near]]])
+    may_clamp[near] = outer
+    near = np.concatenate([near[~outer], near[outer]])
     tasks = [(False, chunk) for chunk in _chunks(near, rows)]
     tasks += [(True, chunk) for chunk in _chunks(np.flatnonzero(far & ~lost), rows)]
     if not tasks:

@@ -117,6 +117,18 @@ def test_kernel_sums_direct_and_product_routes_agree(monkeypatch, d):
     assert_close_each(direct[0], exact, atol=twice_direct.log_atol_each(log_density))
 
 
+def _whitening_error(cho, centred, eps):
+    """Bound on the difference of two whitenings of ``centred`` (d, k) by the factor ``cho``, per coordinate (k, d).
+
+    Forward errors (Higham, Accuracy and Stability, 8.1 and 14.2): the solve's |dz| <= d eps |L^-1| |L| |z|
+    and the product's |dz| <= d eps |L^-1| |c| + |dW| |c| with |dW| <= d eps |L^-1| |L| |L^-1|; both are
+    covered, with the rounding of c, by 4 d eps |L^-1| |L| |L^-1| |c|.
+    """
+    cho = np.asarray(cho, dtype=np.float64)
+    w = np.abs(np.linalg.inv(cho))
+    return 4 * cho.shape[0] * eps * (w @ np.abs(cho) @ w @ np.abs(centred)).T
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("d", [2, 16, 100])
 def test_whitening_by_the_inverse_factor_agrees_with_the_triangular_solve(monkeypatch, d, dtype):
@@ -132,14 +144,9 @@ def test_whitening_by_the_inverse_factor_agrees_with_the_triangular_solve(monkey
     assert product.shape == solve.shape == (8 * d, d)
     assert product.dtype == solve.dtype == dtype and product.flags.c_contiguous
     np.testing.assert_array_equal(x, x_before)
-    # Forward errors (Higham, Accuracy and Stability, 8.1 and 14.2): the solve's |dz| <= d eps |L^-1| |L| |z|
-    # and the product's |dz| <= d eps |L^-1| |c| + |dW| |c| with |dW| <= d eps |L^-1| |L| |L^-1|; both are
-    # covered, with the rounding of c = x - mean, by 4 d eps |L^-1| |L| |L^-1| |c| per coordinate.
-    w = np.linalg.inv(cho.astype(np.float64))
-    c = np.abs(x.astype(np.float64) - mean.astype(np.float64)[:, None])
-    scale = (np.abs(w) @ np.abs(cho.astype(np.float64)) @ np.abs(w) @ c).T
-    eps = np.finfo(dtype).eps
-    assert_close_each(product, solve, atol=4 * d * eps * scale)
+    # Both routes' forward errors with the rounding of c = x - mean: see _whitening_error.
+    c = x.astype(np.float64) - mean.astype(np.float64)[:, None]
+    assert_close_each(product, solve, atol=_whitening_error(cho, c, np.finfo(dtype).eps))
     # Only the lower triangle of the factor is read, on both routes (cho_factor leaves junk above it).
     junk = cho + np.triu(np.full((d, d), 5.0, dtype=dtype), 1)
     monkeypatch.setattr(_kernel_sums, "_WHITEN_PRODUCT_MIN_RATIO", 4)
@@ -170,11 +177,9 @@ def test_whitening_by_the_inverse_factor_runs_in_the_wider_dtype():
     got = _kernel_sums.whiten(x, mean, cho)
     want = np.linalg.solve(cho, x.astype(np.float64)).T
     assert got.dtype == np.float32
-    # One float32 rounding of the float64 result (eps32 / 2 relative), plus both float64 routes' forward
-    # errors, d eps64 |L^-1| |L| |L^-1| |x| each (see the test above).
-    w = np.linalg.inv(cho)
-    scale = (np.abs(w) @ np.abs(cho) @ np.abs(w) @ np.abs(x.astype(np.float64))).T
-    assert_close_each(got, want, rtol=np.finfo(np.float32).eps / 2, atol=4 * d * np.finfo(np.float64).eps * scale)
+    # One float32 rounding of the float64 result (eps32 / 2 relative), plus both float64 routes' forward errors.
+    error = _whitening_error(cho, x.astype(np.float64), np.finfo(np.float64).eps)
+    assert_close_each(got, want, rtol=np.finfo(np.float32).eps / 2, atol=error)
 
 
 def test_empty_queries():
