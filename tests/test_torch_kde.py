@@ -159,6 +159,28 @@ def test_chunking_does_not_change_the_result(chunk_bytes):
     assert_close_each(kde.log_prob(q), GaussianKDE(x).log_prob(q), atol=bound.log_atol_each(want_log))
 
 
+def test_one_intra_op_thread_gives_the_same_densities():
+    # One intra-op thread takes smaller CPU tiles (0.75 MiB: 384 training points per 256-row float64 tile, against
+    # 1536 with more threads): 2000 training points span several tiles either way. Only the blocking of the
+    # products and the order of the sums change: the same rounding terms as for chunk_bytes above.
+    x = torch.from_numpy(_data(2000, 3, 2.0, seed=7))
+    q = torch.from_numpy(_data(300, 3, 2.0, seed=8))
+    kde = GaussianKDE(x)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected, expected_log = kde(q), kde.log_prob(q)
+        torch.set_num_threads(1)
+        one, one_log = kde(q), kde.log_prob(q)
+    finally:
+        torch.set_num_threads(threads)
+    want_log = expected_log.numpy()
+    h = bandwidth_from_whitening(kde.bw_transform)
+    bound = KDEErrorModel.of(x.numpy(), q.numpy(), h, (adapter_route(3), adapter_route(3)), shared_whitening=True)
+    assert_close_each(one, expected, rtol=bound.rtol_each(want_log), atol=0)
+    assert_close_each(one_log, expected_log, atol=bound.log_atol_each(want_log))
+
+
 def test_loaded_buffers_alone_give_the_same_densities():
     x = torch.from_numpy(_data(300, 3, 40.0, seed=16))
     q = x[:20] + 0.25
