@@ -12,12 +12,17 @@ def _spd(c, dtype, seed=0):
     return (x.T @ x / (3 * c) + 0.1 * np.eye(c)).astype(dtype), x.astype(dtype)
 
 
+# Orders on both sides of the unblocked/blocked Cholesky switch (xPOTF2 up to it, xPOTRF beyond).
+_ORDERS = [7, _lapack.UNBLOCKED_CHOLESKY_MAX_ORDER, _lapack.UNBLOCKED_CHOLESKY_MAX_ORDER + 9]
+
+
+@pytest.mark.parametrize("c", _ORDERS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("use_ctypes", [True, False])
-def test_factor_invert_and_gram_match_numpy(dtype, use_ctypes, monkeypatch):
+def test_factor_invert_and_gram_match_numpy(c, dtype, use_ctypes, monkeypatch):
     if not use_ctypes:
         monkeypatch.setattr(_lapack, "_ROUTINES", {})  # force scipy's wrappers
-    a, rows = _spd(7, dtype)
+    a, rows = _spd(c, dtype)
     # Bound: spd_factor_atol (Cholesky / inverse of the same matrix: kappa * 2c eps |R|, kappa * 3c eps |P|,
     # eps of dtype, both sides).
     chol_atol, inv_atol = spd_factor_atol(a, dtype)
@@ -29,11 +34,21 @@ def test_factor_invert_and_gram_match_numpy(dtype, use_ctypes, monkeypatch):
     full = t + np.tril(t, -1).T
     assert_close_each(full, np.linalg.inv(a.astype(np.float64)), atol=inv_atol)
 
-    g = np.zeros((7, 7), dtype=dtype)
+    g = np.zeros((c, c), dtype=dtype)
     _lapack.syrk_lower(0.5, rows, g)
     # Bound: gram_atol (entries are sums of 3c products, eps of dtype, both sides), per entry.
     assert_close_each(np.tril(g), np.tril(0.5 * rows.T @ rows), atol=np.tril(gram_atol(rows, 0.5, dtype)))
     assert np.all(np.triu(g, 1) == 0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_small_orders_take_the_unblocked_cholesky(dtype):
+    prefix = "s" if dtype == np.float32 else "d"
+    limit = _lapack.UNBLOCKED_CHOLESKY_MAX_ORDER
+    assert _lapack._cholesky_routine(limit, dtype) is _lapack._ROUTINES[prefix + "potf2"]
+    assert _lapack._cholesky_routine(limit + 1, dtype) is _lapack._ROUTINES[prefix + "potrf"]
+    t = np.zeros((limit, limit), dtype=dtype)
+    assert _lapack.ScratchKernels(t)._potrf is _lapack._ROUTINES[prefix + "potf2"]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -56,14 +71,19 @@ def test_bound_scratch_kernels_match_the_functions(dtype, use_ctypes, monkeypatc
         kernels.syrk(1.0, np.ones((4, 5), dtype=dtype))
 
 
-def test_not_positive_definite_reports_the_failing_minor():
-    t = np.tril(np.diag([1.0, -1.0, 1.0]))
-    assert _lapack.potrf_lower(t) == 2
+@pytest.mark.parametrize("c", _ORDERS)
+def test_not_positive_definite_reports_the_failing_minor(c):
+    diagonal = np.ones(c)
+    diagonal[c // 2] = -1.0
+    t = np.diag(diagonal)
+    assert _lapack.potrf_lower(t) == c // 2 + 1
+    t = np.diag(diagonal)
+    assert _lapack.ScratchKernels(t).potrf() == c // 2 + 1
 
 
 def test_ctypes_routines_are_available_here():
     # Without them the fit still works, but its threads would be serialised by the GIL.
-    assert all(_lapack._ROUTINES.get(p + r) for p in "sd" for r in ("potrf", "potri", "syrk"))
+    assert all(_lapack._ROUTINES.get(p + r) for p in "sd" for r in ("potrf", "potf2", "potri", "syrk"))
 
 
 def test_bad_layouts_are_rejected():
