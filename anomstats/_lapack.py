@@ -58,17 +58,27 @@ def _load() -> dict[str, Callable[..., None] | None]:
         return {}
     found: dict[str, Callable[..., None] | None] = {}
     for prefix in _PREFIX.values():
-        # xPOTRF / xPOTRI(uplo, n, a, lda, info)
-        for routine in ("potrf", "potf2", "potri"):
+        # xPOTRF / xPOTF2 / xPOTRI / xLAUUM(uplo, n, a, lda, info)
+        for routine in ("potrf", "potf2", "potri", "lauum"):
             found[prefix + routine] = _capsule_function(
                 cython_lapack, prefix + routine, [ctypes.c_char_p, _INT_P, ctypes.c_void_p, _INT_P, _INT_P]
             )
+        # xTRTRI(uplo, diag, n, a, lda, info)
+        found[prefix + "trtri"] = _capsule_function(
+            cython_lapack, prefix + "trtri", [ctypes.c_char_p, ctypes.c_char_p, _INT_P, ctypes.c_void_p, _INT_P, _INT_P]
+        )
         # xSYRK(uplo, trans, n, k, alpha, a, lda, beta, c, ldc)
         found[prefix + "syrk"] = _capsule_function(
             cython_blas,
             prefix + "syrk",
             [ctypes.c_char_p, ctypes.c_char_p, _INT_P, _INT_P, ctypes.c_void_p, ctypes.c_void_p, _INT_P,
              ctypes.c_void_p, ctypes.c_void_p, _INT_P],
+        )
+        # xTRMM(side, uplo, transa, diag, m, n, alpha, a, lda, b, ldb)
+        found[prefix + "trmm"] = _capsule_function(
+            cython_blas,
+            prefix + "trmm",
+            [ctypes.c_char_p] * 4 + [_INT_P, _INT_P, ctypes.c_void_p, ctypes.c_void_p, _INT_P, ctypes.c_void_p, _INT_P],
         )
     return found
 
@@ -171,6 +181,91 @@ def syrk_lower(alpha: float, rows: NDArray[np.floating], t: NDArray[np.floating]
        ctypes.byref(c_size), ctypes.byref(zero), t.ctypes.data, ctypes.byref(c_size))
 
 
+#: Above this order a covariance is factored and inverted by :class:`_RecursiveInverse` rather than by ``potrf`` +
+#: ``potri``; at or below it the two LAPACK calls are faster than the recursion's extra calls.
+RECURSIVE_INVERSE_MIN_ORDER = 129
+
+
+class _RecursiveInverse:
+    """Cholesky factor and inverse of one ``n×n`` matrix in place, by halving, with no triangular solve.
+
+    LAPACK's ``potrf`` and ``trtri`` run at a third of the matrix-product rate at PaDiM's orders (OpenBLAS 0.3.30,
+    one thread, n = 550: 20 and 14 GFLOP/s against 57 for a product), and its triangular solve ``trsm`` is as slow
+    (15-19 GFLOP/s) while ``trmm`` and ``syrk`` reach 41-52. Factoring and inverting together needs no solve:
+    with the lower triangle read as LAPACK's upper one (``A = UᵀU``, see the module notes) and
+    ``A = [[A11, A12], [A12ᵀ, A22]]``,
+
+    1. ``A11 → W11 = U11⁻¹`` (recursively; at most :data:`RECURSIVE_INVERSE_MIN_ORDER` - 1 rows: ``potrf``, then
+       ``trtri``);
+    2. ``U12 = W11ᵀ A12`` (``trmm``: ``U11ᵀ U12 = A12``);
+    3. ``A22 ← A22 − U12ᵀ U12`` (``syrk``), the Schur complement, ``= U22ᵀ U22``;
+    4. ``A22 → W22 = U22⁻¹`` (recursively);
+    5. ``W12 = −W11 U12 W22`` (two ``trmm``), so that ``W = U⁻¹``;
+
+    then ``lauum`` forms ``W Wᵀ = (UᵀU)⁻¹``, as ``potri`` does after its ``trtri``. The same flops as ``potrf`` +
+    ``potri`` and the same error bounds (blocked Cholesky and triangular inversion, as LAPACK's own); measured
+    (same conditions) n = 550: 4.8 ms against 7.5 ms; 384: 2.0 against 3.5; 200: 0.49 against 0.69.
+    """
+
+    def __init__(self, t: NDArray[np.floating]) -> None:
+        self.t = t
+        self.n = t.shape[0]
+        self.itemsize = t.dtype.itemsize
+        self.base = t.ctypes.data
+        self.diagonal = t.reshape(-1)[:: self.n + 1]  # a view of t's diagonal
+        self.lda = ctypes.byref(ctypes.c_int(self.n))
+        scalar = np.ctypeslib.as_ctypes_type(t.dtype)
+        self.one, self.minus_one = ctypes.byref(scalar(1.0)), ctypes.byref(scalar(-1.0))
+        self.info = ctypes.c_int(0)
+        self.routines = {name: _routine(name, t.dtype) for name in ("potrf", "potf2", "trtri", "trmm", "syrk", "lauum")}
+
+    @classmethod
+    def available(cls, dtype: np.dtype[Any]) -> bool:
+        return all(_routine(name, dtype) is not None for name in ("potrf", "potf2", "trtri", "trmm", "syrk", "lauum"))
+
+    def __call__(self, factor_diagonal: NDArray[np.floating] | None) -> int:
+        info = self._invert_factor(0, self.n, factor_diagonal)
+        if info == 0:
+            self.routines["lauum"](b"U", self.lda, self.base, self.lda, ctypes.byref(self.info))
+        return info
+
+    def _address(self, row: int, col: int) -> int:
+        """Address of element (row, col) of LAPACK's column-major view of ``t`` (``t[col, row]``)."""
+        return self.base + self.itemsize * (col * self.n + row)
+
+    def _invert_factor(self, start: int, size: int, factor_diagonal: NDArray[np.floating] | None) -> int:
+        """Rows and columns ``start:start + size`` (a Schur complement by now) → the inverse of their factor."""
+        corner = self._address(start, start)
+        if size < RECURSIVE_INVERSE_MIN_ORDER:
+            order = ctypes.byref(ctypes.c_int(size))
+            self.info.value = 0
+            routine = self.routines["potf2" if size <= UNBLOCKED_CHOLESKY_MAX_ORDER else "potrf"]
+            routine(b"U", order, corner, self.lda, ctypes.byref(self.info))
+            if self.info.value:
+                return start + self.info.value
+            if factor_diagonal is not None:
+                factor_diagonal[start : start + size] = self.diagonal[start : start + size]
+            self.routines["trtri"](b"U", b"N", order, corner, self.lda, ctypes.byref(self.info))
+            return 0  # trtri cannot fail: the factor's diagonal is positive
+        half = size // 2
+        rest = size - half
+        info = self._invert_factor(start, half, factor_diagonal)
+        if info:
+            return info
+        upper_right, lower_right = self._address(start, start + half), self._address(start + half, start + half)
+        m, n = ctypes.byref(ctypes.c_int(half)), ctypes.byref(ctypes.c_int(rest))
+        trmm = self.routines["trmm"]
+        trmm(b"L", b"U", b"T", b"N", m, n, self.one, corner, self.lda, upper_right, self.lda)  # U12 = W11ᵀ A12
+        self.routines["syrk"](b"U", b"T", n, m, self.minus_one, upper_right, self.lda, self.one, lower_right,
+                              self.lda)  # A22 − U12ᵀ U12
+        info = self._invert_factor(start + half, rest, factor_diagonal)
+        if info:
+            return info
+        trmm(b"L", b"U", b"N", b"N", m, n, self.minus_one, corner, self.lda, upper_right, self.lda)  # −W11 U12
+        trmm(b"R", b"U", b"N", b"N", m, n, self.one, lower_right, self.lda, upper_right, self.lda)  # ... W22
+        return 0
+
+
 class ScratchKernels:
     """The three routines bound to one ``(C, C)`` scratch matrix, their arguments prepared once.
 
@@ -185,6 +280,8 @@ class ScratchKernels:
         self._address = t.ctypes.data
         self._potrf = _cholesky_routine(n, t.dtype)
         self._potri = _routine("potri", t.dtype)
+        recursive = n >= RECURSIVE_INVERSE_MIN_ORDER and _RecursiveInverse.available(t.dtype)
+        self._recursive = _RecursiveInverse(t) if recursive else None
         self._syrk = _routine("syrk", t.dtype)
         scalar = np.ctypeslib.as_ctypes_type(t.dtype)
         self._n, self._k, self._info = ctypes.c_int(n), ctypes.c_int(0), ctypes.c_int(0)
@@ -198,6 +295,25 @@ class ScratchKernels:
             return potrf_lower(self.t)
         self._potrf(b"U", self._n_p, self._address, self._n_p, self._info_p)
         return self._info.value
+
+    def invert(self, factor_diagonal: NDArray[np.floating] | None = None) -> int:
+        """Replace the scratch's lower triangle (a covariance) by that of its inverse; return the factor's ``info``.
+
+        The inverse comes from the Cholesky factor ``L`` (``A = L Lᵀ``): ``potrf`` + ``potri`` up to order
+        :data:`RECURSIVE_INVERSE_MIN_ORDER` - 1, :class:`_RecursiveInverse` (faster, no triangular solve) from
+        it. ``factor_diagonal`` (``n`` values), when given, receives ``L``'s diagonal (the log-determinant's
+        terms). ``info > 0``: the leading minor of that order is not positive definite, and the scratch is left
+        partly overwritten.
+        """
+        if self._recursive is not None:
+            return self._recursive(factor_diagonal)
+        info = self.potrf()
+        if info:
+            return info
+        if factor_diagonal is not None:
+            factor_diagonal[:] = self.t.reshape(-1)[:: self.t.shape[0] + 1]
+        self.potri()  # cannot fail: the factor's diagonal is positive
+        return 0
 
     def potri(self) -> int:
         """:func:`potri_lower` of the scratch matrix."""

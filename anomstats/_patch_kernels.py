@@ -552,6 +552,8 @@ class PatchFinisher:
         self.slot_kernels = [ScratchKernels(self.stack[i]) for i in range(self.slots)]
         self.t = self.stack[0]
         self.kernels = self.slot_kernels[0]
+        # The factors' diagonals (the log-determinants' terms), where the factors themselves are not kept.
+        self.factor_diagonals = np.empty((self.slots, c), dtype=dtype)
         data = settings.data_dtype
         self.rank_eps = patch_rank_eps(None if data is None else data_eps_of(data), dtype)
 
@@ -620,24 +622,29 @@ class PatchFinisher:
         # arithmetic, and rank-deficient patches (N <= C, as PaDiM often has) are then valid.
         unregularised = est.ridge == 0 and est.shrinkage is None
         variances = kept.diagonals.astype(np.float64) if unregularised else None
-        # Before potrf overwrites the diagonals.
+        # Before the factorisation overwrites the diagonals.
         smallest, largest = kept.diagonals.min(axis=1), kept.diagonals.max(axis=1)
+        # Without a kept factor, each patch is factored and inverted by one call (ScratchKernels.invert: faster
+        # at large C), which hands back the factor's diagonal; with it, the factor is copied out in between.
+        keep_factor = out.cholesky is not None
+        factor_diagonals = kept.diagonals if keep_factor else self.factor_diagonals[: kept.count]
         for i in range(kept.count):
-            info = self.slot_kernels[i].potrf()
+            kernels = self.slot_kernels[i]
+            info = kernels.potrf() if keep_factor else kernels.invert(factor_diagonals[i])
             if info != 0:
                 kept.fail(i, self._not_positive_definite(first + i, info, numerically=unregularised,
                                                          rank_eps=rank_eps, largest=float(largest[i])))
+                factor_diagonals = factor_diagonals[: kept.count]
                 break
         stop = first + kept.count
-        if out.cholesky is not None:
+        out.log_det[first:stop] = 2.0 * np.log(factor_diagonals.astype(np.float64)).sum(axis=1)
+        if keep_factor:
             np.copyto(out.cholesky[first:stop], kept.stack)
-        out.log_det[first:stop] = 2.0 * np.log(kept.diagonals.astype(np.float64)).sum(axis=1)
-
-        for i in range(kept.count):
-            info = self.slot_kernels[i].potri()
-            if info != 0:  # pragma: no cover - potrf succeeded, so L has a nonzero diagonal
-                kept.fail(i, self._not_positive_definite(first + i, info))
-                break
+            for i in range(kept.count):
+                info = self.slot_kernels[i].potri()
+                if info != 0:  # pragma: no cover - potrf succeeded, so L has a nonzero diagonal
+                    kept.fail(i, self._not_positive_definite(first + i, info))
+                    break
         stop = first + kept.count
         precision = out.precision[first:stop]
         precision_diagonals = _store_symmetric(kept.stack, precision)

@@ -29,8 +29,8 @@ stream instead, non-persistent (kept in memory, so more updates can follow, whic
 so that a finished fit's checkpoint holds exactly anomalib's keys either way.
 
 Kernels of the dense stream: on the CPU, the core's LAPACK/BLAS routines (:class:`anomstats._lapack.ScratchKernels`:
-``syrk`` per patch into a ``C×C`` scratch, packed by one gather; ``potrf`` + ``potri`` per patch when
-finishing) on the shared thread pool (:func:`anomstats._parallel.run_chunks`, ``torch.get_num_threads()``
+``syrk`` per patch into a ``C×C`` scratch, packed by one gather; ``ScratchKernels.invert`` (``potrf`` +
+``potri``, or their recursive form at large C) per patch when finishing) on the shared thread pool (:func:`anomstats._parallel.run_chunks`, ``torch.get_num_threads()``
 workers, BLAS held to one thread each), through NumPy views of the tensors; on other devices, batched torch
 operations (``bmm`` into a chunk of dense scratch, packed by ``index_select``).
 """
@@ -537,13 +537,13 @@ def lapack_precisions(
     diagonals: np.ndarray,
     status: np.ndarray,
 ) -> None:
-    """Precisions of packed sums on the CPU, patch by patch with the core's ``potrf`` and ``potri``.
+    """Precisions of packed sums on the CPU, patch by patch with the core's LAPACK kernels.
 
     ``sums`` (p, C·(C+1)/2): each patch's packed centred sums (read only); ``scale``: ``1/(n − 1)``. Each patch's
     covariance ``sums·scale`` is unpacked into the lower triangle of a thread's ``C×C`` scratch (its strict upper
     triangle stays zero), ``ridge`` is added to the diagonal (recorded in ``variances`` (p, C)), the scratch is
-    factored (``potrf``) and inverted from its factor (``potri``), the precision's diagonal is recorded in
-    ``diagonals`` (p, C) (both in ``sums``' dtype), and ``t + tᵀ`` with the diagonal put back (both exact) is
+    factored and inverted from its factor (:meth:`anomstats._lapack.ScratchKernels.invert`), the precision's
+    diagonal is recorded in ``diagonals`` (p, C) (both in ``sums``' dtype), and ``t + tᵀ`` with the diagonal put back (both exact) is
     written to ``out[k]`` (p, C, C), rounded once to ``out``'s dtype: exactly symmetric. ``status[k]``: 0
     done; -1 the covariance's diagonal is not finite; ``info > 0`` the leading minor of that order is not
     positive definite (those patches are left unwritten: the caller raises the first fault in patch order).
@@ -564,10 +564,9 @@ def lapack_precisions(
         if not np.isfinite(diagonal).all():
             status[patch] = -1
             return
-        status[patch] = kernels.potrf()
+        status[patch] = kernels.invert()  # potrf + potri, or their faster recursive form at large C
         if status[patch]:
             return
-        kernels.potri()  # cannot fail: the factor has a positive diagonal
         diagonals[patch] = diagonal
         target = out[patch]
         np.add(t, t.T, out=target)  # off the diagonal one term is zero: exact, rounded once

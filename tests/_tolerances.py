@@ -632,6 +632,21 @@ def spd_factor_atol(a, dtype=np.float64) -> tuple[float, float]:
     )
 
 
+def recursive_inverse_atol(a, dtype=np.float64) -> tuple[float, float]:
+    """:func:`spd_factor_atol` for :class:`anomstats._lapack._RecursiveInverse`, which multiplies by the explicit
+    inverses of its diagonal blocks' factors instead of solving with them.
+
+    Block methods that use explicit inverses of diagonal blocks have backward errors larger by the condition
+    number of those blocks (Du Croz & Higham 1992, "Stability of methods for matrix inversion"; Higham ch. 13-14).
+    A diagonal block's factor ``U11`` of ``A = UᵀU`` has ``kappa(U11) <= kappa(U) = kappa(A)^1/2``: both bounds
+    times ``kappa(A)^1/2``.
+    """
+    chol_atol, inv_atol = spd_factor_atol(a, dtype)
+    sv = np.linalg.svd(np.atleast_2d(np.asarray(a, dtype=np.float64)), compute_uv=False)
+    extra = math.sqrt(sv[0] / sv[-1])
+    return chol_atol * extra, inv_atol * extra
+
+
 def gram_atol(rows, alpha: float = 1.0, dtype=np.float64) -> np.ndarray:
     """Entrywise differences allowed between two computations of ``alpha * rows^T rows`` (rows (n, c)).
 

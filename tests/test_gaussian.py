@@ -167,6 +167,27 @@ def test_fit_matches_numpy_cov_and_inverse_per_patch(case):
         assert sign == 1 and abs(mvg.log_det[k] - logdet) <= b["log_det"]  # log_det_atol
 
 
+@pytest.mark.parametrize("store_covariance", [False, True])
+def test_wide_patches_match_numpy_through_the_recursive_inverse(store_covariance):
+    # C = 160 >= RECURSIVE_INVERSE_MIN_ORDER: without a kept factor each patch is factored and inverted by
+    # anomstats._lapack._RecursiveInverse (halves of 80), with one (store_covariance) by potrf + potri.
+    from anomstats._lapack import RECURSIVE_INVERSE_MIN_ORDER
+
+    n, c = 400, 160
+    assert c >= RECURSIVE_INVERSE_MIN_ORDER
+    x = make_embedding(3, n, c, (2, 2), 0.0, np.float64)
+    mvg = MultiVariateGaussian(store_covariance=store_covariance).fit(x)
+    for k, data in enumerate(patches(x)):
+        b = fit_bounds(data)
+        cov = b["A"]
+        # fit_bounds (precision_atol, log_det_atol: kappa(A) times the backward error), times kappa(A)^1/2 for the
+        # recursion's explicit block inverses (as tests._tolerances.recursive_inverse_atol explains).
+        extra = math.sqrt(np.linalg.cond(cov))
+        assert_close_each(mvg.precision[k], np.linalg.inv(cov), rtol=0, atol=b["precision"] * extra)
+        assert abs(mvg.log_det[k] - np.linalg.slogdet(cov)[1]) <= b["log_det"] * extra
+        assert np.array_equal(mvg.precision[k], mvg.precision[k].T)  # bound 0: stored exactly symmetric
+
+
 @given(fit_cases)
 def test_covariance_and_precision_exactly_symmetric(case):
     seed, n, c, spatial, offset, in_dtype = case

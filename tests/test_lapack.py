@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from anomstats import _lapack
-from tests._tolerances import assert_close_each, gram_atol, spd_factor_atol
+from tests._tolerances import assert_close_each, gram_atol, recursive_inverse_atol, spd_factor_atol
 
 
 def _spd(c, dtype, seed=0):
@@ -69,6 +69,48 @@ def test_bound_scratch_kernels_match_the_functions(dtype, use_ctypes, monkeypatc
         np.testing.assert_array_equal(t, expected)  # bound 0: the same LAPACK calls on the same inputs
     with pytest.raises(ValueError, match="C-contiguous"):
         kernels.syrk(1.0, np.ones((4, 5), dtype=dtype))
+
+
+# Orders on both sides of the recursive inverse's switch; 300 recurses twice (150, then 75).
+_INVERSE_ORDERS = [7, _lapack.RECURSIVE_INVERSE_MIN_ORDER - 1, _lapack.RECURSIVE_INVERSE_MIN_ORDER, 300]
+
+
+@pytest.mark.parametrize("c", _INVERSE_ORDERS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("use_ctypes", [True, False])
+def test_invert_matches_numpy(c, dtype, use_ctypes, monkeypatch):
+    if not use_ctypes:
+        monkeypatch.setattr(_lapack, "_ROUTINES", {})  # scipy's wrappers: potrf + potri, never the recursion
+    a, _ = _spd(c, dtype, seed=5)
+    t = np.tril(a)
+    kernels = _lapack.ScratchKernels(t)
+    assert (kernels._recursive is not None) == (use_ctypes and c >= _lapack.RECURSIVE_INVERSE_MIN_ORDER)
+    factor_diagonal = np.full(c, np.nan, dtype=dtype)
+    assert kernels.invert(factor_diagonal) == 0
+    assert np.all(np.triu(t, 1) == 0)  # the strict upper triangle is never written
+    # Bound: recursive_inverse_atol (spd_factor_atol times kappa(A)^1/2 for the explicit block inverses).
+    chol_atol, inv_atol = recursive_inverse_atol(a, dtype)
+    reference = a.astype(np.float64)
+    assert_close_each(factor_diagonal, np.diagonal(np.linalg.cholesky(reference)), atol=chol_atol)
+    assert_close_each(t + np.tril(t, -1).T, np.linalg.inv(reference), atol=inv_atol)
+
+
+@pytest.mark.parametrize("minor", [5, 149, 150, 151, 299])
+def test_invert_reports_the_failing_minor_through_the_recursion(minor):
+    # Order 300 halves into 150 + 150, and each half into 75 + 75: the minors straddle both splits. The Schur
+    # complement of the leading block at ``minor - 1`` is set to -1 (the other entries' scale is ~1), so the
+    # leading minor of order ``minor`` is the first that is not positive definite, whatever the rounding.
+    a, _ = _spd(300, np.float64, seed=9)
+    k = minor - 1
+    if k:
+        a[k, k] = a[k, :k] @ np.linalg.solve(a[:k, :k], a[:k, k]) - 1.0
+    else:
+        a[0, 0] = -1.0
+    t = np.tril(a)
+    kernels = _lapack.ScratchKernels(t)
+    assert kernels._recursive is not None
+    assert kernels.invert(np.empty(300)) == minor
+    assert _lapack.potrf_lower(np.tril(a)) == minor  # LAPACK's own verdict, the same
 
 
 @pytest.mark.parametrize("c", _ORDERS)
