@@ -1,8 +1,9 @@
 """GIL-free calls of the LAPACK/BLAS routines the per-patch kernels run in worker threads.
 
-Dense triangles: ``potrf`` (``potf2`` for small orders), ``potri``, ``syrk`` (:class:`ScratchKernels`); packed
-(RFP) triangles: ``sfrk`` and ``tfttr`` (:class:`RfpKernels`, used by the packed accumulator
-:mod:`anomstats._packed`).
+Dense triangles: ``potrf`` (``potf2`` for small orders), ``potri``, ``syrk``, and the factor-and-invert of
+:meth:`ScratchKernels.invert` (``potrf`` + ``potri``, or from order 129 on :class:`_RecursiveInverse`, built from
+``trmm``, ``syrk``, ``trtri`` and ``lauum``); packed (RFP) triangles: ``sfrk`` and ``tfttr`` (:class:`RfpKernels`,
+used by the packed accumulator :mod:`anomstats._packed`).
 
 scipy's Python-level wrappers (``scipy.linalg.lapack`` / ``scipy.linalg.blas``) keep the GIL held while
 the Fortran routine runs, so worker threads that call them take turns instead of sharing the cores
@@ -218,6 +219,9 @@ class _RecursiveInverse:
         self.one, self.minus_one = ctypes.byref(scalar(1.0)), ctypes.byref(scalar(-1.0))
         self.info = ctypes.c_int(0)
         self.routines = {name: _routine(name, t.dtype) for name in ("potrf", "potf2", "trtri", "trmm", "syrk", "lauum")}
+        # Blocks below this order are leaves; read once (as ScratchKernels reads the switch), and never below 2,
+        # where halving would leave a block of the same order.
+        self.leaf_below = max(2, RECURSIVE_INVERSE_MIN_ORDER)
 
     @classmethod
     def available(cls, dtype: np.dtype[Any]) -> bool:
@@ -236,7 +240,7 @@ class _RecursiveInverse:
     def _invert_factor(self, start: int, size: int, factor_diagonal: NDArray[np.floating] | None) -> int:
         """Rows and columns ``start:start + size`` (a Schur complement by now) → the inverse of their factor."""
         corner = self._address(start, start)
-        if size < RECURSIVE_INVERSE_MIN_ORDER:
+        if size < self.leaf_below:
             order = ctypes.byref(ctypes.c_int(size))
             self.info.value = 0
             routine = self.routines["potf2" if size <= UNBLOCKED_CHOLESKY_MAX_ORDER else "potrf"]
@@ -267,7 +271,8 @@ class _RecursiveInverse:
 
 
 class ScratchKernels:
-    """The three routines bound to one ``(C, C)`` scratch matrix, their arguments prepared once.
+    """The per-patch routines (``syrk``, ``potrf``, ``potri``, :meth:`invert`) bound to one ``(C, C)`` scratch
+    matrix, their arguments prepared once.
 
     The per-patch loop of a fit calls them thousands of times from one thread; building the ctypes
     arguments once per thread instead of once per call removes most of the Python overhead around

@@ -1095,7 +1095,8 @@ class MultiVariateGaussian(DynamicBufferModule):
         they were. ``progress`` (given when ``m2`` is the stream's own) records the first chunk done. The
         faults are :meth:`fit`'s, with its messages, raised before the chunk that holds them is done.
 
-        On the CPU every patch goes through the core's ``potrf`` and ``potri`` on a worker thread
+        On the CPU every patch goes through the core's factor-and-invert (:meth:`anomstats._lapack.ScratchKernels.invert`:
+        ``potrf`` + ``potri``, recursive from C = 129) on a worker thread
         (:func:`anomstats_torch._streaming.lapack_precisions`), writing a dense float32/float64/float16 store
         directly; elsewhere (and into the packed or a bfloat16 store) through a float64 chunk, as :meth:`fit` does.
 

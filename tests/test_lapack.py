@@ -133,3 +133,16 @@ def test_bad_layouts_are_rejected():
         _lapack.potrf_lower(np.eye(3)[:, :2])
     with pytest.raises(ValueError, match="C-contiguous"):
         _lapack.syrk_lower(1.0, np.ones((4, 3)).T, np.zeros((4, 4)))
+
+
+@pytest.mark.parametrize("switch", [0, 1, 2, 3])
+def test_a_tiny_recursion_switch_still_halves_to_leaves(switch, monkeypatch):
+    # Blocks of one row cannot be halved: a switch below 2 must not recurse forever (found in review).
+    monkeypatch.setattr(_lapack, "RECURSIVE_INVERSE_MIN_ORDER", switch)
+    a, _ = _spd(9, np.float64, seed=2)
+    t = np.tril(a)
+    kernels = _lapack.ScratchKernels(t)
+    assert kernels._recursive is not None
+    assert kernels.invert() == 0
+    _, inv_atol = recursive_inverse_atol(a)  # as in test_invert_matches_numpy
+    assert_close_each(t + np.tril(t, -1).T, np.linalg.inv(a), atol=inv_atol)
