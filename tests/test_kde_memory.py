@@ -87,6 +87,33 @@ def test_shifted_route_streams_over_many_centre_blocks(d):
     assert_close_each(got, want, atol=bound.log_atol_each(want))
 
 
+def test_few_shifted_rows_take_wider_blocks_and_still_stream(monkeypatch):
+    # 5 far queries among 2000 near ones: the far row block takes as many centres per block as the worker's
+    # buffer holds for 5 rows (_Buffers.cols_for), here two blocks over 30000 centres, so the running shift
+    # is still rescaled across blocks. Against scipy (kde_route_error), and against thin blocks (same fit).
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 30000))
+    p = np.hstack([rng.standard_normal((3, 2000)), rng.standard_normal((3, 5)) * 3 + 60.0])
+    kde = GaussianKDE(x, workers=2)
+    seen = []
+    shifted = _kernel_sums._shifted_log_sums
+
+    def spy(centres, points, cols, buffers, own):
+        seen.append((points.shape[0], buffers.cols_for(points.shape[0], cols, centres.n)))
+        return shifted(centres, points, cols, buffers, own)
+
+    monkeypatch.setattr(_kernel_sums, "_shifted_log_sums", spy)
+    got = kde.logpdf(p)
+    far_blocks = [cols for rows, cols in seen if rows == 5]
+    assert len(far_blocks) == 1 and 15000 <= far_blocks[0] < 30000  # two blocks, each far wider than 128
+    ref = stats.gaussian_kde(x)
+    want = ref.logpdf(p)
+    bound = KDEErrorModel.of(x.T, p.T, ref.covariance, (core_route(3), SCIPY))
+    assert_close_each(got, want, atol=bound.log_atol_each(want))
+    thin = GaussianKDE(x, workers=1, memory_budget=1 << 14).logpdf(p)  # 5-row blocks of a few hundred centres
+    assert_close_each(got, thin, atol=_same_fit_bound(kde, p).log_atol_each(got))
+
+
 @pytest.mark.parametrize("d", [1, 2])
 def test_kernel_sums_direct_and_product_routes_agree(monkeypatch, d):
     rng = np.random.default_rng(2)
