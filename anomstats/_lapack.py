@@ -186,6 +186,9 @@ def syrk_lower(alpha: float, rows: NDArray[np.floating], t: NDArray[np.floating]
 #: ``potri``; at or below it the two LAPACK calls are faster than the recursion's extra calls.
 RECURSIVE_INVERSE_MIN_ORDER = 129
 
+# What _RecursiveInverse calls (xPOTF2 only where _cholesky_routine picks it, and it falls back to xPOTRF).
+_RECURSIVE_ROUTINES = ("potrf", "trtri", "trmm", "syrk", "lauum")
+
 
 class _RecursiveInverse:
     """Cholesky factor and inverse of one ``n×n`` matrix in place, by halving, with no triangular solve.
@@ -218,14 +221,14 @@ class _RecursiveInverse:
         scalar = np.ctypeslib.as_ctypes_type(t.dtype)
         self.one, self.minus_one = ctypes.byref(scalar(1.0)), ctypes.byref(scalar(-1.0))
         self.info = ctypes.c_int(0)
-        self.routines = {name: _routine(name, t.dtype) for name in ("potrf", "potf2", "trtri", "trmm", "syrk", "lauum")}
+        self.routines = {name: _routine(name, t.dtype) for name in _RECURSIVE_ROUTINES}
         # Blocks below this order are leaves; read once (as ScratchKernels reads the switch), and never below 2,
         # where halving would leave a block of the same order.
         self.leaf_below = max(2, RECURSIVE_INVERSE_MIN_ORDER)
 
     @classmethod
     def available(cls, dtype: np.dtype[Any]) -> bool:
-        return all(_routine(name, dtype) is not None for name in ("potrf", "potf2", "trtri", "trmm", "syrk", "lauum"))
+        return all(_routine(name, dtype) is not None for name in _RECURSIVE_ROUTINES)
 
     def __call__(self, factor_diagonal: NDArray[np.floating] | None) -> int:
         info = self._invert_factor(0, self.n, factor_diagonal)
@@ -243,8 +246,7 @@ class _RecursiveInverse:
         if size < self.leaf_below:
             order = ctypes.byref(ctypes.c_int(size))
             self.info.value = 0
-            routine = self.routines["potf2" if size <= UNBLOCKED_CHOLESKY_MAX_ORDER else "potrf"]
-            routine(b"U", order, corner, self.lda, ctypes.byref(self.info))
+            _cholesky_routine(size, self.t.dtype)(b"U", order, corner, self.lda, ctypes.byref(self.info))
             if self.info.value:
                 return start + self.info.value
             if factor_diagonal is not None:
