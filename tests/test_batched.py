@@ -13,6 +13,7 @@ from numpy.exceptions import AxisError
 
 from anomstats import batched_cov
 from anomstats._budget import batch_chunks, chunk_slices
+from anomstats import _moment_kernels as moment_kernels
 from anomstats._moment_kernels import gather
 
 from tests._tolerances import assert_close_each, streaming_covariance_atol
@@ -124,6 +125,25 @@ def test_gather_matches_a_plain_copy_for_many_layouts(order):
         gather(block, spare[:, :-1])
         np.testing.assert_array_equal(spare[:, :-1], block.reshape(p, *block.shape[-2:]))
         assert np.isnan(spare[:, -1]).all()
+
+
+@pytest.mark.parametrize("n_var", [5, 11])  # C within one tile (whole observations), and wider than a tile
+@pytest.mark.parametrize("data_dtype, work_dtype", [(np.float32, np.float64), (np.float64, np.float32)])
+def test_gather_with_shift_over_many_tiles(monkeypatch, n_var, data_dtype, work_dtype):
+    # Tiny tiles, so that the chunk spans several tiles of items and of values, and C = 11 values cut across
+    # tile boundaries (each tile must take its shifts from the right variable, v % C).
+    monkeypatch.setattr(moment_kernels, "_TILE_VALUES", 8)
+    monkeypatch.setattr(moment_kernels, "_TILE_ITEMS", 3)
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(4, n_var, 9)).astype(data_dtype)  # (N, C, P): the patch axis next in memory
+    block = x.transpose(2, 0, 1)[1:8]  # 7 patches
+    shift = rng.normal(size=(7, n_var)).astype(work_dtype)
+    work = np.full((7, 4, n_var), np.nan, dtype=work_dtype)
+    gather(block, work, shift=shift)
+    # One rounding, of the difference computed in the wider dtype.
+    wide = np.result_type(data_dtype, work_dtype)
+    want = (block.astype(wide) - shift[:, None, :].astype(wide)).astype(work_dtype)
+    np.testing.assert_array_equal(work, want)
 
 
 def test_far_from_origin_float64_keeps_its_digits():
