@@ -144,7 +144,7 @@ def test_padim_stream_rows(tmp_path, monkeypatch):
     rows = summary["rows"]
     stream = {r["library"]: r for r in rows if r["suite"] == "padim-550 stream"}
     assert set(stream) == {"anomstats_torch update/compute", "anomstats MultiVariateGaussian() partial_fit",
-                           "anomstats low_memory=True float32 partial_fit"}
+                           "anomstats dtype=float32 partial_fit", "anomstats low_memory=True float32 partial_fit"}
     for row in stream.values():
         assert row["peak_rss_bytes"] >= row["baseline_rss_bytes"] > 0 and row["precision_finite"]
         assert row["total_seconds"] >= row["seconds"] > 0 and row["x_floor"] > 0
@@ -155,6 +155,9 @@ def test_padim_stream_rows(tmp_path, monkeypatch):
     assert torch_row["met"] == (torch_row["peak_rss_bytes"] <= 7e9 and torch_row["seconds"] <= 45)
     assert stream["anomstats MultiVariateGaussian() partial_fit"]["headline"].endswith("core's default partial_fit")
     assert "headline" not in stream["anomstats low_memory=True float32 partial_fit"]
+    assert "headline" not in stream["anomstats dtype=float32 partial_fit"]
+    assert stream["anomstats dtype=float32 partial_fit"]["precision_dtype"] == "float32"
+    assert stream["anomstats MultiVariateGaussian() partial_fit"]["precision_dtype"] == "float64"
 
 
 def test_padim_measure_reports_a_failed_child():
