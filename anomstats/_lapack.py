@@ -285,6 +285,7 @@ class ScratchKernels:
         n = _check_square(t)
         self.t = t
         self._address = t.ctypes.data
+        self._diagonal = t.reshape(-1)[:: n + 1]  # a view: after potrf, the factor's diagonal
         self._potrf = _cholesky_routine(n, t.dtype)
         self._potri = _routine("potri", t.dtype)
         recursive = n >= RECURSIVE_INVERSE_MIN_ORDER and _RecursiveInverse.available(t.dtype)
@@ -318,7 +319,7 @@ class ScratchKernels:
         if info:
             return info
         if factor_diagonal is not None:
-            factor_diagonal[:] = self.t.reshape(-1)[:: self.t.shape[0] + 1]
+            factor_diagonal[:] = self._diagonal
         self.potri()  # cannot fail: the factor's diagonal is positive
         return 0
 
